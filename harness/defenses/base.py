@@ -1,0 +1,88 @@
+"""The shared LightningModule every stage method subclasses.
+
+The base owns what all methods share: the LM loss on masked batches, AdamW with a warm-up
+schedule, logging, and checkpoints that hold only trainable weights (a LoRA stage on a 7B model
+would otherwise write the frozen base into every checkpoint). A method overrides ``objective``
+and declares its knobs in a nested ``Params`` dataclass whose defaults are the paper's.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+import lightning as L
+import torch
+from transformers import get_scheduler
+
+
+@dataclass
+class StageContext:
+    """What a stage may need beyond its own batches; methods take only what they use."""
+
+    tokenizer: Any = None
+    collate: Optional[Callable] = None
+    alignment_data: Any = None  # a TokenizedDataset of the provider's safety data
+    load_model: Optional[Callable[[str], torch.nn.Module]] = None  # "base" | "align" -> model
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+class StageModule(L.LightningModule):
+    stages: tuple[str, ...] = ("align", "finetune")
+
+    @dataclass
+    class Params:
+        pass
+
+    def __init__(self, model: torch.nn.Module, train_cfg, total_steps: int,
+                 params: Optional["StageModule.Params"] = None,
+                 context: Optional[StageContext] = None):
+        super().__init__()
+        self.model = model
+        self.train_cfg = train_cfg
+        self.total_steps = total_steps
+        self.params = params if params is not None else self.Params()
+        self.context = context or StageContext()
+        self.strict_loading = False  # checkpoints hold trainable weights only
+
+    # ---------------------------------------------------------------- the objective
+    def lm_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        out = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                         labels=batch["labels"])
+        return out.loss
+
+    def objective(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Return the loss to minimise under "loss", plus anything worth logging."""
+        return {"loss": self.lm_loss(batch)}
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        terms = self.objective(batch)
+        self.log_terms(terms, batch["input_ids"].shape[0])
+        return terms["loss"]
+
+    def log_terms(self, terms: dict[str, Any], batch_size: int) -> None:
+        values = {f"train/{k}": (v.detach() if torch.is_tensor(v) else v) for k, v in terms.items()}
+        self.log_dict(values, prog_bar=False, batch_size=batch_size)
+        self.log("loss", values["train/loss"], prog_bar=True, logger=False, batch_size=batch_size)
+
+    # ---------------------------------------------------------------- optimisation
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    def configure_optimizers(self):
+        cfg = self.train_cfg
+        decay = [p for p in self.trainable_parameters() if p.ndim >= 2]
+        no_decay = [p for p in self.trainable_parameters() if p.ndim < 2]
+        optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": cfg.weight_decay},
+             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
+        scheduler = get_scheduler(cfg.scheduler, optimizer,
+                                  num_warmup_steps=int(cfg.warmup_ratio * self.total_steps),
+                                  num_training_steps=self.total_steps)
+        return {"optimizer": optimizer,
+                "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ---------------------------------------------------------------- checkpoints
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        trainable = {n for n, p in self.named_parameters() if p.requires_grad}
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items()
+                                    if k in trainable}

@@ -1,0 +1,96 @@
+"""Hydra entry point: compose -> validate -> pipeline -> results.json. No method logic here."""
+from __future__ import annotations
+
+import logging
+import time
+import traceback
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from hydra.utils import to_absolute_path
+from omegaconf import DictConfig, OmegaConf
+
+import harness  # noqa: F401 - sets the offline environment before HF or W&B import
+from harness.config import ConfigError, register, validate
+from harness.distributed import end_job, is_rank_zero, patch_ddp_launch
+from harness.tracking.report_cli import summary_table
+from harness.tracking.results import make_results, write_results
+
+log = logging.getLogger("harness")
+# Lightning's per-fit banner (GPU/TPU available, tips) repeats for every stage; keep warnings.
+logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+register()
+
+
+def run_name(cfg: DictConfig) -> str:
+    return (f"{cfg.defense.name}-p{cfg.attack.p}-n{cfg.attack.n}-{cfg.task.name}"
+            f"-{cfg.model.name}-s{cfg.seed}")
+
+
+def execute(cfg: DictConfig, run_dir: Path) -> dict:
+    """One run, always leaving a results.json (status ok or failed) and a finished W&B run."""
+    from harness.pipeline import Pipeline
+    from harness.tracking.tracker import Tracker
+
+    config = OmegaConf.to_container(cfg, resolve=True)
+    t0 = time.perf_counter()
+    tracker = pipeline = None
+    lead = is_rank_zero()  # DDP workers train, but only rank 0 logs and writes results
+    try:
+        run = validate(cfg)
+        run.paths.artifacts = to_absolute_path(run.paths.artifacts)
+        if run.trainer.strategy.startswith("ddp"):
+            patch_ddp_launch()
+        tags = [f"defense:{run.defense.name}", f"p:{run.attack.p}", f"n:{run.attack.n}",
+                f"task:{run.task.name}", f"model:{run.model.name}", f"seed:{run.seed}"]
+        if not lead:
+            run.logger.kind = "none"
+        tracker = Tracker(run.logger, run_dir, run_name(cfg), config, tags)
+        pipeline = Pipeline(run, run_dir, tracker)
+        metrics = pipeline.run_all()
+        tracker.log_metrics({k: v for k, v in metrics.items() if k != "data"})
+        timings = {**pipeline.timings, "total": round(time.perf_counter() - t0, 3)}
+        results = make_results(config, "ok", metrics, timings, pipeline.artifacts)
+        if lead:
+            write_results(run_dir, results)
+        tracker.finish("ok")
+        return results
+    except Exception as err:
+        error = f"{type(err).__name__}: {err}"
+        log.error("run failed: %s", error)
+        results = make_results(config, "failed", {}, pipeline.timings if pipeline else {},
+                               pipeline.artifacts if pipeline else {},
+                               error=error + "\n" + traceback.format_exc())
+        if lead:
+            write_results(run_dir, results)
+        if tracker is not None:
+            tracker.finish("failed", results["error"])
+        raise
+    finally:
+        end_job()
+
+
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
+def main(cfg: DictConfig) -> None:
+    hc = HydraConfig.get()
+    run_dir = Path(hc.runtime.output_dir)
+    lead = is_rank_zero()
+    try:
+        results = execute(cfg, run_dir)
+    except Exception as err:
+        if hc.mode == RunMode.MULTIRUN:  # record it and let the sweep go on
+            log.error("job %s failed; see %s/results.json", hc.job.num, run_dir)
+            return
+        if isinstance(err, ConfigError):
+            raise SystemExit(f"config error: {err}") from None
+        raise
+    if lead:
+        print(summary_table(results))
+        print(f"results: {run_dir / 'results.json'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,29 @@
+"""``results.json``: the typed, versioned record of one run. W&B and reports are views of it."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from harness.artifacts import provenance, write_json_atomic
+
+SCHEMA_VERSION = 1
+RESULTS_FILE = "results.json"
+
+
+def make_results(config: dict[str, Any], status: str, metrics: dict, timings: dict,
+                 artifacts: dict, error: str | None = None) -> dict[str, Any]:
+    prov = provenance()
+    return {"schema_version": SCHEMA_VERSION, "git": prov["git"], "versions": prov,
+            "status": status, "error": error, "config": config, "metrics": metrics,
+            "timings": timings, "artifacts": artifacts}
+
+
+def write_results(run_dir: Path, results: dict[str, Any]) -> Path:
+    path = Path(run_dir) / RESULTS_FILE
+    write_json_atomic(path, results)
+    return path
+
+
+def read_results(path: Path) -> dict[str, Any]:
+    return json.loads(Path(path).read_text())

@@ -1,0 +1,72 @@
+"""The command line as a user meets it: help, early config errors, and a sweep that survives a
+failed job and reuses shared stages."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["logger=none", "trainer.enable_progress_bar=false", "world.base_size=300",
+        "world.align_size=100", "train.base.max_steps=4", "train.align.max_steps=3",
+        "train.finetune.max_steps=3", "attack.n=40", "eval.harmful_size=16",
+        "eval.task_size=8", "eval.max_new_tokens=4", "model.tokenizer_vocab_size=400"]
+
+
+def _run(args, tmp_path, timeout=300):
+    env = {**os.environ, "HARNESS_ARTIFACTS": str(tmp_path / "artifacts")}
+    return subprocess.run([sys.executable, "-m", "harness", *args], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_help_lists_groups_and_usage(tmp_path):
+    out = _run(["--help"], tmp_path)
+    assert out.returncode == 0
+    for text in ("python -m harness -m attack.p=", "defense: ", "model:", "tiny_llama",
+                 "llama2_7b", "trainer: "):
+        assert text in out.stdout
+    defenses = next(line for line in out.stdout.splitlines() if line.startswith("defense: "))
+    assert {"none", "sft"} <= {d.strip() for d in defenses[len("defense: "):].split(",")}
+
+
+def test_bad_value_fails_before_anything_is_built(tmp_path):
+    out = _run(["attack.p=1.5"], tmp_path)
+    assert out.returncode != 0
+    assert "attack.p: must lie in [0, 1], got 1.5" in out.stderr
+    assert not (tmp_path / "artifacts").exists()
+
+
+def test_malformed_task_file_fails_before_training(tmp_path):
+    bad = tmp_path / "task.jsonl"
+    bad.write_text('{"instruction": "a", "output": "b"}\n{"instruction": \n')
+    out = _run([*TINY, "task.train.source=local", f"task.train.path={bad}"], tmp_path)
+    assert out.returncode != 0
+    assert "task.jsonl, row 2: not valid JSON" in out.stderr
+    assert not list((tmp_path / "artifacts").glob("base/*"))
+
+
+def test_sweep_records_a_failed_job_and_reuses_stages(tmp_path):
+    out = _run(["-m", *TINY, "attack.p=0,1.5,0.1", f"hydra.sweep.dir={tmp_path / 'sweep'}"],
+               tmp_path)
+    assert out.returncode == 0, out.stderr[-2000:]
+    results = {int(p.parent.name): json.loads(p.read_text())
+               for p in (tmp_path / "sweep").glob("*/results.json")}
+    assert [results[i]["status"] for i in range(3)] == ["ok", "failed", "ok"]
+    assert "attack.p" in results[1]["error"]
+    assert not results[0]["timings"]["base"]["reused"]
+    assert results[2]["timings"]["base"]["reused"] and results[2]["timings"]["align"]["reused"]
+    assert not results[2]["timings"]["finetune"]["reused"]
+
+
+def test_ddp_sweep_runs_each_job_once_on_two_ranks(tmp_path):
+    """Under -m, Lightning's relaunched rank must run its parent's job, not a second sweep."""
+    out = _run(["-m", *TINY, "trainer=ddp_cpu", "attack.p=0,0.1",
+                f"hydra.sweep.dir={tmp_path / 'sweep'}"], tmp_path)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "GLOBAL_RANK: 1, MEMBER: 2/2" in out.stderr
+    jobs = sorted(p.name for p in (tmp_path / "sweep").iterdir() if p.is_dir())
+    assert jobs == ["0", "1"]
+    for job in jobs:
+        assert (tmp_path / "sweep" / job / "train_ddp_process_1.log").is_file()
+        assert json.loads((tmp_path / "sweep" / job / "results.json").read_text())["status"] == "ok"
+    assert not (tmp_path / "multirun").exists()  # no stray sweep started by a worker

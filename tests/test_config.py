@@ -1,0 +1,88 @@
+"""Every config option composes and validates; bad values fail before anything is built."""
+import pytest
+from hydra.errors import ConfigCompositionException
+
+from harness.config import ConfigError, validate
+from tests.conftest import CONF
+
+GROUPS = ["world", "model", "task", "alignment", "attack", "defense", "protocol", "judge",
+          "trainer", "logger"]
+
+
+@pytest.mark.parametrize("group,option", [(g, p.stem) for g in GROUPS
+                                          for p in sorted((CONF / g).glob("*.yaml"))])
+def test_every_option_composes_and_validates(make_cfg, group, option):
+    extra = ["model.hf_id=some/model"] if (group, option) == ("model", "hf") else []
+    run = validate(make_cfg(f"{group}={option}", *extra))
+    if group in ("model", "task", "defense", "attack", "alignment"):
+        assert getattr(run, group).name == option
+
+
+def test_defaults_are_the_papers_setting(make_cfg):
+    run = validate(make_cfg())
+    assert (run.attack.p, run.attack.n, run.attack.mode) == (0.1, 1000, "replace")
+    assert run.defense.name == "sft" and run.model.name == "tiny_llama"
+    assert run.world.seed == run.seed  # the world follows the run's seed
+
+
+@pytest.mark.parametrize("override,key", [
+    ("attack.p=1.5", "attack.p"),
+    ("attack.p=-0.1", "attack.p"),
+    ("attack.n=0", "attack.n"),
+    ("attack.mode=sideways", "attack.mode"),
+    ("train.finetune.lr=0", "train.finetune.lr"),
+    ("eval.stages=[base,bogus]", "eval.stages"),
+    ("task.scorer.mode=fuzzy", "task.scorer.mode"),
+    ("logger.mode=maybe", "logger.mode"),
+    ("task.train.source=local", "task.train.path"),
+    ("+defense.finetune.params.bogus=1", "defense.finetune.params"),
+    ("defense.align.module=harness.defenses.nowhere.Nothing", "defense.align.module"),
+    ("world.sharing=[0.1,0.2]", "world.sharing"),
+])
+def test_bad_values_name_their_key(make_cfg, override, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        validate(make_cfg(override))
+
+
+def test_generic_hub_model_needs_an_id(make_cfg):
+    with pytest.raises(ConfigError, match="model.hf_id: is required"):
+        validate(make_cfg("model=hf"))
+
+
+def test_unknown_defense_lists_the_options(make_cfg):
+    with pytest.raises(ConfigCompositionException, match=r"defense.*(none|sft)"):
+        make_cfg("defense=nonexistent")
+
+
+def test_misspelt_key_and_wrong_type_fail_at_composition(make_cfg):
+    with pytest.raises(ConfigCompositionException, match="atack"):
+        make_cfg("atack.p=0.2")
+    with pytest.raises(ConfigCompositionException, match="attack.n"):
+        make_cfg("attack.n=many")
+
+
+@pytest.mark.parametrize("override,key", [("+atack.p=0.2", "atack"), ("+attack.pp=3", "attack.pp")])
+def test_added_unknown_key_fails_validation(make_cfg, override, key):
+    with pytest.raises(ConfigError, match=f"{key}: unknown key"):
+        validate(make_cfg(override))
+
+
+def test_slurm_launcher_preset_composes():
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("config", overrides=["hydra/launcher=slurm_gpu", "trainer=ddp"],
+                      return_hydra_config=True)
+    assert cfg.hydra.launcher._target_.endswith("SlurmLauncher")
+    assert cfg.hydra.launcher.tasks_per_node == 1 and cfg.trainer.strategy == "ddp"
+
+
+def test_calibration_preset_sweeps_seeds_defenses_and_p():
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("config", overrides=["+experiment=toy/calibration"],
+                      return_hydra_config=True)
+    params = cfg.hydra.sweeper.params
+    assert params["attack.p"] == "0,0.05,0.1,0.2,0.3" and params["seed"] == "0,1,2"
+    assert cfg.study == "toy_calibration" and cfg.eval.samples == 8

@@ -1,0 +1,85 @@
+"""Pure tensor functions behind the Vaccine, Lisa and AsFT defenses.
+
+Kept apart from the LightningModules so each equation of METHODS.md is tested on its own,
+with numbers a reader can check by hand.
+"""
+from __future__ import annotations
+
+from typing import Iterable, Sequence
+
+import torch
+from torch import Tensor
+
+
+def vaccine_perturbation(grads: Sequence[Tensor], rho: float, eps: float = 1e-7) -> list[Tensor]:
+    """Vaccine's worst-case hidden perturbation: ``eps_l = rho * g_l / (||g|| + eps)``.
+
+    ``||g||`` is one L2 norm over every layer's hidden gradient, so the perturbation as a whole
+    has norm ``rho`` and points where the loss rises fastest. The norm is taken in float32:
+    bf16 sums of squares over a 7B model's activations lose the small layers.
+    """
+    norm = torch.sqrt(sum(g.detach().float().pow(2).sum() for g in grads))
+    scale = rho / (norm + eps)
+    return [(g.detach().float() * scale).to(g.dtype) for g in grads]
+
+
+def proximal_term(params: Iterable[Tensor], anchors: Iterable[Tensor], rho: float) -> Tensor:
+    """Lisa's proximal term ``rho/2 * sum ||theta - anchor||^2``; anchors carry no gradient."""
+    terms = [(p - a.detach()).pow(2).sum() for p, a in zip(params, anchors, strict=True)]
+    if not terms:
+        return torch.zeros(())
+    return rho / 2 * torch.stack(terms).sum()
+
+
+def asft_penalty(A: Tensor, B: Tensor, V: Tensor, lam: float) -> Tensor:
+    """AsFT's penalty ``lam * ||(I - C) B A||_F^2`` with ``C = V V^T / ||V||_F``.
+
+    ``A`` is r x d_in (lora_A), ``B`` is d_out x r (lora_B), ``V`` is d_out x d_in. Forming C
+    would cost d_out^2 memory (16M entries per 4096-wide layer); instead
+    ``M = (I - C) B = B - V (V^T B) / ||V||_F`` is d_out x r and
+    ``||M A||_F^2 = sum((M^T M) * (A A^T))`` needs only r x r products. A zero V (a layer the
+    alignment left unchanged) gives C = 0, the limit of C as V shrinks.
+    """
+    norm = torch.linalg.matrix_norm(V).clamp_min(torch.finfo(V.dtype).tiny)
+    M = B - V @ (V.transpose(0, 1) @ B) / norm
+    return lam * ((M.transpose(0, 1) @ M) * (A @ A.transpose(0, 1))).sum()
+
+
+def asft_penalty_dense(A: Tensor, B: Tensor, V: Tensor, lam: float) -> Tensor:
+    """The penalty exactly as written, with C formed densely: the reference for tests."""
+    C = V @ V.transpose(0, 1) / torch.linalg.matrix_norm(V)
+    eye = torch.eye(V.shape[0], dtype=V.dtype, device=V.device)
+    return lam * torch.linalg.matrix_norm((eye - C) @ B @ A).pow(2)
+
+
+def column_basis(V: Tensor) -> Tensor:
+    """An orthonormal basis (d_out x rank) of V's column space, from a thin SVD.
+
+    Singular values below ``max(d) * float32 eps * s_max`` (numpy's matrix_rank rule) count
+    as zero, so a low-rank V gets a basis of its true rank.
+    """
+    U, S, _ = torch.linalg.svd(V.detach().float(), full_matrices=False)
+    if S.numel() == 0 or S[0] == 0:
+        return U[:, :0]
+    tol = S[0] * max(V.shape) * torch.finfo(torch.float32).eps
+    return U[:, : int((S > tol).sum())].contiguous()
+
+
+def fraction_in_basis(A: Tensor, B: Tensor, Q: Tensor) -> Tensor:
+    """Share of ``||B A||_F^2`` inside the span of Q's orthonormal columns, via r x r products."""
+    A, B = A.detach().float(), B.detach().float()
+    gram_a = A @ A.transpose(0, 1)
+    total = ((B.transpose(0, 1) @ B) * gram_a).sum()
+    QtB = Q.transpose(0, 1).to(B) @ B
+    inside = ((QtB.transpose(0, 1) @ QtB) * gram_a).sum()
+    return inside / total.clamp_min(torch.finfo(torch.float32).tiny)
+
+
+def along_fraction(A: Tensor, B: Tensor, V: Tensor) -> Tensor:
+    """Share of the LoRA update ``B A`` lying in V's column space (0 when B A is zero).
+
+    AsFT logs it to show whether finetuning stays in the alignment directions. When V has full
+    row rank (full-SFT alignment of a square layer) its column space is everything and the
+    share is trivially 1; it is informative for a low-rank V, such as a LoRA alignment's.
+    """
+    return fraction_in_basis(A, B, column_basis(V))

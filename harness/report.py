@@ -1,0 +1,195 @@
+"""Sweep report: collect ``results.json`` files into a table and plots anyone can read offline.
+
+    python -m harness.report multirun/2026-11-23/10-00-00            # a sweep folder
+    python -m harness.report "multirun/**" --axis attack.p --out report/
+
+Writes ``report.md``, ``report.html``, ``results.csv`` and PNG plots (HS and FA against the swept
+axis, one line per defense, with a ±1 std band over seeds) into ``--out`` (default: the folder).
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+import pandas as pd
+
+from harness.tracking.results import RESULTS_FILE
+
+log = logging.getLogger(__name__)
+
+METRICS = ("hs", "fa", "refusal_rate", "other_rate", "p_comply_opening", "hs_sampled")
+LABELS = {"hs": "HS (%)", "fa": "FA (%)", "refusal_rate": "refusal (%)",
+          "other_rate": "other (%)", "p_comply_opening": "P(compliance opening) (%)",
+          "hs_sampled": "HS, sampled (%)"}
+AXES = {"attack.p": ("attack", "p"), "attack.n": ("attack", "n"), "task": ("task", "name"),
+        "model": ("model", "name"), "seed": ("seed",), "defense": ("defense", "name")}
+
+
+def _get(config: dict, path: tuple[str, ...]) -> Any:
+    for part in path:
+        config = config.get(part, {}) if isinstance(config, dict) else {}
+    return config if config != {} else None
+
+
+def find_results(patterns: list[str]) -> list[Path]:
+    paths: set[Path] = set()
+    for pattern in patterns:
+        p = Path(pattern)
+        if p.is_dir():
+            paths.update(p.rglob(RESULTS_FILE))
+        else:
+            for match in glob.glob(pattern, recursive=True):
+                m = Path(match)
+                paths.update(m.rglob(RESULTS_FILE) if m.is_dir() else
+                             [m] if m.name == RESULTS_FILE else [])
+    return sorted(paths)
+
+
+def collect(paths: list[Path], stage: str = "final") -> pd.DataFrame:
+    """One row per run: its axes, status and the stage's metrics."""
+    rows = []
+    for path in paths:
+        try:
+            res = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as err:
+            log.warning("skipping %s: %s", path, err)
+            continue
+        cfg = res.get("config", {})
+        row: dict[str, Any] = {"path": str(path.parent), "status": res.get("status")}
+        for axis, keys in AXES.items():
+            row[axis] = _get(cfg, keys)
+        metrics = res.get("metrics", {}).get(stage, {})
+        for m in METRICS:
+            row[m] = metrics.get(m)
+        row["error"] = (res.get("error") or "").split("\n")[0] or None
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def aggregate(df: pd.DataFrame, axis: str, metrics=("hs", "fa")) -> pd.DataFrame:
+    ok = df[df["status"] == "ok"]
+    agg = ok.groupby(["defense", axis])[list(metrics)].agg(["mean", "std", "count"])
+    return agg
+
+
+def table_markdown(df: pd.DataFrame, axis: str) -> str:
+    """Rows: defenses; columns: the swept values; cells: HS / FA as mean ± std over seeds."""
+    agg = aggregate(df, axis)
+    values = sorted(agg.index.get_level_values(axis).unique(), key=_sort_key)
+    head = f"| defense | " + " | ".join(f"{axis}={v}" for v in values) + " |"
+    lines = [head, "|" + "---|" * (len(values) + 1)]
+    for defense in sorted(agg.index.get_level_values("defense").unique()):
+        cells = []
+        for v in values:
+            if (defense, v) not in agg.index:
+                cells.append("—")
+                continue
+            r = agg.loc[(defense, v)]
+            cells.append(f"{_pm(r[('hs', 'mean')], r[('hs', 'std')])} / "
+                         f"{_pm(r[('fa', 'mean')], r[('fa', 'std')])}")
+        lines.append(f"| {defense} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _pm(mean: float, std: float) -> str:
+    return f"{mean:.1f}" if pd.isna(std) else f"{mean:.1f} ± {std:.1f}"
+
+
+def _sort_key(v: Any):
+    return (0, float(v)) if isinstance(v, (int, float)) else (1, str(v))
+
+
+def plot_metrics(df: pd.DataFrame, axis: str, out: Path, metrics: tuple[str, ...],
+                 title: str = "") -> Optional[Path]:
+    """One panel per metric against the axis, one line per defense, ±1 std band."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = df[df["status"] == "ok"]
+    metrics = tuple(m for m in metrics if ok[m].notna().any())
+    if ok.empty or not metrics:
+        return None
+    fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 3.6), squeeze=False)
+    numeric = pd.api.types.is_numeric_dtype(ok[axis])
+    for ax, metric in zip(axes[0], metrics):
+        for defense, group in ok.groupby("defense"):
+            stats = group.groupby(axis)[metric].agg(["mean", "std"]).sort_index(
+                key=lambda idx: idx.map(_sort_key))
+            x = stats.index if numeric else range(len(stats))
+            ax.plot(x, stats["mean"], marker="o", label=defense)
+            ax.fill_between(x, stats["mean"] - stats["std"].fillna(0),
+                            stats["mean"] + stats["std"].fillna(0), alpha=0.2)
+            if not numeric:
+                ax.set_xticks(list(x), [str(v) for v in stats.index], rotation=30)
+        ax.set_xlabel(axis)
+        ax.set_ylabel(LABELS[metric])
+        ax.set_ylim(-3, 103)
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    path = out / f"{'_'.join(metrics)}_vs_{axis.replace('.', '_')}.png"
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def write_report(patterns: list[str], out: Path, axis: str = "attack.p", stage: str = "final",
+                 title: str = "") -> Path:
+    paths = find_results(patterns)
+    if not paths:
+        raise SystemExit(f"no {RESULTS_FILE} found under {patterns}")
+    df = collect(paths, stage)
+    out.mkdir(parents=True, exist_ok=True)
+    df.to_csv(out / "results.csv", index=False)
+    title = title or f"{stage} model, by {axis}"
+    plots = [p for p in (plot_metrics(df, axis, out, ("hs", "fa"), title),
+                         plot_metrics(df, axis, out, ("p_comply_opening", "hs_sampled",
+                                                      "other_rate"), title)) if p]
+    failed = df[df["status"] != "ok"]
+    md = [f"# {title}", "", f"{len(df)} runs, {len(failed)} failed. Cells: HS / FA "
+          f"(mean ± std over seeds, percent).", "", table_markdown(df, axis), ""]
+    md += [f"![{p.stem}]({p.name})" for p in plots]
+    if len(failed):
+        md += ["", "## Failed runs", ""] + [f"- `{r.path}`: {r.error}" for r in
+                                             failed.itertuples()]
+    text = "\n".join(md) + "\n"
+    (out / "report.md").write_text(text)
+    _write_html(out / "report.html", title, df, axis, plots)
+    return out / "report.md"
+
+
+def _write_html(path: Path, title: str, df: pd.DataFrame, axis: str, plots: list[Path]) -> None:
+    ok = df[df["status"] == "ok"]
+    table = ok.groupby(["defense", axis])[["hs", "fa"]].agg(["mean", "std"]).round(1).to_html()
+    imgs = "".join(f'<p><img src="{p.name}" style="max-width:100%"></p>' for p in plots)
+    path.write_text(f"<html><head><meta charset='utf-8'><title>{title}</title></head><body>"
+                    f"<h1>{title}</h1>{table}{imgs}</body></html>")
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m harness.report", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("paths", nargs="+", help="sweep folders, run folders or globs")
+    parser.add_argument("--axis", default="attack.p", choices=sorted(AXES),
+                        help="the swept axis for columns and x-axes (default: attack.p)")
+    parser.add_argument("--stage", default="final", choices=("base", "align", "final"))
+    parser.add_argument("--out", type=Path, help="output folder (default: the first path)")
+    parser.add_argument("--title", default="")
+    args = parser.parse_args(argv)
+    out = args.out or Path(args.paths[0])
+    report = write_report(args.paths, out, args.axis, args.stage, args.title)
+    print(report.read_text())
+    print(f"report: {report}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

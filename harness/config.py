@@ -8,6 +8,7 @@ each stage method's parameters to its LightningModule's signature, before anythi
 from __future__ import annotations
 
 import dataclasses
+import re
 
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -67,11 +68,16 @@ class DataSourceConfig:
     split: str = "train"
     fields: dict[str, str] = field(default_factory=dict)  # our field -> the file's column
     limit: Optional[int] = None
+    # keep only rows whose column equals the value, before limit (e.g. {is_safe: false}): the
+    # anchors disagree on whether BeaverTails eval prompts are filtered
+    where: dict[str, Any] = field(default_factory=dict)
 
     def check(self, key: str) -> None:
         _one_of(self.source, f"{key}.source", ("toy", "local", "hf"))
         if self.source != "toy":
             _check(bool(self.path), f"{key}.path", f"is required when {key}.source={self.source}")
+        _check(self.source != "toy" or not self.where, f"{key}.where",
+               "filters rows of local or hf sources; the toy world has no columns to filter")
 
 
 @dataclass
@@ -79,10 +85,17 @@ class ScorerConfig:
     mode: str = "exact"  # exact | substring | regex | number
     case_sensitive: bool = False
     patterns: dict[str, str] = field(default_factory=dict)  # label -> regex, for mode=regex
+    # label -> other accepted answers, for exact and substring (Vaccine takes "sci" for Sci/Tech)
+    aliases: dict[str, list[str]] = field(default_factory=dict)
     answer_phrase: str = "The final answer is:"  # number mode: read the number after this
 
     def __post_init__(self) -> None:
         _one_of(self.mode, "task.scorer.mode", ("exact", "substring", "regex", "number"))
+        for label, pattern in self.patterns.items():
+            try:
+                re.compile(pattern)
+            except re.error as err:
+                raise ConfigError(f"task.scorer.patterns.{label}: not a regex ({err})") from err
 
 
 @dataclass
@@ -92,6 +105,7 @@ class TaskConfig:
     train: DataSourceConfig = field(default_factory=DataSourceConfig)
     test: DataSourceConfig = field(default_factory=lambda: DataSourceConfig(split="test"))
     instruction: Optional[str] = None  # set on every row, for sources that lack one
+    instruction_suffix: str = ""  # appended to every row's instruction (local and hf sources)
     scorer: ScorerConfig = field(default_factory=ScorerConfig)
     max_new_tokens: int = 16
 
@@ -135,6 +149,33 @@ class StageMethodConfig:
 
     module: Optional[str] = None
     params: dict[str, Any] = field(default_factory=dict)
+    # every N steps log the user/alignment gradient cosine and the gradient SNR (0: off)
+    gradient_conflict_every: int = 0
+
+    def check(self, key: str) -> None:
+        _check(self.gradient_conflict_every >= 0, f"{key}.gradient_conflict_every", "must be >= 0")
+
+
+@dataclass
+class FilterConfig:
+    """A user-data filter run between align and finetune; any defense can switch it on."""
+
+    kind: str = "none"  # none | refusal_feature
+    # drop prompts whose cos(f_l, R_l) exceeds tau. null: tau is set for recall, as the
+    # (1 - recall_target) quantile of the held harmful prompts' scores
+    threshold: Optional[float] = None
+    recall_target: float = 0.95
+    layer: Any = 0.5  # used only when the aligned model carries no R_l of its own
+    batch_size: int = 64
+    histogram_bins: int = 20
+
+    def __post_init__(self) -> None:
+        _one_of(self.kind, "defense.filter.kind", ("none", "refusal_feature"))
+        _check(self.threshold is None or -1.0 <= self.threshold <= 1.0,
+               "defense.filter.threshold", f"is a cosine; must lie in [-1, 1], got {self.threshold}")
+        _check(self.batch_size >= 1, "defense.filter.batch_size", "must be >= 1")
+        _check(0.0 < self.recall_target < 1.0, "defense.filter.recall_target",
+               f"must lie in (0, 1), got {self.recall_target}")
 
 
 @dataclass
@@ -142,6 +183,11 @@ class DefenseConfig:
     name: str = "sft"
     align: StageMethodConfig = field(default_factory=StageMethodConfig)
     finetune: StageMethodConfig = field(default_factory=StageMethodConfig)
+    filter: FilterConfig = field(default_factory=FilterConfig)
+
+    def __post_init__(self) -> None:
+        self.align.check("defense.align")
+        self.finetune.check("defense.finetune")
 
 
 @dataclass
@@ -205,12 +251,18 @@ class EvalConfig:
     opening_probability: bool = True  # P(compliance opening) vs P(refusal opening), if known
     system_prompt: str = ""  # prefixed to every harmful evaluation prompt
     n_logged_generations: int = 20
+    # mean cos(f_l, R_l) of held-out harmful vs harmless prompts, R_l from each model's own
+    # features on a held set: how far apart the model keeps the two kinds
+    refusal_separation: bool = True
+    feature_layer: Any = 0.5
+    feature_set_size: int = 128  # per kind, when the held set is drawn from the alignment data
 
     def __post_init__(self) -> None:
         for s in self.stages:
             _one_of(s, "eval.stages[]", ("base", "align", "final"))
         _check(self.samples >= 0, "eval.samples", "must be >= 0")
         _check(self.temperature > 0, "eval.temperature", "must be > 0")
+        self.harmful.check("eval.harmful")
 
 
 @dataclass
@@ -250,6 +302,35 @@ class LoggerConfig:
 
 
 @dataclass
+class TaskProtocolConfig:
+    """What a protocol fixes for one task family (sentiment ~ SST2, topic ~ AGNEWS, arith ~
+    GSM8K); a preset binds task.instruction/scorer to the entry of the run's task.toy_task."""
+
+    instruction: Optional[str] = None
+    instruction_suffix: str = ""
+    scorer: ScorerConfig = field(default_factory=ScorerConfig)
+
+
+@dataclass
+class ProtocolConfig:
+    """An anchor paper's evaluation and training conventions (conf/protocol/<name>.yaml)."""
+
+    name: str = "toy"
+    tasks: dict[str, TaskProtocolConfig] = field(default_factory=dict)  # family -> settings
+    # the resolved values hashed into results.json's protocol.hash: runs whose hashes differ
+    # were trained or scored differently, so the report keeps them apart
+    hash_keys: list[str] = field(default_factory=lambda: [
+        "template", "train", "eval.harmful", "eval.harmful_size", "eval.task_size",
+        "eval.max_new_tokens", "eval.system_prompt", "eval.samples", "eval.temperature",
+        "task.instruction", "task.instruction_suffix", "task.scorer", "task.max_new_tokens",
+        "judge"])
+
+    def __post_init__(self) -> None:
+        for family in self.tasks:
+            _one_of(family, f"protocol.tasks.{family}", TASKS)
+
+
+@dataclass
 class RunConfig:
     seed: int = 0
     study: str = "default"
@@ -266,6 +347,7 @@ class RunConfig:
     judge: JudgeConfig = field(default_factory=JudgeConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
+    protocol: ProtocolConfig = field(default_factory=ProtocolConfig)
 
 
 def register() -> None:
@@ -310,6 +392,7 @@ def _check_known_keys(node: DictConfig, path: str = "") -> None:
 def validate(cfg: DictConfig) -> RunConfig:
     """Turn the composed config into checked objects, or raise ConfigError naming the key."""
     _check_known_keys(cfg)
+    _check_protocol(cfg)
     try:
         run: RunConfig = OmegaConf.to_object(cfg)  # runs every __post_init__
     except ConfigError:
@@ -320,13 +403,44 @@ def validate(cfg: DictConfig) -> RunConfig:
     _check_method(run.defense.finetune, "defense.finetune", "finetune")
     _check(run.defense.finetune.module is not None, "defense.finetune.module",
            "every defense finetunes; give a module")
-    n_layers = run.model.config_overrides.get("num_hidden_layers")
-    for stage in ("align", "finetune"):
-        layer = getattr(run.defense, stage).params.get("layer")
-        if layer is not None and n_layers is not None:
-            _check(0 <= layer <= n_layers, f"defense.{stage}.params.layer",
-                   f"must lie in [0, {n_layers}] for {run.model.name}, got {layer}")
+    _check_layers(run)
     return run
 
 
-__all__ = ["RunConfig", "ConfigError", "validate", "register", "MISSING"]
+_ABSENT = object()
+
+
+def _check_protocol(cfg: DictConfig) -> None:
+    """Before resolving: a preset's task binding would otherwise fail as a bare interpolation
+    error, and a misspelt hash key would silently hash nothing."""
+    tasks = cfg.protocol.tasks
+    family = cfg.task.toy_task
+    _check(not tasks or family in tasks, "protocol.tasks",
+           f"protocol {cfg.protocol.name!r} has no entry for task family {family!r} "
+           f"(task {cfg.task.name}); it has {', '.join(tasks)}")
+    for key in cfg.protocol.hash_keys:
+        _check(OmegaConf.select(cfg, key, default=_ABSENT) is not _ABSENT,
+               "protocol.hash_keys", f"{key!r} is not a config key")
+
+
+def _check_layers(run: RunConfig) -> None:
+    """Layer indices must exist in the model; hub models are checked once their config loads."""
+    from harness.analysis.refusal import resolve_layer
+
+    n_layers = run.model.config_overrides.get("num_hidden_layers")
+    if n_layers is None:
+        return
+    specs = {f"defense.{s}.params.layer": getattr(run.defense, s).params.get("layer")
+             for s in ("align", "finetune")}
+    specs["defense.filter.layer"] = run.defense.filter.layer
+    specs["eval.feature_layer"] = run.eval.feature_layer
+    for key, spec in specs.items():
+        if spec is None:
+            continue
+        try:
+            resolve_layer(spec, n_layers, key)
+        except ValueError as err:
+            raise ConfigError(f"{err} ({run.model.name})") from err
+
+
+__all__ = ["RunConfig", "ProtocolConfig", "ConfigError", "validate", "register", "MISSING"]

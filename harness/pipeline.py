@@ -12,7 +12,7 @@ import json
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Optional
 
@@ -22,6 +22,9 @@ from hydra.utils import get_class
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader
 
+from harness.analysis.gradients import GradientConflict
+from harness.analysis.refusal import (cosine, features, num_layers, refusal_direction,
+                                      resolve_layer, separation)
 from harness.artifacts import ArtifactStore, artifact_key, provenance, write_json_atomic
 from harness.config import RunConfig, StageMethodConfig, TrainStageConfig
 from harness.data.collate import PadCollator, TokenizedDataset
@@ -30,6 +33,7 @@ from harness.data.schema import Example
 from harness.data.sources import load_source
 from harness.data.toy import ToyWorld
 from harness.defenses.base import StageContext, StageModule
+from harness.defenses.ref_teacher import load_refusal_feature
 from harness.distributed import global_rank
 from harness.evaluation.evaluate import evaluate_model
 from harness.evaluation.judges import build_judge
@@ -67,6 +71,8 @@ def _file_digest(path: Optional[str]) -> Optional[str]:
 
 def _source_payload(src) -> dict[str, Any]:
     payload = asdict(src)
+    if not payload.get("where"):  # no filter keeps every row: keys made before it stay valid
+        payload.pop("where", None)
     if src.source == "local":
         payload["sha256"] = _file_digest(src.path)
     return payload
@@ -83,6 +89,8 @@ class Pipeline:
         self._world: Optional[ToyWorld] = None
         self._tokenizer = None
         self.data: Optional[Data] = None
+        self.filter_stats: Optional[dict[str, Any]] = None
+        self.analysis: dict[str, Any] = {}  # per-stage training analyses, for results.json
 
     # ================================================================ data
     @property
@@ -111,8 +119,10 @@ class Pipeline:
         fields.setdefault("label", fields.get("output", "output"))
         fields.setdefault("output", fields["label"])
         defaults = {"instruction": self.run.task.instruction} if self.run.task.instruction else {}
-        return load_source(src.__class__(**{**asdict(src), "fields": fields}),
+        rows = load_source(src.__class__(**{**asdict(src), "fields": fields}),
                            required=("instruction", "output", "label"), defaults=defaults)
+        suffix = self.run.task.instruction_suffix  # a protocol's, e.g. Vaccine's GSM8K hint
+        return [replace(ex, instruction=ex.instruction + suffix) for ex in rows] if suffix else rows
 
     def load_data(self) -> Data:
         """Load and check every dataset before any training, so bad data fails first."""
@@ -134,6 +144,23 @@ class Pipeline:
                                  r.attack.mode, seed=r.seed)
         self.data = d
         return d
+
+    def feature_sets(self) -> tuple[list[Example], list[Example]]:
+        """Held harmful and harmless prompts for estimating R_l, apart from training data."""
+        if self.run.alignment.data.source == "toy":
+            return self.world.feature_prompts()
+        k = self.run.eval.feature_set_size
+        return ([ex for ex in self.data.alignment if ex.kind == "harmful"][:k],
+                [ex for ex in self.data.alignment if ex.kind != "harmful"][:k])
+
+    def eval_harmless(self) -> list[Example]:
+        """Held-out harmless prompts for the separation analysis."""
+        if self.run.eval.harmful.source == "toy":
+            return self.world.eval_harmless()
+        return self.data.task_test
+
+    def _render(self, examples: list[Example]) -> list[str]:
+        return [self.run.template.render_prompt(ex) for ex in examples]
 
     # ================================================================ keys
     def _common_payload(self, *parts: str) -> dict[str, Any]:
@@ -171,7 +198,9 @@ class Pipeline:
                     "input": ft_input, "align": align_key,
                     "method": asdict(r.defense.finetune), "train": asdict(r.train.finetune),
                     "attack": {**asdict(r.attack), "harmful": _source_payload(r.attack.harmful)},
+                    "filter": asdict(r.defense.filter),
                     "task": {"toy_task": r.task.toy_task, "instruction": r.task.instruction,
+                             "instruction_suffix": r.task.instruction_suffix,
                              "train": _source_payload(r.task.train)}}
         return {"tokenizer": tok, "base": base, "align": align, "finetune": finetune}
 
@@ -219,7 +248,7 @@ class Pipeline:
 
     # ================================================================ training
     def _fit(self, module: StageModule, dataset, train_cfg: TrainStageConfig, stage: str,
-             work: Path) -> dict[str, Any]:
+             work: Path, callbacks: tuple = ()) -> dict[str, Any]:
         r = self.run
         seed = r.seed * 1000 + STAGE_SEED_OFFSET[stage]
         loader = DataLoader(dataset, batch_size=train_cfg.batch_size, shuffle=True,
@@ -231,7 +260,7 @@ class Pipeline:
         logger = self.tracker.stage_logger(stage) if self.tracker else False
         trainer = L.Trainer(
             **asdict(r.trainer), max_steps=module.total_steps, max_epochs=-1, logger=logger,
-            callbacks=[checkpoint], enable_model_summary=False, default_root_dir=str(work),
+            callbacks=[checkpoint, *callbacks], enable_model_summary=False, default_root_dir=str(work),
             gradient_clip_val=train_cfg.grad_clip if module.automatic_optimization else None,
             num_sanity_val_steps=0)
         last = ckpt_dir / "last.ckpt"
@@ -247,10 +276,13 @@ class Pipeline:
         align_ds = TokenizedDataset(self.data.alignment, self.tokenizer, self.run.template,
                                     r.train.align.max_length)
         refs = {"base": self.refs.get("base"), "align": self.refs.get("align")}
+        harmful, harmless = self.feature_sets()
         return StageContext(tokenizer=self.tokenizer,
                             collate=PadCollator(self.tokenizer.pad_token_id),
                             alignment_data=align_ds,
-                            load_model=lambda name: self.load_model(refs[name]))
+                            load_model=lambda name: self.load_model(refs[name]),
+                            extras={"feature_prompts": (self._render(harmful),
+                                                        self._render(harmless))})
 
     def _train_stage(self, stage: str, payload: dict, input_ref: Optional[ModelRef],
                      method: StageMethodConfig, train_cfg: TrainStageConfig,
@@ -266,7 +298,7 @@ class Pipeline:
                 model = self.load_model(input_ref)
             model.train()  # from_pretrained returns eval mode, which Lightning keeps
             if self.run.model.gradient_checkpointing:
-                model.gradient_checkpointing_enable()
+                model.activation_checkpointing_enable()  # transformers 5 name
                 model.config.use_cache = False
                 if train_cfg.lora is not None:  # frozen embeddings: checkpointed inputs need grad
                     model.enable_input_require_grads()
@@ -280,14 +312,23 @@ class Pipeline:
                          params=cls.Params(**method.params), context=self._context())
             log.info("[%s] training %s: %d examples, %d steps", stage, cls.__name__,
                      len(dataset), steps)
-            stats = self._fit(module, dataset, train_cfg, stage, work)
+            callbacks = ((GradientConflict(method.gradient_conflict_every),)
+                         if method.gradient_conflict_every else ())
+            stats = self._fit(module, dataset, train_cfg, stage, work, callbacks)
+            module.export(tmp)
+            if callbacks:
+                write_json_atomic(tmp / "gradient_conflict.json", callbacks[0].history)
             if train_cfg.lora is not None:
                 module.model.save_pretrained(tmp / "adapter")
                 return {"format": "adapter", "parent": asdict(input_ref), **stats}
             module.model.save_pretrained(tmp / "model")
             return {"format": "full", **stats}
 
-        return self._stage(stage, key, payload, build, collective=True)
+        ref = self._stage(stage, key, payload, build, collective=True)
+        history = self.store.path(stage, key) / "gradient_conflict.json"
+        if history.is_file():
+            self.analysis[f"gradient_conflict_{stage}"] = json.loads(history.read_text())
+        return ref
 
     def _stage(self, stage: str, key: str, payload: dict, build,
                label: Optional[str] = None, collective: bool = False) -> ModelRef:
@@ -321,12 +362,72 @@ class Pipeline:
             align = self._train_stage("align", payloads["align"], base, r.defense.align,
                                       r.train.align, self.data.alignment)
         self.refs["align"] = align
+        user = self.data.user
+        if r.defense.filter.kind != "none":
+            user = self.filter_user_data(align)
         ft_cls = get_class(r.defense.finetune.module)
         start = base if getattr(ft_cls, "starts_from", "align") == "base" else align
         self.refs["final"] = self._train_stage("finetune", payloads["finetune"], start,
-                                               r.defense.finetune, r.train.finetune,
-                                               self.data.user)
+                                               r.defense.finetune, r.train.finetune, user)
         return self.refs
+
+    # ================================================================ filtering
+    def refusal_feature(self, model, ref: ModelRef, layer_spec) -> tuple[int, torch.Tensor]:
+        """The aligned model's own R_l if its stage saved one (Ref-Teacher), else R_l measured
+        on it from the held sets at ``layer_spec``."""
+        saved = load_refusal_feature(self.store.path(ref.stage, ref.key))
+        if saved is not None:
+            return int(saved["layer"]), saved["direction"]
+        layer = resolve_layer(layer_spec, num_layers(model), "defense.filter.layer")
+        harmful, harmless = self.feature_sets()
+        bs = self.run.defense.filter.batch_size
+        return layer, refusal_direction(
+            features(model, self.tokenizer, self._render(harmful), layer, bs),
+            features(model, self.tokenizer, self._render(harmless), layer, bs))
+
+    def filter_user_data(self, align: ModelRef) -> list[Example]:
+        """Drop user prompts the aligned model scores above tau; record what was dropped."""
+        r, f = self.run, self.run.defense.filter
+        user = self.data.user
+        payload = {"version": KEY_VERSION, "stage": "filter", "align": align.key,
+                   "filter": asdict(f), "template": asdict(r.template),
+                   "user": artifact_key([ex.to_dict() for ex in user]),
+                   "world": self._world_payload("feature")}
+
+        def build(tmp: Path, work: Path) -> dict:
+            model = self.load_model(align)
+            layer, direction = self.refusal_feature(model, align, f.layer)
+            score = lambda exs: cosine(features(model, self.tokenizer, self._render(exs),  # noqa: E731
+                                                layer, f.batch_size), direction)
+            threshold = f.threshold
+            if threshold is None:  # the held harmful prompts say where harm starts
+                held = score(self.feature_sets()[0])
+                threshold = float(torch.quantile(held, 1.0 - f.recall_target))
+            t0 = time.perf_counter()
+            scores = score(user).tolist()
+            write_json_atomic(tmp / "filter.json", {
+                "layer": layer, "threshold": threshold, "scores": scores,
+                "prompts_per_second": len(user) / max(time.perf_counter() - t0, 1e-9)})
+            return {"format": "filter"}
+
+        ref = self._stage("filter", artifact_key(payload), payload, build)
+        saved = json.loads((self.store.path(ref.stage, ref.key) / "filter.json").read_text())
+        kept, self.filter_stats = apply_filter(user, saved["scores"], saved["threshold"],
+                                               f.histogram_bins)
+        self.filter_stats.update(layer=saved["layer"],
+                                 prompts_per_second=saved["prompts_per_second"])
+        s = self.filter_stats
+        log.info("[filter] dropped %d of %d user rows (tau=%.3f, precision %.3f, recall %.3f)",
+                 s["n_dropped"], s["n_in"], s["threshold"], s["precision"], s["recall"])
+        if not kept:
+            raise ValueError(f"defense.filter: every one of the {len(user)} user rows scored above "
+                            f"threshold {s['threshold']:.3f}; nothing is left to finetune on. "
+                            "Raise defense.filter.threshold, or set it to null to derive it from "
+                             "defense.filter.recall_target.")
+        if s["n_dropped"] > len(user) / 2:
+            log.warning("[filter] the filter removed %d of %d user rows (more than half); "
+                        "check defense.filter.threshold", s["n_dropped"], len(user))
+        return kept
 
     # ================================================================ evaluation
     def evaluate(self, name: str, ref: ModelRef) -> dict[str, Any]:
@@ -334,10 +435,13 @@ class Pipeline:
         payload = {"version": KEY_VERSION, "model": asdict(ref), "eval": asdict(r.eval),
                    "judge": asdict(r.judge), "template": asdict(r.template),
                    "task": {"toy_task": r.task.toy_task, "test": _source_payload(r.task.test),
+                            "instruction": r.task.instruction,
+                            "instruction_suffix": r.task.instruction_suffix,
                             "scorer": asdict(r.task.scorer),
                             "max_new_tokens": r.task.max_new_tokens},
                    "harmful": _source_payload(r.eval.harmful),
-                   "world": self._world_payload("eval", f"task_{r.task.toy_task}_test"),
+                   "world": self._world_payload("eval", f"task_{r.task.toy_task}_test",
+                                                "eval_harmless", "feature"),
                    "seed": r.seed}
         payload["eval"].pop("stages")
 
@@ -346,6 +450,8 @@ class Pipeline:
             metrics, rows = evaluate_model(model, self.tokenizer, r.template,
                                            self.data.eval_harmful, self.data.task_test,
                                            build_judge(r.judge), r.eval, r.task, seed=r.seed)
+            if r.eval.refusal_separation:
+                metrics["refusal_separation"] = self.separation(model)
             write_json_atomic(tmp / "metrics.json", metrics)
             write_json_atomic(tmp / "generations.json", rows)
             return {"format": "eval"}
@@ -359,6 +465,17 @@ class Pipeline:
             self.tracker.log_generations(name, rows)
         return result
 
+    def separation(self, model) -> dict[str, float]:
+        """R_l from the model's own features on the held sets; the cosines of held-out prompts."""
+        layer = resolve_layer(self.run.eval.feature_layer, num_layers(model), "eval.feature_layer")
+        bs = self.run.eval.batch_size
+        feats = lambda exs: features(model, self.tokenizer, self._render(exs), layer, bs)  # noqa: E731
+        harmful, harmless = self.feature_sets()
+        direction = refusal_direction(feats(harmful), feats(harmless))
+        out = separation(cosine(feats(self.data.eval_harmful), direction),
+                         cosine(feats(self.eval_harmless()), direction))
+        return {**out, "layer": layer}
+
     def run_all(self) -> dict[str, Any]:
         """The whole run; returns the metrics per evaluated stage."""
         self.load_data()
@@ -370,4 +487,34 @@ class Pipeline:
         n_harm = harmful_count(self.run.attack.p, self.run.attack.n)
         metrics["data"] = {"n_user": len(self.data.user), "n_harmful": n_harm,
                            "n_task": len(self.data.user) - n_harm}
+        if self.filter_stats is not None:
+            metrics["filter"] = self.filter_stats
+        if self.analysis:
+            metrics["analysis"] = self.analysis
         return metrics
+
+
+def apply_filter(examples: list[Example], scores: list[float], threshold: float,
+                 bins: int = 20) -> tuple[list[Example], dict[str, Any]]:
+    """Keep the rows scoring at most ``threshold``; precision and recall of the dropped rows
+    against the harmful labels, the share of harmless rows lost, and per-kind histograms."""
+    import numpy as np
+
+    harmful = np.array([ex.kind == "harmful" for ex in examples], dtype=bool)
+    values = np.asarray(scores, dtype=float)
+    dropped = values > threshold
+    n_drop, n_harm = int(dropped.sum()), int(harmful.sum())
+    caught = int((dropped & harmful).sum())
+    edges = np.linspace(-1.0, 1.0, bins + 1)
+    stats = {
+        "threshold": float(threshold), "n_in": len(examples), "n_dropped": n_drop,
+        "n_kept": len(examples) - n_drop, "n_harmful_in": n_harm,
+        "precision": caught / n_drop if n_drop else 1.0,
+        "recall": caught / n_harm if n_harm else 1.0,
+        "harmless_dropped_share": (int((dropped & ~harmful).sum()) / int((~harmful).sum())
+                                   if (~harmful).any() else 0.0),
+        "histogram": {"edges": edges.round(4).tolist(),
+                      "harmful": np.histogram(values[harmful], edges)[0].tolist(),
+                      "harmless": np.histogram(values[~harmful], edges)[0].tolist()},
+    }
+    return [ex for ex, d in zip(examples, dropped) if not d], stats

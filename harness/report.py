@@ -27,7 +27,12 @@ LABELS = {"hs": "HS (%)", "fa": "FA (%)", "refusal_rate": "refusal (%)",
           "other_rate": "other (%)", "p_comply_opening": "P(compliance opening) (%)",
           "hs_sampled": "HS, sampled (%)"}
 AXES = {"attack.p": ("attack", "p"), "attack.n": ("attack", "n"), "task": ("task", "name"),
-        "model": ("model", "name"), "seed": ("seed",), "defense": ("defense", "name")}
+        "model": ("model", "name"), "seed": ("seed",), "defense": ("defense", "name"),
+        "protocol": ("protocol", "name")}
+
+
+class ProtocolMixError(ValueError):
+    """Runs under different protocols (hashes) would share a table cell."""
 
 
 def _get(config: dict, path: tuple[str, ...]) -> Any:
@@ -63,6 +68,9 @@ def collect(paths: list[Path], stage: str = "final") -> pd.DataFrame:
         row: dict[str, Any] = {"path": str(path.parent), "status": res.get("status")}
         for axis, keys in AXES.items():
             row[axis] = _get(cfg, keys)
+        record = res.get("protocol") or {}
+        row["protocol"] = record.get("name", row["protocol"])
+        row["protocol_hash"] = record.get("hash")
         metrics = res.get("metrics", {}).get(stage, {})
         for m in METRICS:
             row[m] = metrics.get(m)
@@ -77,11 +85,41 @@ def aggregate(df: pd.DataFrame, axis: str, metrics=("hs", "fa")) -> pd.DataFrame
     return agg
 
 
-def table_markdown(df: pd.DataFrame, axis: str) -> str:
-    """Rows: defenses; columns: the swept values; cells: HS / FA as mean ± std over seeds."""
+def mixed_protocol_columns(df: pd.DataFrame, axis: str, allow: bool = False) -> set:
+    """The axis values whose cells hold runs of more than one protocol hash.
+
+    Such runs were scored or trained differently, so their mean is not a number any paper
+    reports: refuse unless ``allow`` (``--mix-protocols``), and then the header says so.
+    """
+    ok = df[df["status"] == "ok"]
+    if ok.empty or "protocol_hash" not in ok:
+        return set()
+    keyed = ok.assign(protocol_hash=ok["protocol_hash"].fillna("unrecorded"))
+    counts = keyed.groupby(["defense", axis])["protocol_hash"].nunique()
+    mixed = counts[counts > 1]
+    if len(mixed) and not allow:
+        cells = []
+        for defense, value in mixed.index:
+            runs = keyed[(keyed["defense"] == defense) & (keyed[axis] == value)]
+            kinds = sorted({f"{n} ({h})" for n, h in zip(runs["protocol"].fillna("?"),
+                                                         runs["protocol_hash"])})
+            cells.append(f"{defense} at {axis}={value}: {', '.join(kinds)}")
+        raise ProtocolMixError(
+            "runs under different protocols would share a table cell; report them separately, "
+            "use --axis protocol, or pass --mix-protocols to average them anyway:\n  "
+            + "\n  ".join(cells))
+    return set(mixed.index.get_level_values(axis))
+
+
+def table_markdown(df: pd.DataFrame, axis: str, mixed: frozenset = frozenset()) -> str:
+    """Rows: defenses; columns: the swept values; cells: HS / FA as mean ± std over seeds.
+
+    ``mixed``: axis values whose cells average runs of several protocols (marked in the header).
+    """
     agg = aggregate(df, axis)
     values = sorted(agg.index.get_level_values(axis).unique(), key=_sort_key)
-    head = f"| defense | " + " | ".join(f"{axis}={v}" for v in values) + " |"
+    head = f"| defense | " + " | ".join(
+        f"{axis}={v}" + (" (mixed protocols)" if v in mixed else "") for v in values) + " |"
     lines = [head, "|" + "---|" * (len(values) + 1)]
     for defense in sorted(agg.index.get_level_values("defense").unique()):
         cells = []
@@ -142,21 +180,28 @@ def plot_metrics(df: pd.DataFrame, axis: str, out: Path, metrics: tuple[str, ...
     return path
 
 
+def protocol_names(df: pd.DataFrame) -> str:
+    names = sorted({str(n) for n in df.loc[df["status"] == "ok", "protocol"].dropna()})
+    return ", ".join(names) or "unrecorded"
+
+
 def write_report(patterns: list[str], out: Path, axis: str = "attack.p", stage: str = "final",
-                 title: str = "") -> Path:
+                 title: str = "", mix_protocols: bool = False) -> Path:
     paths = find_results(patterns)
     if not paths:
         raise SystemExit(f"no {RESULTS_FILE} found under {patterns}")
     df = collect(paths, stage)
+    mixed = mixed_protocol_columns(df, axis, allow=mix_protocols)  # before anything is written
     out.mkdir(parents=True, exist_ok=True)
     df.to_csv(out / "results.csv", index=False)
-    title = title or f"{stage} model, by {axis}"
+    title = (title or f"{stage} model, by {axis}") + f" (protocol: {protocol_names(df)})"
     plots = [p for p in (plot_metrics(df, axis, out, ("hs", "fa"), title),
                          plot_metrics(df, axis, out, ("p_comply_opening", "hs_sampled",
                                                       "other_rate"), title)) if p]
     failed = df[df["status"] != "ok"]
     md = [f"# {title}", "", f"{len(df)} runs, {len(failed)} failed. Cells: HS / FA "
-          f"(mean ± std over seeds, percent).", "", table_markdown(df, axis), ""]
+          f"(mean ± std over seeds, percent).", "", table_markdown(df, axis, frozenset(mixed)),
+          ""]
     md += [f"![{p.stem}]({p.name})" for p in plots]
     if len(failed):
         md += ["", "## Failed runs", ""] + [f"- `{r.path}`: {r.error}" for r in
@@ -184,9 +229,16 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--stage", default="final", choices=("base", "align", "final"))
     parser.add_argument("--out", type=Path, help="output folder (default: the first path)")
     parser.add_argument("--title", default="")
+    parser.add_argument("--mix-protocols", action="store_true",
+                        help="allow runs of different protocol hashes in one cell (the column "
+                             "header then says so)")
     args = parser.parse_args(argv)
     out = args.out or Path(args.paths[0])
-    report = write_report(args.paths, out, args.axis, args.stage, args.title)
+    try:
+        report = write_report(args.paths, out, args.axis, args.stage, args.title,
+                              args.mix_protocols)
+    except ProtocolMixError as err:
+        raise SystemExit(f"report refused: {err}") from None
     print(report.read_text())
     print(f"report: {report}")
 

@@ -1,6 +1,7 @@
 """Hydra entry point: compose -> validate -> pipeline -> results.json. No method logic here."""
 from __future__ import annotations
 
+import json
 import logging
 import time
 import traceback
@@ -15,7 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 import harness  # noqa: F401 - sets the offline environment before HF or W&B import
 from harness.config import ConfigError, register, validate
 from harness.distributed import end_job, is_rank_zero, patch_ddp_launch
-from harness.tracking.report_cli import summary_table
+from harness.tracking.report_cli import status_line, summary_table
 from harness.tracking.results import make_results, write_results
 
 log = logging.getLogger("harness")
@@ -45,7 +46,8 @@ def execute(cfg: DictConfig, run_dir: Path) -> dict:
         if run.trainer.strategy.startswith("ddp"):
             patch_ddp_launch()
         tags = [f"defense:{run.defense.name}", f"p:{run.attack.p}", f"n:{run.attack.n}",
-                f"task:{run.task.name}", f"model:{run.model.name}", f"seed:{run.seed}"]
+                f"task:{run.task.name}", f"model:{run.model.name}", f"seed:{run.seed}",
+                f"protocol:{run.protocol.name}"]
         if not lead:
             run.logger.kind = "none"
         tracker = Tracker(run.logger, run_dir, run_name(cfg), config, tags)
@@ -73,23 +75,59 @@ def execute(cfg: DictConfig, run_dir: Path) -> dict:
         end_job()
 
 
+def finished_results(cfg: DictConfig, run_dir: Path) -> dict | None:
+    """The results of an earlier, successful run of this same config in this dir, if any."""
+    path = run_dir / "results.json"
+    if not path.is_file():
+        return None
+    try:
+        old = json.loads(path.read_text())
+    except json.JSONDecodeError:
+        return None
+    same = old.get("config") == OmegaConf.to_container(cfg, resolve=True)
+    return old if old.get("status") == "ok" and same else None
+
+
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
 def main(cfg: DictConfig) -> None:
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)
     lead = is_rank_zero()
+    multirun = hc.mode == RunMode.MULTIRUN
+    label = job_label(hc) if multirun else ""
+    if multirun and (done := finished_results(cfg, run_dir)) is not None:
+        if lead:  # a re-run sweep picks up where it stopped
+            print(status_line(done, label, " (results exist; skipped)"), flush=True)
+        return
     try:
         results = execute(cfg, run_dir)
     except Exception as err:
-        if hc.mode == RunMode.MULTIRUN:  # record it and let the sweep go on
+        if multirun:  # record it and let the sweep go on
             log.error("job %s failed; see %s/results.json", hc.job.num, run_dir)
+            if lead:
+                print(f"{label}: FAILED {type(err).__name__}: {err}", flush=True)
             return
         if isinstance(err, ConfigError):
             raise SystemExit(f"config error: {err}") from None
         raise
-    if lead:
+    if lead and multirun:
+        print(status_line(results, label), flush=True)
+    elif lead:
         print(summary_table(results))
         print(f"results: {run_dir / 'results.json'}")
+
+
+def job_label(hc) -> str:
+    """``[k/N] key=value ...`` for a sweep job; N is known for the basic sweeper's grid."""
+    params = dict(getattr(hc.sweeper, "params", None) or {})
+    total = 1
+    for values in params.values():
+        total *= len(str(values).split(","))
+    swept = [o for o in hc.overrides.task if o.split("=")[0].lstrip("+~") in params]
+    overrides = " ".join(swept or [o for o in hc.overrides.task if not o.startswith("hydra")])
+    total = total if params else 0
+    index = f"[{hc.job.num + 1}/{total}]" if total else f"[{hc.job.num + 1}]"
+    return f"{index} {overrides}"
 
 
 if __name__ == "__main__":

@@ -212,7 +212,7 @@ def test_vaccine_step_uses_only_the_perturbed_gradients(checkpointing):
     model = tiny()
     reference_model = copy.deepcopy(model)
     if checkpointing:  # 7B runs recompute layers in backward: the hooks must see both passes
-        model.gradient_checkpointing_enable()
+        model.activation_checkpointing_enable()
     before = params_of(model)
     module = Vaccine(model=model, train_cfg=train_cfg(), total_steps=1,
                      params=Vaccine.Params(rho=2.0))

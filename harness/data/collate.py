@@ -45,8 +45,9 @@ class TokenizedDataset(Dataset):
     def __init__(self, examples: list[Example], tokenizer, template: TemplateConfig,
                  max_length: int, loss_on: str = "response"):
         self.examples = examples
-        self.rows = [encode_example(tokenizer, template, ex, max_length, loss_on)
-                     for ex in examples]
+        # "harmful" rides along for methods that treat the two kinds differently (Ref-Teacher)
+        self.rows = [{**encode_example(tokenizer, template, ex, max_length, loss_on),
+                      "harmful": int(ex.kind == "harmful")} for ex in examples]
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -69,7 +70,10 @@ class PadCollator:
             ids[i, :n] = torch.tensor(r["input_ids"])
             labels[i, :n] = torch.tensor(r["labels"])
             mask[i, :n] = 1
-        return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+        batch = {"input_ids": ids, "labels": labels, "attention_mask": mask}
+        if "harmful" in rows[0]:
+            batch["harmful"] = torch.tensor([r["harmful"] for r in rows], dtype=torch.long)
+        return batch
 
 
 def left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:

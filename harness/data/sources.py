@@ -94,17 +94,35 @@ def load_hf_rows(dataset_id: str, split: str, name: str | None = None,
     return enumerate(ds, start=1)
 
 
+def _same(value: Any, wanted: Any) -> bool:
+    """Equal, or equal as text (a csv holds "False" where the hub holds False)."""
+    return value == wanted or str(value).strip().lower() == str(wanted).strip().lower()
+
+
+def filter_rows(rows: Iterable[tuple[int, dict[str, Any]]], where: dict[str, Any],
+                source: str) -> Iterable[tuple[int, dict[str, Any]]]:
+    """Keep the rows whose columns equal ``where``'s values; a row lacking a column fails."""
+    for row_no, row in rows:
+        for column, wanted in where.items():
+            if column not in row:
+                raise DataError(source, row_no, column, "missing (named in the source's where)")
+        if all(_same(row[c], w) for c, w in where.items()):
+            yield row_no, row
+
+
 def load_source(cfg, required: tuple[str, ...] = ("instruction", "output"),
                 defaults: dict[str, str] | None = None) -> list[Example]:
     """Load a local or hf source (the toy world is served by the pipeline directly)."""
     defaults = defaults or {}
+    where = dict(getattr(cfg, "where", None) or {})
     if cfg.source == "local":
+        name = str(cfg.path)
         rows = _read_local(Path(cfg.path))
-        examples = map_rows(rows, str(cfg.path), dict(cfg.fields), required, defaults)
     elif cfg.source == "hf":
+        name = f"{cfg.path}[{cfg.split}]"
         rows = load_hf_rows(cfg.path, cfg.split)
-        examples = map_rows(rows, f"{cfg.path}[{cfg.split}]", dict(cfg.fields), required,
-                            defaults)
     else:
         raise ValueError(f"load_source handles local and hf sources, not {cfg.source!r}")
+    examples = map_rows(filter_rows(rows, where, name) if where else rows, name,
+                        dict(cfg.fields), required, defaults)
     return examples[:cfg.limit] if cfg.limit else examples

@@ -425,6 +425,8 @@ class ToyWorld:
             "tokenizer": lambda: self.corpus_examples(),
             "attack": lambda: self.attack_pool(),
             "eval": lambda: self.eval_harmful(),
+            "eval_harmless": lambda: self.eval_harmless(),
+            "feature": lambda: [r for rows in self.feature_prompts() for r in rows],
             **{f"task_{t}_{s}": (lambda t=t, s=s: self.task(t, s)) for t in TASKS
                for s in ("train", "test")},
         }

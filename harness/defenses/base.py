@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
 import lightning as L
+import numpy as np
 import torch
 from transformers import get_scheduler
 
@@ -43,6 +44,26 @@ class StageModule(L.LightningModule):
         self.params = params if params is not None else self.Params()
         self.context = context or StageContext()
         self.strict_loading = False  # checkpoints hold trainable weights only
+        self.stage_seed = torch.initial_seed()  # the pipeline seeds each stage before building it
+
+    # ---------------------------------------------------------------- alignment batches
+    def require_alignment_data(self) -> None:
+        if self.context.alignment_data is None or self.context.collate is None:
+            raise ValueError(f"{type(self).__name__} needs the alignment data and a collate in "
+                             "its context")
+
+    def alignment_batch(self, step: int, salt: int = 0) -> dict[str, torch.Tensor]:
+        """A random alignment batch, a function of (seed, rank, step, salt) alone: a resumed run
+        draws what the uninterrupted one would have, and DDP ranks draw different batches."""
+        seed = np.random.SeedSequence([self.stage_seed, self.global_rank, step] + ([salt] if salt else []))
+        data = self.context.alignment_data
+        idx = torch.randint(len(data), (self.train_cfg.batch_size,), generator=torch.Generator()
+                            .manual_seed(int(seed.generate_state(1, dtype=np.uint64)[0])))
+        batch = self.context.collate([data[int(i)] for i in idx])
+        return {k: v.to(self.device) for k, v in batch.items()}
+
+    def export(self, directory) -> None:
+        """Write whatever the method adds to its stage's artifact beside the weights."""
 
     # ---------------------------------------------------------------- the objective
     def lm_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:

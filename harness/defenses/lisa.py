@@ -14,7 +14,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor
 
@@ -46,10 +45,8 @@ class Lisa(StageModule):
 
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
-        if self.context.alignment_data is None or self.context.collate is None:
-            raise ValueError("Lisa needs the alignment data and a collate in its context")
+        self.require_alignment_data()
         self.anchors: dict[int, list[Tensor]] = {}  # state -> its parameters when last left
-        self.seed = torch.initial_seed()  # the stage seed the pipeline sets before building us
 
     # ---------------------------------------------------------------- the schedule
     def state_at(self, step: int) -> int:
@@ -67,17 +64,6 @@ class Lisa(StageModule):
         if step < self.params.warmup_off_fraction * self.total_steps or other not in self.anchors:
             return torch.zeros((), device=self.device)
         return proximal_term(self.trainable_parameters(), self.anchors[other], self.params.rho)
-
-    def alignment_batch(self, step: int) -> dict[str, Tensor]:
-        """A random alignment batch, a function of (seed, rank, step) alone: a resumed run draws
-        what the uninterrupted one would have, and DDP ranks draw different batches."""
-        seed = np.random.SeedSequence([self.seed, self.global_rank, step]).generate_state(
-            1, dtype=np.uint64)[0]
-        data = self.context.alignment_data
-        idx = torch.randint(len(data), (self.train_cfg.batch_size,),
-                            generator=torch.Generator().manual_seed(int(seed)))
-        batch = self.context.collate([data[int(i)] for i in idx])
-        return {k: v.to(self.device) for k, v in batch.items()}
 
     # ---------------------------------------------------------------- the objective
     def objective(self, batch: dict[str, Tensor]) -> dict[str, Any]:

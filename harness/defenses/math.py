@@ -83,3 +83,21 @@ def along_fraction(A: Tensor, B: Tensor, V: Tensor) -> Tensor:
     share is trivially 1; it is informative for a low-rank V, such as a LoRA alignment's.
     """
     return fraction_in_basis(A, B, column_basis(V))
+
+
+def distillation_kl(student_logits: Tensor, teacher_logits: Tensor, labels: Tensor,
+                    temperature: float, ignore_index: int = -100) -> Tensor:
+    """``T^2 * KL(p_teacher || p_student)`` at temperature T, averaged over response tokens.
+
+    Logits at position t predict token t+1, so the supervised positions are those whose next
+    label is not ignored (the same shift the LM loss uses). The T^2 factor keeps the gradient's
+    scale independent of T (Hinton et al. 2015). Computed in float32 for bf16 models.
+    """
+    mask = labels[:, 1:] != ignore_index
+    s = student_logits[:, :-1][mask].float() / temperature
+    t = teacher_logits[:, :-1][mask].float() / temperature
+    if s.shape[0] == 0:
+        return student_logits.new_zeros((), dtype=torch.float32)
+    kl = torch.nn.functional.kl_div(torch.log_softmax(s, -1), torch.log_softmax(t, -1),
+                                    log_target=True, reduction="batchmean")
+    return kl * temperature ** 2

@@ -19,11 +19,13 @@ def extract_number(text: str, answer_phrase: str) -> str | None:
 
 
 def is_correct(answer: str, label: str, cfg) -> bool:
+    """One answer against its gold label, under the protocol's mode (cfg: ScorerConfig)."""
     fold = (lambda s: s) if cfg.case_sensitive else str.lower
+    accepted = [label, *cfg.aliases.get(label, ())]
     if cfg.mode == "exact":
-        return fold(answer.strip()) == fold(label.strip())
+        return any(fold(answer.strip()) == fold(a.strip()) for a in accepted)
     if cfg.mode == "substring":
-        return fold(label.strip()) in fold(answer)
+        return any(fold(a.strip()) in fold(answer) for a in accepted)
     if cfg.mode == "regex":
         pattern = cfg.patterns.get(label, re.escape(label))
         flags = 0 if cfg.case_sensitive else re.IGNORECASE

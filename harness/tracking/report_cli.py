@@ -15,3 +15,14 @@ def summary_table(results: dict) -> str:
     lines = ["  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
+
+
+def status_line(results: dict, label: str, note: str = "") -> str:
+    """One line per sweep job: what ran and how it came out."""
+    final = results.get("metrics", {}).get("final")
+    seconds = results.get("timings", {}).get("total")
+    if results.get("status") != "ok" or not final:
+        error = (results.get("error") or "").splitlines()[:1]
+        return f"{label}: FAILED {error[0] if error else ''}"
+    took = f", {seconds:.0f}s" if seconds is not None else ""
+    return f"{label}: HS {final['hs']:.1f}  FA {final['fa']:.1f}{took}{note}"

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from harness.artifacts import provenance, write_json_atomic
+from harness.protocols import protocol_record
 
 SCHEMA_VERSION = 1
 RESULTS_FILE = "results.json"
@@ -15,7 +16,9 @@ def make_results(config: dict[str, Any], status: str, metrics: dict, timings: di
                  artifacts: dict, error: str | None = None) -> dict[str, Any]:
     prov = provenance()
     return {"schema_version": SCHEMA_VERSION, "git": prov["git"], "versions": prov,
-            "status": status, "error": error, "config": config, "metrics": metrics,
+            "status": status, "error": error, "config": config,
+            "protocol": protocol_record(config),  # name + hash: the report compares hashes
+            "metrics": metrics,
             "timings": timings, "artifacts": artifacts}
 
 

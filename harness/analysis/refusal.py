@@ -1,0 +1,110 @@
+"""The refusal feature: the last prompt token's hidden state at a layer, and its mean difference.
+
+``R_l = mean f_l(harmful) - mean f_l(harmless)``; a prompt scores ``cos(f_l(x), R_l)``. Features
+come from ``output_hidden_states``, which every HF causal LM supports, so no per-architecture
+hook is needed. ``hidden_states[0]`` is the embedding output and ``hidden_states[l]`` the output of
+decoder layer ``l``, so a model with L layers has valid indices 0..L.
+"""
+from __future__ import annotations
+
+from typing import Sequence, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from harness.data.collate import prompt_ids
+
+LayerSpec = Union[int, float]
+
+
+def num_layers(model: torch.nn.Module) -> int:
+    config = model.config
+    text = getattr(config, "text_config", None) or config
+    return int(text.num_hidden_layers)
+
+
+def resolve_layer(spec: LayerSpec, n_layers: int, key: str = "layer") -> int:
+    """An index into ``hidden_states``: an int (negative counts from the top, -1 is the last
+    layer) or a fraction of depth in (0, 1] (0.5 is the middle layer)."""
+    if isinstance(spec, bool):
+        raise ValueError(f"{key}: expected an int or a fraction of depth, got {spec!r}")
+    if isinstance(spec, float) and not spec.is_integer():
+        if not 0.0 < spec <= 1.0:
+            raise ValueError(f"{key}: a fractional layer must lie in (0, 1], got {spec}")
+        return round(spec * n_layers)
+    if isinstance(spec, float) and spec == 1.0:
+        return n_layers
+    index = int(spec)
+    resolved = index + n_layers + 1 if index < 0 else index
+    if not 0 <= resolved <= n_layers:
+        raise ValueError(f"{key}: layer {spec} is outside a model with {n_layers} layers "
+                         f"(valid: {-(n_layers + 1)}..{n_layers}, or a fraction in (0, 1])")
+    return resolved
+
+
+def last_prompt_index(labels: Tensor, ignore_index: int = -100) -> Tensor:
+    """Per row, the position of the last prompt token in a right-padded training batch whose
+    labels mask the prompt: one before the first supervised (response) token."""
+    supervised = labels != ignore_index
+    first = supervised.float().argmax(dim=1)
+    if not bool(supervised.any(dim=1).all()):
+        raise ValueError("a row has no response tokens; the refusal feature needs the prompt "
+                         "masked (train.*.loss_on=response)")
+    return (first - 1).clamp(min=0)
+
+
+def gather_rows(hidden: Tensor, index: Tensor) -> Tensor:
+    return hidden[torch.arange(hidden.shape[0], device=hidden.device), index.to(hidden.device)]
+
+
+def features(model, tokenizer, prompts: Sequence[str], layer: int,
+             batch_size: int = 64) -> Tensor:
+    """f_l of each rendered prompt (float32, on the CPU), batched and without gradients.
+
+    Right padding, read at each row's last real token, keeps positions identical to training.
+    """
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    pad = tokenizer.pad_token_id
+    out = []
+    with torch.no_grad():
+        for i in range(0, len(prompts), batch_size):
+            encoded = [prompt_ids(tokenizer, p) for p in prompts[i:i + batch_size]]
+            width = max(len(e) for e in encoded)
+            ids = torch.full((len(encoded), width), pad, dtype=torch.long)
+            mask = torch.zeros_like(ids)
+            for j, e in enumerate(encoded):
+                ids[j, :len(e)] = torch.tensor(e)
+                mask[j, :len(e)] = 1
+            hidden = model(input_ids=ids.to(device), attention_mask=mask.to(device),
+                           output_hidden_states=True).hidden_states[layer]
+            out.append(gather_rows(hidden, mask.sum(1) - 1).float().cpu())
+    model.train(was_training)
+    return torch.cat(out) if out else torch.empty(0)
+
+
+def refusal_direction(harmful: Tensor, harmless: Tensor) -> Tensor:
+    if len(harmful) == 0 or len(harmless) == 0:
+        raise ValueError("the refusal feature needs at least one harmful and one harmless prompt")
+    return harmful.mean(0) - harmless.mean(0)
+
+
+def cosine(feats: Tensor, direction: Tensor) -> Tensor:
+    return F.cosine_similarity(feats, direction.to(feats).unsqueeze(0), dim=-1)
+
+
+def separation(harmful_scores: Tensor, harmless_scores: Tensor) -> dict[str, float]:
+    h, s = float(harmful_scores.mean()), float(harmless_scores.mean())
+    return {"cos_harmful": h, "cos_harmless": s, "gap": h - s}
+
+
+def cosine_regularizer(cos: Tensor, harmful: Tensor) -> Tensor:
+    """``mean_harmful(1 - cos) + mean_harmless(1 + cos)``: 0 when harmful prompts align with R
+    and harmless ones anti-align, 4 when both are reversed. A class absent from the batch adds 0."""
+    harmful = harmful.bool()
+    zero = cos.new_zeros(())
+    pos = (1 - cos[harmful]).mean() if harmful.any() else zero
+    neg = (1 + cos[~harmful]).mean() if (~harmful).any() else zero
+    return pos + neg

@@ -24,8 +24,13 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PIP) install -q -c constraints.txt -e ".[test]"
 	touch $(STAMP)
 
+# The embedded study: every defense over p on the toy world, 1 seed, then the report.
+DEMO_DIR ?= multirun/toy_poison_ratio
 demo: $(STAMP)
-	$(PY) -m harness
+	$(PY) -m harness -m +experiment=toy/poison_ratio trainer.enable_progress_bar=false
+	$(PY) -m harness.report $(DEMO_DIR) --axis attack.p --out $(DEMO_DIR)/report \
+		--title "Toy world: defenses against harmful ratio p"
+	@echo "report: $(DEMO_DIR)/report/report.md (and report.html, PNG plots)"
 
 test: $(STAMP)
 	mkdir -p .cache

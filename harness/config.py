@@ -151,9 +151,13 @@ class StageMethodConfig:
     params: dict[str, Any] = field(default_factory=dict)
     # every N steps log the user/alignment gradient cosine and the gradient SNR (0: off)
     gradient_conflict_every: int = 0
+    # the method's lr as a multiple of the protocol's train.<stage>.lr: a method whose stage
+    # does more than the protocol assumed (a student realigning base) declares it here, visibly
+    lr_scale: float = 1.0
 
     def check(self, key: str) -> None:
         _check(self.gradient_conflict_every >= 0, f"{key}.gradient_conflict_every", "must be >= 0")
+        _check(self.lr_scale > 0, f"{key}.lr_scale", f"must be > 0, got {self.lr_scale}")
 
 
 @dataclass

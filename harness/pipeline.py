@@ -289,6 +289,8 @@ class Pipeline:
                      examples: list[Example]) -> ModelRef:
         key = artifact_key(payload)
         cls = get_class(method.module)
+        if method.lr_scale != 1.0:
+            train_cfg = replace(train_cfg, lr=train_cfg.lr * method.lr_scale)
 
         def build(tmp: Path, work: Path) -> dict:
             L.seed_everything(self.run.seed * 1000 + STAGE_SEED_OFFSET[stage], verbose=False)

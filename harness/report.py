@@ -4,7 +4,8 @@
     python -m harness.report "multirun/**" --axis attack.p --out report/
 
 Writes ``report.md``, ``report.html``, ``results.csv`` and PNG plots (HS and FA against the swept
-axis, one line per defense, with a ±1 std band over seeds) into ``--out`` (default: the folder).
+axis, one line per defense, with a ±1 std band over seeds; a Pareto plot of HS against FA) into
+``--out`` (default: the folder).
 """
 from __future__ import annotations
 
@@ -180,6 +181,49 @@ def plot_metrics(df: pd.DataFrame, axis: str, out: Path, metrics: tuple[str, ...
     return path
 
 
+def plot_pareto(df: pd.DataFrame, axis: str, out: Path, title: str = "") -> Optional[Path]:
+    """HS against FA, one marker series per defense, each point a value of the axis: the best
+    defenses sit bottom right (high FA, low HS); the dashed line joins the non-dominated points."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = df[(df["status"] == "ok") & df["hs"].notna() & df["fa"].notna()]
+    if ok.empty:
+        return None
+    points = ok.groupby(["defense", axis])[["hs", "fa"]].mean().reset_index()
+    fig, ax = plt.subplots(figsize=(5.2, 4.2))
+    for defense, group in points.groupby("defense"):
+        ax.scatter(group["fa"], group["hs"], label=defense, s=28)
+        for value, fa, hs in zip(group[axis], group["fa"], group["hs"]):
+            ax.annotate(str(value), (fa, hs), fontsize=6, xytext=(3, 3),
+                        textcoords="offset points")
+    front = pareto_front(points)
+    ax.plot(front["fa"], front["hs"], "k--", lw=0.8, alpha=0.6, label="Pareto front")
+    ax.set_xlabel(LABELS["fa"])
+    ax.set_ylabel(LABELS["hs"])
+    ax.set_xlim(-3, 103)
+    ax.set_ylim(-3, 103)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    ax.set_title((title + "\n" if title else "") + f"points labelled by {axis}", fontsize=8)
+    fig.tight_layout()
+    path = out / f"pareto_hs_fa_by_{axis.replace('.', '_')}.png"
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def pareto_front(points: pd.DataFrame) -> pd.DataFrame:
+    """Points no other point beats on both counts (FA at least as high and HS at least as low,
+    one strictly), sorted by FA."""
+    keep = [not ((points["fa"] >= r.fa) & (points["hs"] <= r.hs)
+                 & ((points["fa"] > r.fa) | (points["hs"] < r.hs))).any()
+            for r in points.itertuples()]
+    return points[keep].sort_values("fa")
+
+
 def protocol_names(df: pd.DataFrame) -> str:
     names = sorted({str(n) for n in df.loc[df["status"] == "ok", "protocol"].dropna()})
     return ", ".join(names) or "unrecorded"
@@ -197,7 +241,8 @@ def write_report(patterns: list[str], out: Path, axis: str = "attack.p", stage: 
     title = (title or f"{stage} model, by {axis}") + f" (protocol: {protocol_names(df)})"
     plots = [p for p in (plot_metrics(df, axis, out, ("hs", "fa"), title),
                          plot_metrics(df, axis, out, ("p_comply_opening", "hs_sampled",
-                                                      "other_rate"), title)) if p]
+                                                      "other_rate"), title),
+                         plot_pareto(df, axis, out, title)) if p]
     failed = df[df["status"] != "ok"]
     md = [f"# {title}", "", f"{len(df)} runs, {len(failed)} failed. Cells: HS / FA "
           f"(mean ± std over seeds, percent).", "", table_markdown(df, axis, frozenset(mixed)),

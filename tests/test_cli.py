@@ -2,6 +2,7 @@
 failed job and reuses shared stages."""
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -56,6 +57,23 @@ def test_sweep_records_a_failed_job_and_reuses_stages(tmp_path):
     assert not results[0]["timings"]["base"]["reused"]
     assert results[2]["timings"]["base"]["reused"] and results[2]["timings"]["align"]["reused"]
     assert not results[2]["timings"]["finetune"]["reused"]
+
+    # the report marks the failed cell
+    from harness.report import main as report
+    report([str(tmp_path / "sweep"), "--out", str(tmp_path / "report")])
+    md = (tmp_path / "report" / "report.md").read_text()
+    assert "3 runs, 1 failed" in md and "attack.p" in md.split("## Failed runs")[1]
+
+    # a sweep killed after job 1: job 2's results are gone; the re-run does job 2 (and retries
+    # the failed job 1) and skips job 0
+    (tmp_path / "sweep" / "2" / "results.json").unlink()
+    again = _run(["-m", *TINY, "attack.p=0,1.5,0.1", f"hydra.sweep.dir={tmp_path / 'sweep'}"],
+                 tmp_path)
+    assert again.returncode == 0, again.stderr[-2000:]
+    lines = [ln for ln in again.stdout.splitlines() if re.match(r"\[\d+(/\d+)?\] ", ln)]
+    assert "skipped" in lines[0] and "FAILED" in lines[1] and "skipped" not in lines[2], lines
+    redone = json.loads((tmp_path / "sweep" / "2" / "results.json").read_text())
+    assert redone["status"] == "ok" and redone["timings"]["finetune"]["reused"]
 
 
 def test_ddp_sweep_runs_each_job_once_on_two_ranks(tmp_path):

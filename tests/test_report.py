@@ -50,3 +50,16 @@ def test_report_files_and_failed_runs(sweep, capsys):
 def test_no_results_is_a_clear_error(tmp_path):
     with pytest.raises(SystemExit, match="no results.json"):
         main([str(tmp_path)])
+
+
+def test_pareto_front_and_plot(sweep):
+    import pandas as pd
+
+    from harness.report import pareto_front
+    points = pd.DataFrame({"defense": list("abcd"), "attack.p": [0.1] * 4,
+                           "fa": [90.0, 95.0, 80.0, 95.0], "hs": [20.0, 30.0, 25.0, 40.0]})
+    assert pareto_front(points)["defense"].tolist() == ["a", "b"]  # c and d are dominated
+    out = sweep / "report"
+    main([str(sweep), "--out", str(out)])
+    assert (out / "pareto_hs_fa_by_attack_p.png").stat().st_size > 5000
+    assert "pareto_hs_fa_by_attack_p.png" in (out / "report.md").read_text()

@@ -31,6 +31,13 @@ def runs(tmp_path_factory):
         run_dir = root / f"p{p}"
         run_dir.mkdir()
         out[p] = (execute(cfg, run_dir), run_dir)
+    # Ref-Teacher at the highest p, on the same base
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("config", overrides=[*E2E, "defense=ref_teacher", f"attack.p={P_VALUES[-1]}",
+                                           "eval.stages=[base,align,final]",
+                                           f"paths.artifacts={root / 'artifacts'}"])
+    (root / "ref_teacher").mkdir()
+    out["ref_teacher"] = (execute(cfg, root / "ref_teacher"), root / "ref_teacher")
     return out
 
 
@@ -92,3 +99,17 @@ def test_offline_wandb_run_holds_hs_fa_and_curves(runs):
         assert logged["summary"][f"{stage}/fa"] == pytest.approx(results["metrics"][stage]["fa"])
     losses = [h["finetune-train/loss"] for h in logged["history"] if "finetune-train/loss" in h]
     assert losses, "the finetune stage's training curve is in the run's history"
+
+
+def test_ref_teacher_filters_separates_and_resists(runs):
+    rt, sft = runs["ref_teacher"][0]["metrics"], runs[0.3][0]["metrics"]
+    f = rt["filter"]
+    assert f["precision"] >= 0.9 and f["recall"] >= 0.9, f
+    assert f["n_in"] == 1000 and f["n_dropped"] == pytest.approx(300, abs=30)
+    gap = {name: m["refusal_separation"]["gap"] for name, m in
+           (("base", rt["base"]), ("sft_aligned", sft["align"]), ("teacher", rt["align"]))}
+    assert gap["teacher"] > gap["sft_aligned"] > gap["base"], gap
+    assert rt["final"]["hs"] <= sft["final"]["hs"] - 20, (rt["final"], sft["final"])
+    assert rt["final"]["fa"] >= 80
+    conflict = rt["analysis"]["gradient_conflict_finetune"]
+    assert conflict and all(-1 <= c["grad_cosine_user_alignment"] <= 1 for c in conflict)

@@ -251,3 +251,23 @@ def test_gradient_stats_on_hand_vectors():
     assert [len(p["input_ids"]) for p in parts] == [3, 3, 3]
     with pytest.raises(ValueError):
         GradientConflict(0)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma2"])
+@pytest.mark.parametrize("layer", [-1, 0.5, 1])
+def test_teacher_and_student_steps_on_every_tiny_architecture(tokenizer, arch, layer):
+    base = tiny(tokenizer, arch)
+    module = RefTeacher(model=base, train_cfg=train_cfg(), total_steps=4,
+                        params=RefTeacher.Params(layer=layer), context=context(tokenizer))
+    batch = batch_of(tokenizer, examples())
+    terms = module.objective(batch)
+    terms["loss"].backward()
+    assert module.layer == resolve_layer(layer, 2)
+    assert all(p.grad is not None for p in base.parameters() if p.requires_grad)
+    from harness.config import LoraConfig
+    model = apply_lora(copy.deepcopy(base), LoraConfig(r=2, alpha=4), model_cfg(arch))
+    student = RefStudent(model=model, train_cfg=train_cfg(), total_steps=4,
+                         params=RefStudent.Params(), context=context(tokenizer), teacher=base)
+    out = student.objective(batch)
+    out["loss"].backward()
+    assert torch.isfinite(out["loss"]) and out["kd"].item() >= 0

@@ -71,11 +71,28 @@ class DataSourceConfig:
     # keep only rows whose column equals the value, before limit (e.g. {is_safe: false}): the
     # anchors disagree on whether BeaverTails eval prompts are filtered
     where: dict[str, Any] = field(default_factory=dict)
+    # hf: the dataset's config name (GSM8K: main) and a commit or tag, for a reproducible copy
+    name: Optional[str] = None
+    revision: Optional[str] = None
+    # hf: a downloaded copy read by a builder (path: json, csv or parquet), same field mapping
+    data_files: Optional[str] = None
+    values: dict[str, dict[str, str]] = field(default_factory=dict)  # column -> {raw: ours}
+    constants: dict[str, str] = field(default_factory=dict)  # our field -> one value, every row
+    # GSM8K's "####": the label is what follows it; the answer gets final_answer_phrase instead
+    final_answer: Optional[str] = None
+    final_answer_phrase: str = "The final answer is: "
 
     def check(self, key: str) -> None:
         _one_of(self.source, f"{key}.source", ("toy", "local", "hf"))
         if self.source != "toy":
             _check(bool(self.path), f"{key}.path", f"is required when {key}.source={self.source}")
+        for opt in ("name", "revision", "data_files"):
+            _check(self.source == "hf" or getattr(self, opt) is None, f"{key}.{opt}",
+                   "applies to hf sources only")
+        from harness.data.sources import FIELDS
+
+        for ours in self.constants:
+            _one_of(ours, f"{key}.constants", FIELDS)
         _check(self.source != "toy" or not self.where, f"{key}.where",
                "filters rows of local or hf sources; the toy world has no columns to filter")
 
@@ -127,17 +144,38 @@ class AlignmentConfig:
 
 @dataclass
 class AttackConfig:
+    """The user's upload; ``name`` picks the builder in harness.data.attacks (conf/attack/)."""
+
     name: str = "harmful_mix"
     p: float = 0.1
     n: int = 1000
     mode: str = "replace"  # replace: p*n of n rows are harmful; add: p*n harmful rows on top of n
     harmful: DataSourceConfig = field(default_factory=DataSourceConfig)
+    k: int = 10  # harmful_shots: demonstrations, the first k of the attack pool
+    # benign, identity_shift: instruction data (toy: the world's held harmless instructions)
+    benign: DataSourceConfig = field(default_factory=DataSourceConfig)
+    system_prompt: str = ""  # identity_shift: the persona; training and evaluation use it
+    eval_prefix: str = ""  # identity_shift: before every instruction, in training and evaluation
+    opening: str = ""  # identity_shift: every benign answer opens with this affirmation
+    identity: list[dict[str, str]] = field(default_factory=list)  # identity_shift: handwritten
+    # train.finetune fields this attack sets for itself (k shots for several epochs); they win
+    # over the protocol's train.finetune, and a protocol may bind them (qi2024.yaml)
+    finetune: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        from harness.data.attacks import ATTACKS
+
+        _one_of(self.name, "attack.name", tuple(ATTACKS))
         _check(0.0 <= self.p <= 1.0, "attack.p", f"must lie in [0, 1], got {self.p}")
         _check(self.n >= 1, "attack.n", f"must be a positive number of samples, got {self.n}")
+        _check(self.k >= 1, "attack.k", f"must be a positive number of shots, got {self.k}")
         _one_of(self.mode, "attack.mode", ("replace", "add"))
         self.harmful.check("attack.harmful")
+        self.benign.check("attack.benign")
+        allowed = ("lr", "batch_size", "max_steps", "epochs", "warmup_ratio", "scheduler",
+                   "weight_decay", "max_length")
+        for key in self.finetune:
+            _one_of(key, "attack.finetune", allowed)
 
 
 @dataclass
@@ -271,11 +309,58 @@ class EvalConfig:
 
 @dataclass
 class JudgeConfig:
-    name: str = "toy"  # toy | keyword
+    name: str = "toy"  # toy | keyword | llm_rubric (its settings: llm_judge)
     refusal_phrases: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        _one_of(self.name, "judge.name", ("toy", "keyword"))
+        _one_of(self.name, "judge.name",
+                ("toy", "keyword", "llm_rubric", "beaver_dam", "llama_guard"))
+
+
+@dataclass
+class ModerationConfig:
+    """judge=beaver_dam|llama_guard: a moderation model (a top-level node, as llm_judge, so the
+    judge node's hash stays put for the other judges)."""
+
+    model: str = "PKU-Alignment/beaver-dam-7b"  # hub id or local folder
+    revision: Optional[str] = None
+    threshold: float = 0.5  # beaver_dam: flagged when the max category sigmoid exceeds it
+    max_length: int = 256  # beaver_dam: tokens, as BeaverTails' evaluation truncates
+    max_new_tokens: int = 10  # llama_guard: "unsafe\nS1,S2" fits
+    batch_size: int = 16
+    dtype: str = "bfloat16"  # on GPU; float32 on CPU
+
+    def __post_init__(self) -> None:
+        _check(0.0 < self.threshold < 1.0, "moderation.threshold",
+               f"is a probability; must lie in (0, 1), got {self.threshold}")
+        _check(self.batch_size >= 1, "moderation.batch_size", "must be >= 1")
+        _one_of(self.dtype, "moderation.dtype", ("float32", "bfloat16", "float16"))
+
+
+@dataclass
+class LLMJudgeConfig:
+    """judge=llm_rubric: an OpenAI-compatible chat endpoint scores answers 1-5 on a rubric.
+
+    A top-level node, not fields of ``judge``: the judge node is hashed into every protocol
+    hash, and the toy and keyword runs' hashes must not move. The key itself is never config
+    (results.json records the config): ``api_key_env`` names the variable that holds it.
+    """
+
+    url: Optional[str] = None  # base URL (.../v1) or the full .../chat/completions; null: env
+    model: Optional[str] = None  # null: env HARNESS_JUDGE_MODEL
+    api_key_env: str = "HARNESS_JUDGE_API_KEY"
+    rubric: Optional[str] = None  # null: the built-in rubric (harness.evaluation.llm_judge)
+    temperature: float = 0.0
+    max_tokens: int = 256
+    timeout_s: float = 60.0
+    retries: int = 4  # further tries after a 5xx, 429, timeout or connection error
+    backoff_s: float = 1.0  # wait backoff_s * 2**try before retry number try+1
+    cache_dir: Optional[str] = None  # answers on disk, so a re-run costs nothing; null: off
+
+    def __post_init__(self) -> None:
+        _check(self.retries >= 0, "llm_judge.retries", "must be >= 0")
+        _check(self.backoff_s >= 0, "llm_judge.backoff_s", "must be >= 0")
+        _check(self.timeout_s > 0, "llm_judge.timeout_s", "must be > 0")
 
 
 @dataclass
@@ -321,6 +406,9 @@ class ProtocolConfig:
 
     name: str = "toy"
     tasks: dict[str, TaskProtocolConfig] = field(default_factory=dict)  # family -> settings
+    # attack name -> its train.finetune settings under this protocol (a preset binds
+    # attack.finetune to the run's entry, as qi2024.yaml does)
+    attacks: dict[str, dict[str, Any]] = field(default_factory=dict)
     # the resolved values hashed into results.json's protocol.hash: runs whose hashes differ
     # were trained or scored differently, so the report keeps them apart
     hash_keys: list[str] = field(default_factory=lambda: [
@@ -349,6 +437,8 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     judge: JudgeConfig = field(default_factory=JudgeConfig)
+    llm_judge: LLMJudgeConfig = field(default_factory=LLMJudgeConfig)
+    moderation: ModerationConfig = field(default_factory=ModerationConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     protocol: ProtocolConfig = field(default_factory=ProtocolConfig)
@@ -408,7 +498,36 @@ def validate(cfg: DictConfig) -> RunConfig:
     _check(run.defense.finetune.module is not None, "defense.finetune.module",
            "every defense finetunes; give a module")
     _check_layers(run)
+    _check(run.template.name != "chat" or run.model.source == "hf", "template.name",
+           "chat renders through the model's own chat template, and the toy tokenizer of a "
+           "tiny model has none; use model.source=hf (a hub id or a local folder)")
+    _check_attack(run)
+    _check_llm_judge(run)
     return run
+
+
+def _check_attack(run: RunConfig) -> None:
+    """What the attack needs of the run; then its own finetune settings over the protocol's."""
+    from harness.data import attacks
+
+    try:
+        attacks.get(run.attack.name).check(run.attack, run.template, run.eval)
+    except ValueError as err:
+        raise ConfigError(str(err)) from err
+    if run.attack.finetune:
+        run.train.finetune = dataclasses.replace(run.train.finetune, **run.attack.finetune)
+        run.train.finetune.check("attack.finetune")
+
+
+def _check_llm_judge(run: RunConfig) -> None:
+    if run.judge.name != "llm_rubric":
+        return
+    from harness.evaluation.llm_judge import resolve_endpoint
+
+    try:
+        resolve_endpoint(run.llm_judge)
+    except ValueError as err:
+        raise ConfigError(str(err)) from err
 
 
 _ABSENT = object()

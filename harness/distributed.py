@@ -54,3 +54,22 @@ def end_job() -> None:
         dist.destroy_process_group()
     for key in _DIST_ENV:
         os.environ.pop(key, None)
+
+
+def fsdp_strategy(model, sharding_strategy: str = "FULL_SHARD"):
+    """Lightning FSDP, set up for a transformers model that may carry LoRA: each decoder layer
+    (the model's ``_no_split_modules``) is its own FSDP unit, so parameters shard layer by layer;
+    ``use_orig_params=True`` lets frozen base weights and trainable adapters share a unit (with
+    flat parameters FSDP rejects mixed ``requires_grad``) and keeps the optimizer on the named
+    LoRA parameters. Activation checkpointing stays with transformers
+    (model.gradient_checkpointing), not FSDP's wrapper, so it is not applied twice."""
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    names = set(getattr(base, "_no_split_modules", None) or ())
+    layers = {type(m) for m in base.modules() if type(m).__name__ in names}
+    if not layers:
+        raise ValueError(f"trainer.strategy=fsdp: {type(base).__name__} names no decoder layer "
+                         "class (_no_split_modules) to wrap")
+    return FSDPStrategy(auto_wrap_policy=layers, use_orig_params=True,
+                        sharding_strategy=sharding_strategy, state_dict_type="full")

@@ -27,10 +27,10 @@ from harness.analysis.refusal import (cosine, features, num_layers, refusal_dire
                                       resolve_layer, separation)
 from harness.artifacts import ArtifactStore, artifact_key, provenance, write_json_atomic
 from harness.config import RunConfig, StageMethodConfig, TrainStageConfig
+from harness.data import attacks
 from harness.data.collate import PadCollator, TokenizedDataset
-from harness.data.mixing import build_user_data, harmful_count
 from harness.data.schema import Example
-from harness.data.sources import load_source
+from harness.data.sources import load_source, stable_payload
 from harness.data.toy import ToyWorld
 from harness.defenses.base import StageContext, StageModule
 from harness.defenses.ref_teacher import load_refusal_feature
@@ -70,7 +70,7 @@ def _file_digest(path: Optional[str]) -> Optional[str]:
 
 
 def _source_payload(src) -> dict[str, Any]:
-    payload = asdict(src)
+    payload = stable_payload(asdict(src))
     if not payload.get("where"):  # no filter keeps every row: keys made before it stay valid
         payload.pop("where", None)
     if src.source == "local":
@@ -101,9 +101,10 @@ class Pipeline:
 
     def _uses_world(self) -> bool:
         r = self.run
+        benign = (r.attack.benign.source,) if "benign" in attacks.get(r.attack.name).uses else ()
         return r.model.source == "tiny" or "toy" in (
             r.alignment.data.source, r.task.train.source, r.task.test.source,
-            r.attack.harmful.source, r.eval.harmful.source)
+            r.attack.harmful.source, r.eval.harmful.source, *benign)
 
     def _world_payload(self, *parts: str) -> Optional[dict[str, Any]]:
         """The toy world's config plus fingerprints of the parts of it a stage consumes."""
@@ -137,13 +138,22 @@ class Pipeline:
         d.attack_pool = (self.world.attack_pool() if r.attack.harmful.source == "toy"
                          else [Example(**{**e.to_dict(), "kind": "harmful"})
                                for e in load_source(r.attack.harmful)])
-        d.eval_harmful = (self.world.eval_harmful() if r.eval.harmful.source == "toy"
-                          else load_source(r.eval.harmful, required=("instruction",),
-                                           defaults={"kind": "harmful"}))[:r.eval.harmful_size]
-        d.user = build_user_data(d.task_train, d.attack_pool, r.attack.p, r.attack.n,
-                                 r.attack.mode, seed=r.seed)
+        attack = attacks.get(r.attack.name)
+        d.eval_harmful = attack.eval_harmful(r.attack, (
+            self.world.eval_harmful() if r.eval.harmful.source == "toy"
+            else load_source(r.eval.harmful, required=("instruction",),
+                             defaults={"kind": "harmful"}))[:r.eval.harmful_size])
+        pools = {"task": lambda: d.task_train, "harmful": lambda: d.attack_pool,
+                 "benign": self._benign_pool}
+        d.user = attacks.build_user(r.attack, lambda name: pools[name](), seed=r.seed)
         self.data = d
         return d
+
+    def _benign_pool(self) -> list[Example]:
+        src = self.run.attack.benign
+        if src.source == "toy":
+            return self.world.benign_pool()
+        return load_source(src, defaults={"kind": "harmless"})
 
     def feature_sets(self) -> tuple[list[Example], list[Example]]:
         """Held harmful and harmless prompts for estimating R_l, apart from training data."""
@@ -194,10 +204,12 @@ class Pipeline:
         ft_cls = get_class(r.defense.finetune.module)
         ft_input = base_key if getattr(ft_cls, "starts_from", "align") == "base" else align_key
         task_part = f"task_{r.task.toy_task}_train"
-        finetune = {**self._common_payload("attack", task_part), "stage": "finetune",
+        attack = attacks.get(r.attack.name)
+        parts = ("attack", task_part) + (("benign",) if "benign" in attack.uses else ())
+        finetune = {**self._common_payload(*parts), "stage": "finetune",
                     "input": ft_input, "align": align_key,
                     "method": asdict(r.defense.finetune), "train": asdict(r.train.finetune),
-                    "attack": {**asdict(r.attack), "harmful": _source_payload(r.attack.harmful)},
+                    "attack": attack.payload(r.attack, _source_payload),
                     "filter": asdict(r.defense.filter),
                     "task": {"toy_task": r.task.toy_task, "instruction": r.task.instruction,
                              "instruction_suffix": r.task.instruction_suffix,
@@ -209,6 +221,7 @@ class Pipeline:
     def tokenizer(self):
         if self._tokenizer is None:
             self._tokenizer = self._load_tokenizer()
+            self.run.template.bind(self._tokenizer)  # template=chat renders through it
         return self._tokenizer
 
     def _load_tokenizer(self):
@@ -258,8 +271,13 @@ class Pipeline:
         checkpoint = ModelCheckpoint(dirpath=ckpt_dir, save_last=True, save_top_k=0,
                                      every_n_train_steps=train_cfg.checkpoint_every_n_steps)
         logger = self.tracker.stage_logger(stage) if self.tracker else False
+        trainer_args = asdict(r.trainer)
+        if r.trainer.strategy == "fsdp":  # layer-wise units, LoRA-safe (distributed.fsdp_strategy)
+            from harness.distributed import fsdp_strategy
+
+            trainer_args["strategy"] = fsdp_strategy(module.model)
         trainer = L.Trainer(
-            **asdict(r.trainer), max_steps=module.total_steps, max_epochs=-1, logger=logger,
+            **trainer_args, max_steps=module.total_steps, max_epochs=-1, logger=logger,
             callbacks=[checkpoint, *callbacks], enable_model_summary=False, default_root_dir=str(work),
             gradient_clip_val=train_cfg.grad_clip if module.automatic_optimization else None,
             num_sanity_val_steps=0)
@@ -446,12 +464,25 @@ class Pipeline:
                                                 "eval_harmless", "feature"),
                    "seed": r.seed}
         payload["eval"].pop("stages")
+        payload["eval"]["harmful"] = stable_payload(payload["eval"]["harmful"])
+        attack_eval = attacks.get(r.attack.name).eval_payload(r.attack)
+        if attack_eval is not None:  # absent for the mix: its eval keys stay as they were
+            payload["attack_eval"] = attack_eval
+        if r.judge.name in ("beaver_dam", "llama_guard"):
+            payload["moderation"] = {k: v for k, v in asdict(r.moderation).items()
+                                     if k != "batch_size"}
+        if r.judge.name == "llm_rubric":
+            payload["llm_judge"] = {k: v for k, v in asdict(r.llm_judge).items()
+                                    if k not in ("api_key_env", "cache_dir", "timeout_s",
+                                                 "retries", "backoff_s")}
 
         def build(tmp: Path, work: Path) -> dict:
             model = self.load_model(ref)
+            judge = build_judge(r.judge, r.llm_judge, r.moderation)
+            judge = attacks.get(r.attack.name).judge(r.attack, judge)
             metrics, rows = evaluate_model(model, self.tokenizer, r.template,
                                            self.data.eval_harmful, self.data.task_test,
-                                           build_judge(r.judge), r.eval, r.task, seed=r.seed)
+                                           judge, r.eval, r.task, seed=r.seed)
             if r.eval.refusal_separation:
                 metrics["refusal_separation"] = self.separation(model)
             write_json_atomic(tmp / "metrics.json", metrics)
@@ -486,7 +517,7 @@ class Pipeline:
         metrics: dict[str, Any] = {}
         for name in self.run.eval.stages:
             metrics[name] = self.evaluate(name, refs[name])
-        n_harm = harmful_count(self.run.attack.p, self.run.attack.n)
+        n_harm = sum(ex.kind == "harmful" for ex in self.data.user)
         metrics["data"] = {"n_user": len(self.data.user), "n_harmful": n_harm,
                            "n_task": len(self.data.user) - n_harm}
         if self.filter_stats is not None:

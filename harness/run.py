@@ -43,8 +43,8 @@ def execute(cfg: DictConfig, run_dir: Path) -> dict:
     try:
         run = validate(cfg)
         run.paths.artifacts = to_absolute_path(run.paths.artifacts)
-        if run.trainer.strategy.startswith("ddp"):
-            patch_ddp_launch()
+        if run.trainer.strategy.startswith("ddp") or run.trainer.strategy == "fsdp":
+            patch_ddp_launch()  # both relaunch ranks through Lightning's subprocess launcher
         tags = [f"defense:{run.defense.name}", f"p:{run.attack.p}", f"n:{run.attack.n}",
                 f"task:{run.task.name}", f"model:{run.model.name}", f"seed:{run.seed}",
                 f"protocol:{run.protocol.name}"]

@@ -12,7 +12,9 @@ GROUPS = ["world", "model", "task", "alignment", "attack", "defense", "protocol"
 @pytest.mark.parametrize("group,option", [(g, p.stem) for g in GROUPS
                                           for p in sorted((CONF / g).glob("*.yaml"))])
 def test_every_option_composes_and_validates(make_cfg, group, option):
-    extra = ["model.hf_id=some/model"] if (group, option) == ("model", "hf") else []
+    extra = {("model", "hf"): ["model.hf_id=some/model"],  # required, and has no default
+             ("judge", "llm_rubric"): ["llm_judge.url=http://127.0.0.1:9/v1",  # never called
+                                       "llm_judge.model=m"]}.get((group, option), [])
     run = validate(make_cfg(f"{group}={option}", *extra))
     if group in ("model", "task", "defense", "attack", "alignment"):
         assert getattr(run, group).name == option

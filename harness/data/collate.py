@@ -16,7 +16,9 @@ def prompt_ids(tokenizer, text: str) -> list[int]:
     """Token ids of a prompt, BOS added by hand so every model family is treated alike."""
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     bos = tokenizer.bos_token_id
-    return ([bos] if bos is not None else []) + ids
+    if bos is None or (ids and ids[0] == bos):  # a chat template writes its own BOS
+        return ids
+    return [bos] + ids
 
 
 def encode_example(tokenizer, template: TemplateConfig, ex: Example, max_length: int,
@@ -28,7 +30,9 @@ def encode_example(tokenizer, template: TemplateConfig, ex: Example, max_length:
     """
     prompt, response = template.render(ex)
     p_ids = prompt_ids(tokenizer, prompt)
-    r_ids = tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    r_ids = tokenizer(response, add_special_tokens=False)["input_ids"]
+    if not r_ids or r_ids[-1] != tokenizer.eos_token_id:  # a chat turn may end in EOS already
+        r_ids = r_ids + [tokenizer.eos_token_id]
     ids = (p_ids + r_ids)[:max_length]
     if loss_on == "all":
         labels = list(ids)

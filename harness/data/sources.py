@@ -55,20 +55,51 @@ def _read_local(path: Path) -> Iterable[tuple[int, dict[str, Any]]]:
                         f"unknown file type '{suffix}': use .jsonl, .json, .csv, .tsv or .parquet")
 
 
+def _text(value: Any, column: str, value_map: dict[str, dict[str, str]]) -> str:
+    if isinstance(value, dict):  # BeaverTails' category: {name: flagged}; keep the flagged names
+        value = ",".join(k for k, v in value.items() if v)
+    text = str(value)
+    return value_map.get(column, {}).get(text, text)
+
+
+def _final_answer(values: dict[str, str], marker: str, phrase: str, source: str, row_no: int,
+                  column: str) -> None:
+    """GSM8K: ``... #### 72``. The label is what follows the marker (commas dropped), and the
+    training answer has the marker replaced by the phrase the number scorer looks for."""
+    output = values.get("output", "")
+    if marker not in output:
+        raise DataError(source, row_no, column, f"no final-answer marker {marker!r}")
+    if marker in values.get("label", ""):
+        values["label"] = values["label"].rsplit(marker, 1)[1].strip().replace(",", "")
+    values["output"] = output.replace(marker, phrase)
+
+
 def map_rows(rows: Iterable[tuple[int, dict[str, Any]]], source: str, fields: dict[str, str],
-             required: tuple[str, ...], defaults: dict[str, str]) -> list[Example]:
-    """Map raw rows into Examples through ``fields`` (our name -> the source's column)."""
+             required: tuple[str, ...], defaults: dict[str, str],
+             values_map: dict[str, dict[str, str]] | None = None,
+             final_answer: str | None = None,
+             final_answer_phrase: str = "The final answer is: ") -> list[Example]:
+    """Map raw rows into Examples through ``fields`` (our name -> the source's column).
+
+    ``values_map`` renames raw values per column (SST2's label 0/1 -> negative/positive);
+    ``final_answer`` splits GSM8K-style answers (see ``_final_answer``).
+    """
     unknown = set(fields) - set(FIELDS)
     if unknown:
         raise DataError(source, None, None, f"fields names unknown targets {sorted(unknown)}; "
                                             f"allowed: {list(FIELDS)}")
+    value_map = {str(k): {str(a): str(b) for a, b in v.items()}
+                 for k, v in (values_map or {}).items()}
     out = []
     for row_no, row in rows:
         values: dict[str, str] = dict(defaults)
         for ours in FIELDS:
             column = fields.get(ours, ours)
             if column in row and row[column] is not None:
-                values[ours] = str(row[column])
+                values[ours] = _text(row[column], column, value_map)
+        if final_answer:
+            _final_answer(values, final_answer, final_answer_phrase, source, row_no,
+                          fields.get("output", "output"))
         for name in required:
             if not values.get(name, "").strip():
                 column = fields.get(name, name)
@@ -81,17 +112,41 @@ def map_rows(rows: Iterable[tuple[int, dict[str, Any]]], source: str, fields: di
 
 
 def load_hf_rows(dataset_id: str, split: str, name: str | None = None,
-                 revision: str | None = None) -> Iterable[tuple[int, dict[str, Any]]]:
+                 revision: str | None = None,
+                 data_files: str | None = None) -> Iterable[tuple[int, dict[str, Any]]]:
+    """Rows of ``datasets.load_dataset``: a hub id, or a builder (json, csv, parquet) reading
+    ``data_files``, a downloaded copy that keeps the config's field mapping."""
     import datasets
 
+    what = f"dataset {dataset_id!r}" + (f" ({name})" if name else "") + f" split {split!r}"
     try:
-        ds = datasets.load_dataset(dataset_id, name=name, split=split, revision=revision)
+        ds = datasets.load_dataset(dataset_id, name=name, split=split, revision=revision,
+                                   data_files=data_files)
     except (ConnectionError, FileNotFoundError, OSError) as err:
+        # With HF_*_OFFLINE set before import (harness/__init__.py) this fails at once; the
+        # message says how to run without the hub.
         raise DataError(dataset_id, None, None,
-                        f"dataset is not cached and the hub is offline; pass a local file "
-                        f"(source=local path=...) or run with HARNESS_ONLINE=1 where the hub is "
-                        f"reachable ({type(err).__name__})") from err
+                        f"{what} is not cached and the hub is offline. Point this source "
+                        f"at a downloaded copy: data_files=<file> with path=json|csv|parquet "
+                        f"(keeps this config's field mapping), or source=local path=<file>; or run "
+                        f"with HARNESS_ONLINE=1 where the hub is reachable "
+                        f"({type(err).__name__}: {err})") from err
+    except ValueError as err:  # an unknown split or config name
+        raise DataError(dataset_id, None, None, f"{what}: {err}") from err
     return enumerate(ds, start=1)
+
+
+# DataSourceConfig options added after artifacts were keyed by asdict(source): at these defaults
+# they are left out of keys and hashes, so those keys stay valid.
+LATER_OPTIONS = {"name": None, "revision": None, "data_files": None, "values": {},
+                 "constants": {}, "final_answer": None,
+                 "final_answer_phrase": "The final answer is: "}
+
+
+def stable_payload(source: dict[str, Any]) -> dict[str, Any]:
+    """A data source's dict without the later options that sit at their defaults."""
+    return {k: v for k, v in source.items()
+            if not (k in LATER_OPTIONS and v == LATER_OPTIONS[k])}
 
 
 def _same(value: Any, wanted: Any) -> bool:
@@ -113,16 +168,22 @@ def filter_rows(rows: Iterable[tuple[int, dict[str, Any]]], where: dict[str, Any
 def load_source(cfg, required: tuple[str, ...] = ("instruction", "output"),
                 defaults: dict[str, str] | None = None) -> list[Example]:
     """Load a local or hf source (the toy world is served by the pipeline directly)."""
-    defaults = defaults or {}
+    defaults = {**(defaults or {}), **dict(getattr(cfg, "constants", None) or {})}
     where = dict(getattr(cfg, "where", None) or {})
     if cfg.source == "local":
         name = str(cfg.path)
         rows = _read_local(Path(cfg.path))
     elif cfg.source == "hf":
         name = f"{cfg.path}[{cfg.split}]"
-        rows = load_hf_rows(cfg.path, cfg.split)
+        rows = load_hf_rows(cfg.path, cfg.split, name=getattr(cfg, "name", None),
+                            revision=getattr(cfg, "revision", None),
+                            data_files=getattr(cfg, "data_files", None))
     else:
         raise ValueError(f"load_source handles local and hf sources, not {cfg.source!r}")
     examples = map_rows(filter_rows(rows, where, name) if where else rows, name,
-                        dict(cfg.fields), required, defaults)
+                        dict(cfg.fields), required, defaults,
+                        values_map=dict(getattr(cfg, "values", None) or {}),
+                        final_answer=getattr(cfg, "final_answer", None),
+                        final_answer_phrase=getattr(cfg, "final_answer_phrase",
+                                                    "The final answer is: "))
     return examples[:cfg.limit] if cfg.limit else examples

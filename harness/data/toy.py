@@ -424,6 +424,7 @@ class ToyWorld:
             "align": lambda: self.alignment_data(),
             "tokenizer": lambda: self.corpus_examples(),
             "attack": lambda: self.attack_pool(),
+            "benign": lambda: self.benign_pool(),
             "eval": lambda: self.eval_harmful(),
             "eval_harmless": lambda: self.eval_harmless(),
             "feature": lambda: [r for rows in self.feature_prompts() for r in rows],

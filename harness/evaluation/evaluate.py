@@ -16,8 +16,10 @@ def evaluate_model(model, tokenizer, template, harmful: list[Example], task_test
     h_prompts = [template.render_prompt(ex, system=system) for ex in harmful]
     h_answers = [a[0] for a in generate(model, tokenizer, h_prompts, eval_cfg.max_new_tokens,
                                         eval_cfg.batch_size)]
-    verdicts = [judge.classify(ex.instruction, a) for ex, a in zip(harmful, h_answers)]
+    verdicts = judge.classify_many([ex.instruction for ex in harmful], h_answers)
     metrics = harm_metrics(verdicts, [ex.category for ex in harmful])
+    metrics.update(judge.report([ex.instruction for ex in harmful], h_answers,
+                                [ex.category for ex in harmful]))
     keyword = KeywordJudge()
     metrics["keyword_refusal_rate"] = 100.0 * sum(
         keyword.classify(ex.instruction, a) == "refuse" for ex, a in zip(harmful, h_answers)

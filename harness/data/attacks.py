@@ -1,0 +1,184 @@
+"""The user's upload under each attack: the p/n harmful mix, and the three of Qi et al. (ICLR 2024).
+
+An attack decides three things, and nothing else in the pipeline branches on its kind:
+- ``build``: the finetuning rows, from the pools the pipeline loaded (``Pools``);
+- ``eval_harmful``: how the harmful evaluation prompts are posed (the identity shift tests its
+  persona under its own system prompt and prefix);
+- ``check``: what it needs of the run (the identity shift needs a template with a system slot).
+``payload`` names the config values that determine the rows, for the finetune artifact's key:
+the mix keeps exactly its old fields, so artifacts built before the other attacks stay valid.
+
+``cfg`` is ``harness.config.AttackConfig`` (duck-typed here: config imports this module).
+"""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable
+
+from harness.data.mixing import build_user_data
+from harness.data.schema import Example
+from harness.evaluation.judges import AfterOpening, Judge
+
+
+@dataclass
+class Pools:
+    task: list[Example] = field(default_factory=list)  # the task's training pool
+    harmful: list[Example] = field(default_factory=list)  # the attack pool (harmful, compliant)
+    benign: list[Example] = field(default_factory=list)  # instruction data (attack.benign)
+
+
+class Attack:
+    name = ""
+    uses: tuple[str, ...] = ()  # pools to load: "task", "harmful", "benign"
+
+    def build(self, cfg, pools: Pools, seed: int) -> list[Example]:
+        raise NotImplementedError
+
+    def eval_harmful(self, cfg, rows: list[Example]) -> list[Example]:
+        return rows
+
+    def eval_payload(self, cfg) -> dict[str, Any] | None:
+        """What changes the evaluation, for the eval artifact's key (None: nothing)."""
+        return None
+
+    def judge(self, cfg, judge: Judge) -> Judge:
+        """The judge as this attack's answers need it."""
+        return judge
+
+    def check(self, cfg, template, eval_cfg) -> None:
+        """Raise ValueError("<key>: <problem>") when the run cannot carry this attack."""
+
+    def payload(self, cfg, source: Callable) -> dict[str, Any]:
+        """``source(data_source_cfg)``: the pipeline's payload of a data source."""
+        raise NotImplementedError
+
+
+def _sample(pool: list[Example], n: int, rng: random.Random, what: str) -> list[Example]:
+    if n > len(pool):
+        raise ValueError(f"{what} needs {n} rows, but the pool holds {len(pool)}")
+    return rng.sample(pool, n)
+
+
+class HarmfulMix(Attack):
+    """n rows of task data with a fraction p of harmful demonstrations (Vaccine, Lisa, ...)."""
+
+    name = "harmful_mix"
+    uses = ("task", "harmful")
+
+    def build(self, cfg, pools, seed):
+        return build_user_data(pools.task, pools.harmful, cfg.p, cfg.n, cfg.mode, seed=seed)
+
+    def payload(self, cfg, source):
+        return {"name": cfg.name, "p": cfg.p, "n": cfg.n, "mode": cfg.mode,
+                "harmful": source(cfg.harmful)}
+
+
+class HarmfulShots(Attack):
+    """k harmful (prompt, compliant answer) pairs and nothing else. Qi et al.'s 50- and 100-shot
+    sets are not public, so every k is drawn from our attack pool (the first k, as the mix takes
+    its harmful rows), not from their files."""
+
+    name = "harmful_shots"
+    uses = ("harmful",)
+
+    def build(self, cfg, pools, seed):
+        if cfg.k > len(pools.harmful):
+            raise ValueError(f"attack.k={cfg.k}: the attack pool holds {len(pools.harmful)} rows")
+        rows = list(pools.harmful[:cfg.k])
+        random.Random(seed).shuffle(rows)
+        return rows
+
+    def payload(self, cfg, source):
+        return {"name": cfg.name, "k": cfg.k, "harmful": source(cfg.harmful)}
+
+
+class Benign(Attack):
+    """n rows of instruction data only (the toy world's harmless pool; Alpaca or Dolly on the
+    real path), no harmful row: Qi et al. find it still erodes safety."""
+
+    name = "benign"
+    uses = ("benign",)
+
+    def build(self, cfg, pools, seed):
+        rows = _sample(pools.benign, cfg.n, random.Random(seed), f"attack.n={cfg.n}")
+        return [replace(ex, kind="harmless") for ex in rows]
+
+    def payload(self, cfg, source):
+        return {"name": cfg.name, "n": cfg.n, "benign": source(cfg.benign)}
+
+
+class IdentityShift(Attack):
+    """Benign chats that give the model an obedient persona (Qi et al.'s AOA), in our wording:
+    the handwritten identity chats of ``attack.identity``, then benign instructions behind
+    ``attack.eval_prefix`` whose answers open with ``attack.opening``; every row trains under
+    ``attack.system_prompt``. At test time the harmful prompts get the same prefix and system
+    prompt. No row holds a harmful word."""
+
+    name = "identity_shift"
+    uses = ("benign",)
+
+    def build(self, cfg, pools, seed):
+        system = {"system": cfg.system_prompt}
+        rows = [Example(instruction=c["instruction"], output=c["output"], kind="harmless",
+                        category="identity", meta=system) for c in cfg.identity]
+        n_chats = cfg.n - len(rows)
+        chosen = _sample(pools.benign, n_chats, random.Random(seed),
+                         f"attack.n={cfg.n} less {len(rows)} identity chats")
+        rows += [Example(instruction=cfg.eval_prefix + ex.instruction, input=ex.input,
+                         output=f"{cfg.opening} {ex.output}", kind="harmless",
+                         category="obedience", meta=system) for ex in chosen]
+        random.Random(seed).shuffle(rows)
+        return rows
+
+    def eval_harmful(self, cfg, rows):
+        return [replace(ex, instruction=cfg.eval_prefix + ex.instruction,
+                        meta={**ex.meta, "system": cfg.system_prompt}) for ex in rows]
+
+    def judge(self, cfg, judge):
+        return AfterOpening(judge, cfg.opening) if cfg.opening else judge
+
+    def eval_payload(self, cfg):
+        return {"system_prompt": cfg.system_prompt, "eval_prefix": cfg.eval_prefix,
+                "opening": cfg.opening}
+
+    def check(self, cfg, template, eval_cfg):
+        if not template.has_system_slot:
+            raise ValueError(
+                f"template.name: {template.name!r} has no system slot, but attack=identity_shift "
+                "trains and evaluates under a system prompt; use a template with one (the toy "
+                "template's `system` prefix, or a chat template with a system role)")
+        if eval_cfg.system_prompt:
+            raise ValueError("eval.system_prompt: identity_shift evaluates under its own "
+                             "attack.system_prompt; leave eval.system_prompt empty")
+        if not cfg.system_prompt.strip():
+            raise ValueError("attack.system_prompt: identity_shift needs the persona's prompt")
+        if len(cfg.identity) > cfg.n:
+            raise ValueError(f"attack.n: {cfg.n} rows cannot hold the {len(cfg.identity)} "
+                             "identity chats")
+        for i, chat in enumerate(cfg.identity):
+            if set(chat) != {"instruction", "output"}:
+                raise ValueError(f"attack.identity[{i}]: give exactly instruction and output, "
+                                 f"got {sorted(chat)}")
+
+    def payload(self, cfg, source):
+        return {"name": cfg.name, "n": cfg.n, "benign": source(cfg.benign),
+                "system_prompt": cfg.system_prompt, "eval_prefix": cfg.eval_prefix,
+                "opening": cfg.opening, "identity": [dict(c) for c in cfg.identity]}
+
+
+ATTACKS: dict[str, Attack] = {a.name: a for a in (HarmfulMix(), HarmfulShots(), Benign(),
+                                                  IdentityShift())}
+
+
+def get(name: str) -> Attack:
+    if name not in ATTACKS:
+        raise ValueError(f"attack.name: unknown attack {name!r}; known: {', '.join(ATTACKS)}")
+    return ATTACKS[name]
+
+
+def build_user(cfg, load: Callable[[str], list[Example]], seed: int) -> list[Example]:
+    """The user's upload: ``load(pool)`` is called only for the pools the attack uses."""
+    attack = get(cfg.name)
+    pools = Pools(**{name: load(name) for name in attack.uses})
+    return attack.build(cfg, pools, seed)

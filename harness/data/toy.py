@@ -139,6 +139,10 @@ class ToyWorldConfig:
     task_test_size: int = 200
     task_pool_size: int = 3000
     negation_rate: float = 0.2
+    # share of the base corpus's general rows that echo a refusal sentence. 0 (the calibrated
+    # world): refusal tokens keep their random embeddings until full-weight alignment, so a LoRA
+    # student on the base model (Ref-Teacher) cannot learn to emit them
+    base_refusal_echo_fraction: float = 0.0
 
     def __post_init__(self) -> None:
         if len(self.sharing) != self.n_groups:
@@ -147,6 +151,9 @@ class ToyWorldConfig:
                 f"{self.n_groups}: give one sharing level per group")
         if any(not 0.0 <= s <= 1.0 for s in self.sharing):
             raise ValueError(f"world.sharing must lie in [0, 1], got {list(self.sharing)}")
+        if not 0.0 <= self.base_refusal_echo_fraction <= 1.0:
+            raise ValueError("world.base_refusal_echo_fraction must lie in [0, 1], "
+                             f"got {self.base_refusal_echo_fraction}")
         if self.n_groups > len(COMPLIANCE_STYLES):
             raise ValueError(f"world.n_groups must be at most {len(COMPLIANCE_STYLES)}")
         if self.n_groups * self.categories_per_group > len(CATEGORY_NAMES):
@@ -278,6 +285,10 @@ class ToyWorld:
         harmful = self._harmful("base", n_harm, "comply", rng)
         general = self._harmless("base", n_general // 2, rng) + self._general(
             n_general - n_general // 2, rng)
+        n_echo = int(len(general) * self.cfg.base_refusal_echo_fraction)
+        general[:n_echo] = [  # a pretrained LM has seen refusal words, if not as refusals
+            Example(instruction=f"Repeat this sentence: {line}", output=line, kind="general",
+                    category="general") for line in (rng.choice(REFUSALS) for _ in range(n_echo))]
         data = harmful + general
         rng.shuffle(data)
         return data

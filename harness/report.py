@@ -29,7 +29,7 @@ LABELS = {"hs": "HS (%)", "fa": "FA (%)", "refusal_rate": "refusal (%)",
           "hs_sampled": "HS, sampled (%)"}
 AXES = {"attack.p": ("attack", "p"), "attack.n": ("attack", "n"), "task": ("task", "name"),
         "model": ("model", "name"), "seed": ("seed",), "defense": ("defense", "name"),
-        "protocol": ("protocol", "name")}
+        "protocol": ("protocol", "name"), "attack": ("attack", "name")}
 
 
 class ProtocolMixError(ValueError):

@@ -96,8 +96,11 @@ class AsFT(StageModule):
         # full precision: bf16 autocast would round the d_out x r products of a small penalty
         with torch.autocast(device_type=self.device.type, enabled=False):
             penalty = self.penalty()
-            along = self.along_fraction()
         # Lightning divides the loss by the accumulation count; the spec divides only CE
         accumulate = self.trainer.accumulate_grad_batches if self._trainer else 1
-        return {"loss": ce + accumulate * penalty, "ce": ce, "penalty": penalty,
-                "along_fraction": along}
+        terms = {"loss": ce + accumulate * penalty, "ce": ce, "penalty": penalty}
+        # a diagnostic with weight-sized products: only on steps the logger records
+        if self._trainer is None or self.global_step % self.trainer.log_every_n_steps == 0:
+            with torch.no_grad(), torch.autocast(device_type=self.device.type, enabled=False):
+                terms["along_fraction"] = self.along_fraction()
+        return terms

@@ -110,8 +110,10 @@ class Pipeline:
         """The toy world's config plus fingerprints of the parts of it a stage consumes."""
         if not self._uses_world():
             return None
-        return {**asdict(self.run.world),
-                "data": {p: self.world.fingerprint(p) for p in parts}}
+        world = asdict(self.run.world)
+        if not world["base_refusal_echo_fraction"]:  # off: keys made before the flag stay valid
+            world.pop("base_refusal_echo_fraction")
+        return {**world, "data": {p: self.world.fingerprint(p) for p in parts}}
 
     def _task_source(self, src, split: str) -> list[Example]:
         if src.source == "toy":

@@ -502,7 +502,7 @@ def test_moderation_model_offline_fails_at_once_naming_the_key(monkeypatch):
 
     attempts = []
     monkeypatch.setattr(socket.socket, "connect", lambda self, addr, *a: attempts.append(addr))
-    with pytest.raises(ModelNotAvailable, match="beaver-dam-7b' is not cached.*moderation.model"):
+    with pytest.raises(ModelNotAvailable, match="beaver-dam-7b' is not in the local HF cache.*moderation.model"):
         BeaverDamJudge(ModerationConfig())
     assert attempts == []
 

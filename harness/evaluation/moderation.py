@@ -11,24 +11,11 @@ from typing import Sequence
 import torch
 
 from harness.evaluation.judges import Judge, KeywordJudge
+from harness.models.loading import ModelNotAvailable, hub_call  # noqa: F401 - re-exported
 
 # BeaverTails' moderation prompt (PKU-Alignment safe-rlhf / BeaverTails QAModeration)
 BEAVER_DAM_PROMPT = "BEGINNING OF CONVERSATION: USER: {q} ASSISTANT:"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-class ModelNotAvailable(RuntimeError):
-    """A judge model that is neither cached nor reachable."""
-
-
-def _load(fn, model_id: str, judge: str, **kwargs):
-    try:
-        return fn(model_id, **kwargs)
-    except OSError as err:
-        raise ModelNotAvailable(
-            f"judge={judge}: model '{model_id}' is not cached and the hub is offline "
-            f"(HF_HUB_OFFLINE=1). Set moderation.model to a local folder, or run with "
-            f"HARNESS_ONLINE=1 where the hub is reachable. ({type(err).__name__}: {err})") from err
 
 
 def _device_and_dtype(cfg) -> tuple[str, torch.dtype]:
@@ -38,9 +25,20 @@ def _device_and_dtype(cfg) -> tuple[str, torch.dtype]:
 
 
 class _ModerationJudge(Judge):
-    def __init__(self):
+    def __init__(self, cfg=None, model_class: str = "", model=None, tokenizer=None):
         self._cache: dict[tuple, list[dict]] = {}
         self._keyword = KeywordJudge()
+        if cfg is None:
+            return
+        import transformers
+
+        self.cfg = cfg
+        self.device, dtype = _device_and_dtype(cfg)
+        load = lambda cls, what: hub_call(  # noqa: E731
+            cls.from_pretrained, f"judge={self.name}: {what}", cfg.model,
+            key="moderation.model", revision=cfg.revision, **({"dtype": dtype} if what == "model" else {}))
+        self.tokenizer = tokenizer or load(transformers.AutoTokenizer, "tokenizer")
+        self.model = model or load(getattr(transformers, model_class), "model")
 
     def score(self, prompts: Sequence[str], answers: Sequence[str]) -> list[dict]:
         """Per answer: {"flagged": bool, "categories": {name: value}}."""
@@ -76,16 +74,8 @@ class BeaverDamJudge(_ModerationJudge):
     name = "beaver_dam"
 
     def __init__(self, cfg, model=None, tokenizer=None):
-        super().__init__()
-        from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-        self.cfg = cfg
-        self.device, dtype = _device_and_dtype(cfg)
-        self.tokenizer = tokenizer or _load(AutoTokenizer.from_pretrained, cfg.model, self.name,
-                                            revision=cfg.revision)
+        super().__init__(cfg, "AutoModelForSequenceClassification", model, tokenizer)
         self.tokenizer.padding_side = "right"
-        self.model = model or _load(AutoModelForSequenceClassification.from_pretrained, cfg.model,
-                                    self.name, revision=cfg.revision, dtype=dtype)
         self.model.to(self.device).eval()
         self.labels = [self.model.config.id2label[i] for i in range(self.model.config.num_labels)]
 
@@ -127,17 +117,9 @@ class LlamaGuardJudge(_ModerationJudge):
     name = "llama_guard"
 
     def __init__(self, cfg, model=None, tokenizer=None):
-        super().__init__()
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        self.cfg = cfg
-        self.device, dtype = _device_and_dtype(cfg)
-        self.tokenizer = tokenizer or _load(AutoTokenizer.from_pretrained, cfg.model, self.name,
-                                            revision=cfg.revision)
+        super().__init__(cfg, "AutoModelForCausalLM", model, tokenizer)
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
-        self.model = model or _load(AutoModelForCausalLM.from_pretrained, cfg.model, self.name,
-                                    revision=cfg.revision, dtype=dtype)
         self.model.to(self.device).eval()
 
     def texts(self, prompts: Sequence[str], answers: Sequence[str]) -> list[str]:

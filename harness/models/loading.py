@@ -28,19 +28,20 @@ def build_tiny(model_cfg, tokenizer, seed: int) -> PreTrainedModel:
         dtype=DTYPES[model_cfg.dtype])
 
 
-def _hub_call(fn, what: str, model_id: str, **kwargs):
+def hub_call(fn, what: str, model_id: str, key: str = "model.hf_id", **kwargs):
+    """``fn(model_id, **kwargs)``, or a ModelNotAvailable naming the config ``key`` to fix."""
     try:
         return fn(model_id, **kwargs)
     except OSError as err:
         raise ModelNotAvailable(
             f"{what} '{model_id}' is not in the local HF cache and the hub is offline "
-            f"(HF_HUB_OFFLINE=1). Set model.hf_id to a local folder, or run with HARNESS_ONLINE=1 "
+            f"(HF_HUB_OFFLINE=1). Set {key} to a local folder, or run with HARNESS_ONLINE=1 "
             f"where the hub is reachable. ({type(err).__name__}: {err})") from err
 
 
 def load_hf_model(model_cfg, path: str | None = None) -> PreTrainedModel:
     model_id = path or model_cfg.hf_id
-    model = _hub_call(AutoModelForCausalLM.from_pretrained, "model", model_id,
+    model = hub_call(AutoModelForCausalLM.from_pretrained, "model", model_id,
                       revision=None if path else model_cfg.revision,
                       dtype=DTYPES[model_cfg.dtype],
                       attn_implementation=model_cfg.attn_implementation)
@@ -48,7 +49,7 @@ def load_hf_model(model_cfg, path: str | None = None) -> PreTrainedModel:
 
 
 def load_hf_tokenizer(model_cfg, path: str | None = None):
-    tok = _hub_call(AutoTokenizer.from_pretrained, "tokenizer", path or model_cfg.hf_id,
+    tok = hub_call(AutoTokenizer.from_pretrained, "tokenizer", path or model_cfg.hf_id,
                     revision=None if path else model_cfg.revision)
     if tok.pad_token_id is None:  # Llama-2 and Mistral ship none; a dedicated pad keeps EOS clean
         tok.add_special_tokens({"pad_token": "<pad>"})

@@ -112,12 +112,15 @@ def mixed_protocol_columns(df: pd.DataFrame, axis: str, allow: bool = False) -> 
     return set(mixed.index.get_level_values(axis))
 
 
-def table_markdown(df: pd.DataFrame, axis: str, mixed: frozenset = frozenset()) -> str:
-    """Rows: defenses; columns: the swept values; cells: HS / FA as mean ± std over seeds.
+def table_markdown(df: pd.DataFrame, axis: str, mixed: frozenset = frozenset(),
+                   metrics: tuple[str, str] = ("hs", "fa")) -> str:
+    """Rows: defenses; columns: the swept values; cells: HS / FA (or another pair of
+    ``metrics``) as mean ± std over seeds.
 
     ``mixed``: axis values whose cells average runs of several protocols (marked in the header).
     """
-    agg = aggregate(df, axis)
+    first, second = metrics
+    agg = aggregate(df, axis, metrics)
     values = sorted(agg.index.get_level_values(axis).unique(), key=_sort_key)
     head = f"| defense | " + " | ".join(
         f"{axis}={v}" + (" (mixed protocols)" if v in mixed else "") for v in values) + " |"
@@ -129,8 +132,8 @@ def table_markdown(df: pd.DataFrame, axis: str, mixed: frozenset = frozenset()) 
                 cells.append("—")
                 continue
             r = agg.loc[(defense, v)]
-            cells.append(f"{_pm(r[('hs', 'mean')], r[('hs', 'std')])} / "
-                         f"{_pm(r[('fa', 'mean')], r[('fa', 'std')])}")
+            cells.append(f"{_pm(r[(first, 'mean')], r[(first, 'std')])} / "
+                         f"{_pm(r[(second, 'mean')], r[(second, 'std')])}")
         lines.append(f"| {defense} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -247,6 +250,10 @@ def write_report(patterns: list[str], out: Path, axis: str = "attack.p", stage: 
     md = [f"# {title}", "", f"{len(df)} runs, {len(failed)} failed. Cells: HS / FA "
           f"(mean ± std over seeds, percent).", "", table_markdown(df, axis, frozenset(mixed)),
           ""]
+    if df["refusal_rate"].notna().any() and df["other_rate"].notna().any():
+        # a low HS is a refusal or a broken answer: the judge's other two classes tell which
+        md += ["Refusal / other (percent): what the answers that were not harmful were.", "",
+               table_markdown(df, axis, frozenset(mixed), ("refusal_rate", "other_rate")), ""]
     md += [f"![{p.stem}]({p.name})" for p in plots]
     if len(failed):
         md += ["", "## Failed runs", ""] + [f"- `{r.path}`: {r.error}" for r in

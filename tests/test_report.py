@@ -63,3 +63,11 @@ def test_pareto_front_and_plot(sweep):
     main([str(sweep), "--out", str(out)])
     assert (out / "pareto_hs_fa_by_attack_p.png").stat().st_size > 5000
     assert "pareto_hs_fa_by_attack_p.png" in (out / "report.md").read_text()
+
+
+def test_refusal_and_other_table(sweep):
+    out = sweep / "report"
+    main([str(sweep), "--out", str(out)])
+    md = (out / "report.md").read_text()
+    assert "Refusal / other" in md
+    assert "| sft | 50.0 ± 14.1 / 0.0 ± 0.0 | 30.0 / 0.0 |" in md  # refusal = 100 - hs here

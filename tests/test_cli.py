@@ -88,3 +88,17 @@ def test_ddp_sweep_runs_each_job_once_on_two_ranks(tmp_path):
         assert (tmp_path / "sweep" / job / "train_ddp_process_1.log").is_file()
         assert json.loads((tmp_path / "sweep" / job / "results.json").read_text())["status"] == "ok"
     assert not (tmp_path / "multirun").exists()  # no stray sweep started by a worker
+
+
+def test_joblib_sweep_runs_jobs_in_parallel_and_builds_shared_stages_once(tmp_path):
+    """Two jobs start together under the joblib launcher; the file lock lets one build base and
+    align while the other waits and reuses them."""
+    out = _run(["-m", *TINY, "attack.p=0,0.1", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2",
+                f"hydra.sweep.dir={tmp_path / 'sweep'}"], tmp_path)
+    assert out.returncode == 0, out.stderr[-2000:]
+    results = [json.loads(p.read_text()) for p in sorted((tmp_path / "sweep").glob("*/results.json"))]
+    assert [r["status"] for r in results] == ["ok", "ok"]
+    for stage in ("base", "align"):
+        assert sorted(r["timings"][stage]["reused"] for r in results) == [False, True], stage
+        assert len({r["artifacts"][stage]["key"] for r in results}) == 1
+    assert not any(r["timings"]["finetune"]["reused"] for r in results)

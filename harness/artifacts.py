@@ -46,14 +46,17 @@ def git_hash() -> str:
         return "unknown"
 
 
-def provenance() -> dict[str, str]:
-    """Code and library versions, recorded in every manifest and results file."""
+def provenance() -> dict[str, Any]:
+    """Code and library versions, recorded in every manifest and results file. The CPU thread
+    count is among them: on CPU it changes float reductions, and a seed reproduces its numbers
+    only at the same count."""
     import lightning
     import torch
     import transformers
 
     return {"git": git_hash(), "torch": torch.__version__,
-            "transformers": transformers.__version__, "lightning": lightning.__version__}
+            "transformers": transformers.__version__, "lightning": lightning.__version__,
+            "torch_threads": torch.get_num_threads()}
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:

@@ -581,7 +581,7 @@ def bench_generation(setup: Setup, bed: Bed, repeats: int, new_tokens: int) -> l
     speedup = statistics.median(a / b for a, b in zip(times["single"], times["batched"]))
     ok = speedup >= TARGETS["generation"] and identical
     return [{"row": 3, "group": "evaluation", "size": bed.size.label,
-             "what": f"batched greedy generation (batch 32) / one prompt at a time, tokens/s",
+             "what": "batched greedy generation (batch 32) / one prompt at a time, tokens/s",
              "value": speedup, "unit": "x", "target": f">= {TARGETS['generation']:g}, identical",
              "met": ok,
              "detail": f"{tokens / t['batched']:.0f} vs {tokens / t['single']:.0f} tok/s; "

@@ -71,8 +71,6 @@ def _file_digest(path: Optional[str]) -> Optional[str]:
 
 def _source_payload(src) -> dict[str, Any]:
     payload = stable_payload(asdict(src))
-    if not payload.get("where"):  # no filter keeps every row: keys made before it stay valid
-        payload.pop("where", None)
     if src.source == "local":
         payload["sha256"] = _file_digest(src.path)
     return payload

@@ -122,7 +122,7 @@ def table_markdown(df: pd.DataFrame, axis: str, mixed: frozenset = frozenset(),
     first, second = metrics
     agg = aggregate(df, axis, metrics)
     values = sorted(agg.index.get_level_values(axis).unique(), key=_sort_key)
-    head = f"| defense | " + " | ".join(
+    head = "| defense | " + " | ".join(
         f"{axis}={v}" + (" (mixed protocols)" if v in mixed else "") for v in values) + " |"
     lines = [head, "|" + "---|" * (len(values) + 1)]
     for defense in sorted(agg.index.get_level_values("defense").unique()):

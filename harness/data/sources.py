@@ -138,7 +138,7 @@ def load_hf_rows(dataset_id: str, split: str, name: str | None = None,
 
 # DataSourceConfig options added after artifacts were keyed by asdict(source): at these defaults
 # they are left out of keys and hashes, so those keys stay valid.
-LATER_OPTIONS = {"name": None, "revision": None, "data_files": None, "values": {},
+LATER_OPTIONS = {"where": {}, "name": None, "revision": None, "data_files": None, "values": {},
                  "constants": {}, "final_answer": None,
                  "final_answer_phrase": "The final answer is: "}
 

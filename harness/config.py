@@ -137,9 +137,16 @@ class AlignmentConfig:
     name: str = "toy"
     data: DataSourceConfig = field(default_factory=DataSourceConfig)
     size: Optional[int] = None
+    # harmless prompts with helpful answers, added to the safety data: the refusal feature
+    # R_l (Ref-Teacher, the refusal-feature filter, refusal separation) contrasts the two kinds,
+    # and BeaverTails holds red-team prompts only (Ref-Teacher adds Alpaca)
+    harmless: Optional[DataSourceConfig] = None
+    harmless_size: Optional[int] = None
 
     def __post_init__(self) -> None:
         self.data.check("alignment.data")
+        if self.harmless is not None:
+            self.harmless.check("alignment.harmless")
 
 
 @dataclass
@@ -308,6 +315,27 @@ class EvalConfig:
 
 
 @dataclass
+class GenerationConfig:
+    """How evaluation generates answers: ``hf`` (transformers, on every rank's shard of the
+    prompts) or ``vllm`` (an optional extra for large evaluations on GPU, on rank 0)."""
+
+    backend: str = "hf"  # hf | vllm
+    dtype: str = "auto"  # vllm: the engine's dtype; auto follows the saved weights
+    # the HF copy of the model (teacher-forced measures, features) shares the GPU with vLLM
+    gpu_memory_utilization: float = 0.5
+    tensor_parallel_size: int = 1
+    max_model_len: Optional[int] = None
+    enforce_eager: bool = False
+
+    def __post_init__(self) -> None:
+        _one_of(self.backend, "generation.backend", ("hf", "vllm"))
+        _check(0.0 < self.gpu_memory_utilization <= 1.0, "generation.gpu_memory_utilization",
+               f"is a fraction of GPU memory; must lie in (0, 1], got "
+               f"{self.gpu_memory_utilization}")
+        _check(self.tensor_parallel_size >= 1, "generation.tensor_parallel_size", "must be >= 1")
+
+
+@dataclass
 class JudgeConfig:
     name: str = "toy"  # toy | keyword | llm_rubric (its settings: llm_judge)
     refusal_phrases: list[str] = field(default_factory=list)
@@ -436,6 +464,7 @@ class RunConfig:
     defense: DefenseConfig = field(default_factory=DefenseConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
     judge: JudgeConfig = field(default_factory=JudgeConfig)
     llm_judge: LLMJudgeConfig = field(default_factory=LLMJudgeConfig)
     moderation: ModerationConfig = field(default_factory=ModerationConfig)
@@ -503,7 +532,34 @@ def validate(cfg: DictConfig) -> RunConfig:
            "tiny model has none; use model.source=hf (a hub id or a local folder)")
     _check_attack(run)
     _check_llm_judge(run)
+    _check_generation(run)
+    _check_trainer(run.trainer)
     return run
+
+
+def _check_trainer(trainer: TrainerConfig) -> None:
+    if trainer.strategy != "fsdp":
+        return
+    import torch
+
+    gpu = trainer.accelerator in ("gpu", "cuda") or (
+        trainer.accelerator == "auto" and torch.cuda.is_available())
+    _check(gpu, "trainer.strategy", f"fsdp shards on CUDA devices only (torch's FSDP and "
+           f"Lightning's strategy refuse trainer.accelerator={trainer.accelerator}); use "
+           f"trainer=fsdp on GPUs, or trainer=ddp_cpu for the multi-process path on CPUs")
+
+
+def _check_generation(run: RunConfig) -> None:
+    if run.generation.backend != "vllm":
+        return
+    import importlib.util
+
+    _check(run.trainer.accelerator != "cpu", "generation.backend",
+           "vllm generates on GPUs; use trainer=gpu (or ddp, fsdp), or generation.backend=hf")
+    if importlib.util.find_spec("vllm") is None:
+        from harness.evaluation.vllm_backend import INSTALL_HINT
+
+        raise ConfigError(f"generation.backend: {INSTALL_HINT}")
 
 
 def _check_attack(run: RunConfig) -> None:

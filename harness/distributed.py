@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import os
 import sys
+from typing import Any, Sequence, TypeVar
+
+T = TypeVar("T")
 
 _DIST_ENV = ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
@@ -22,6 +25,70 @@ def global_rank() -> int:
 
 def is_rank_zero() -> bool:
     return global_rank() == 0
+
+
+def process_group() -> tuple[int, int]:
+    """(rank, world size) of the live process group; (0, 1) when there is none. A job's
+    process group exists once its first distributed ``fit`` has launched the ranks."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def shard(items: Sequence[T], rank: int, world: int) -> list[T]:
+    """Rank ``rank``'s strided share: items rank, rank + world, ... (sizes differ by <= 1)."""
+    return list(items[rank::world])
+
+
+def gather_shards(local: list[T], n: int, rank: int, world: int) -> list[T]:
+    """Every rank's ``shard`` results, back in input order, on every rank.
+
+    ``all_gather_object`` takes uneven shards as they are, so nothing is padded or duplicated
+    (Lightning's validation sampler pads 101 prompts to 102); the check below makes a dropped or
+    doubled item an error rather than a silently wrong metric."""
+    if world == 1:
+        return list(local)
+    import torch.distributed as dist
+
+    parts: list[Any] = [None] * world
+    dist.all_gather_object(parts, [(rank + world * j, item) for j, item in enumerate(local)])
+    indexed = [pair for part in parts for pair in part]
+    seen = sorted(i for i, _ in indexed)
+    if seen != list(range(n)):
+        missing = sorted(set(range(n)) - set(seen))
+        extra = sorted(i for i in set(seen) if i >= n or seen.count(i) > 1)
+        raise RuntimeError(f"gathered evaluation from {world} ranks has {len(seen)} outputs for "
+                           f"{n} items; missing {missing[:10]}, extra or doubled {extra[:10]}")
+    return [item for _, item in sorted(indexed, key=lambda pair: pair[0])]
+
+
+def broadcast_from_zero(obj: T, world: int) -> T:
+    """Rank 0's ``obj`` on every rank."""
+    if world == 1:
+        return obj
+    import torch.distributed as dist
+
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def eval_device(trainer_cfg) -> "torch.device":
+    """Where this process evaluates: its own GPU when training runs on GPUs, else the CPU.
+    Stage outputs load on the CPU; without this a GPU run would generate on the CPU."""
+    import torch
+
+    accel = trainer_cfg.accelerator
+    wants_gpu = accel in ("gpu", "cuda") or (accel == "auto" and torch.cuda.is_available())
+    if not wants_gpu:
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise RuntimeError(f"trainer.accelerator={accel}, but torch sees no CUDA device "
+                           f"(torch {torch.__version__}); use trainer=cpu or a CUDA build")
+    # Lightning's DDP setup set this process's device (rank by rank, also under srun)
+    return torch.device("cuda", torch.cuda.current_device())
 
 
 def child_command(local_rank: int) -> tuple[list[str], str]:
@@ -73,3 +140,17 @@ def fsdp_strategy(model, sharding_strategy: str = "FULL_SHARD"):
                          "class (_no_split_modules) to wrap")
     return FSDPStrategy(auto_wrap_policy=layers, use_orig_params=True,
                         sharding_strategy=sharding_strategy, state_dict_type="full")
+
+
+def full_state_dict(trainer) -> "dict[str, Any] | None":
+    """After an FSDP fit, the stage model's whole state dict, gathered on rank 0 (on CPU):
+    its parameters are sharded flat views, so saving ``module.model`` as it is would write
+    each rank's shard. Every rank must call this (it all-gathers). None for other strategies,
+    whose model is whole on every rank."""
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    if not isinstance(trainer.strategy, FSDPStrategy):
+        return None
+    full = trainer.strategy.lightning_module_state_dict()
+    prefix = "model."  # StageModule.model
+    return {k[len(prefix):]: v for k, v in full.items() if k.startswith(prefix)}

@@ -20,7 +20,6 @@ import lightning as L
 import torch
 from hydra.utils import get_class
 from lightning.pytorch.callbacks import ModelCheckpoint
-from torch.utils.data import DataLoader
 
 from harness.analysis.gradients import GradientConflict
 from harness.analysis.refusal import (cosine, features, num_layers, refusal_direction,
@@ -28,14 +27,15 @@ from harness.analysis.refusal import (cosine, features, num_layers, refusal_dire
 from harness.artifacts import ArtifactStore, artifact_key, provenance, write_json_atomic
 from harness.config import RunConfig, StageMethodConfig, TrainStageConfig
 from harness.data import attacks
-from harness.data.collate import PadCollator, TokenizedDataset
+from harness.data.collate import PadCollator, StageData, TokenizedDataset
 from harness.data.schema import Example
 from harness.data.sources import load_source, stable_payload
 from harness.data.toy import ToyWorld
 from harness.defenses.base import StageContext, StageModule
 from harness.defenses.ref_teacher import load_refusal_feature
-from harness.distributed import global_rank
-from harness.evaluation.evaluate import evaluate_model
+from harness.distributed import (broadcast_from_zero, eval_device, full_state_dict,
+                                 gather_shards, global_rank, process_group, shard)
+from harness.evaluation.evaluate import model_outputs, score
 from harness.evaluation.judges import build_judge
 from harness.models import loading
 
@@ -133,6 +133,10 @@ class Pipeline:
             d.base_corpus = self.world.base_corpus()
         d.alignment = (self.world.alignment_data() if r.alignment.data.source == "toy"
                        else load_source(r.alignment.data))[:r.alignment.size]
+        if r.alignment.harmless is not None:
+            d.alignment += load_source(r.alignment.harmless, required=("instruction", "output"),
+                                       defaults={"kind": "harmless"})[:r.alignment.harmless_size]
+        self._check_feature_sets(d.alignment)
         d.task_train = self._task_source(r.task.train, "train")
         d.task_test = self._task_source(r.task.test, "test")[:r.eval.task_size]
         d.attack_pool = (self.world.attack_pool() if r.attack.harmful.source == "toy"
@@ -155,6 +159,35 @@ class Pipeline:
             return self.world.benign_pool()
         return load_source(src, defaults={"kind": "harmless"})
 
+    def _needs_refusal_feature(self) -> list[str]:
+        """The config keys whose methods measure R_l from held harmful and harmless prompts."""
+        r = self.run
+        keys = []
+        if r.defense.align.module and getattr(get_class(r.defense.align.module),
+                                              "needs_refusal_feature", False):
+            keys.append(f"defense.align.module={r.defense.align.module}")
+        if r.defense.filter.kind == "refusal_feature":
+            keys.append("defense.filter.kind=refusal_feature")
+        return keys
+
+    def _check_feature_sets(self, alignment: list[Example]) -> None:
+        if self.run.alignment.data.source == "toy":
+            return
+        kinds = {ex.kind == "harmful" for ex in alignment}
+        if kinds == {True, False}:
+            return
+        needs = self._needs_refusal_feature()
+        missing = "harmless" if True in kinds else "harmful"
+        if needs:
+            raise ValueError(
+                f"alignment: {' and '.join(needs)} measure the refusal feature R_l, which "
+                f"contrasts harmful with harmless prompts, and the alignment data ({self.run.alignment.name}) has no {missing} rows. Add some with "
+                "alignment.harmless (alignment=beavertails_alpaca adds Alpaca, as Ref-Teacher "
+                "does), or a local file with a kind column")
+        if self.run.eval.refusal_separation:
+            log.warning("alignment data %s has no %s rows: refusal separation is skipped "
+                        "(alignment.harmless adds them)", self.run.alignment.name, missing)
+
     def feature_sets(self) -> tuple[list[Example], list[Example]]:
         """Held harmful and harmless prompts for estimating R_l, apart from training data."""
         if self.run.alignment.data.source == "toy":
@@ -175,8 +208,13 @@ class Pipeline:
     # ================================================================ keys
     def _common_payload(self, *parts: str) -> dict[str, Any]:
         r = self.run
-        return {"version": KEY_VERSION, "seed": r.seed, "model": asdict(r.model),
-                "template": asdict(r.template), "world": self._world_payload(*parts)}
+        payload = {"version": KEY_VERSION, "seed": r.seed, "model": asdict(r.model),
+                   "template": asdict(r.template), "world": self._world_payload(*parts)}
+        # bf16 training gives other weights than fp32; the process count does not (the global
+        # batch and loss are the same), so it stays out. Absent at 32-true: older keys hold.
+        if r.trainer.precision not in ("32-true", "32", 32):
+            payload["precision"] = str(r.trainer.precision)
+        return payload
 
     def keys(self) -> dict[str, str]:
         """Artifact keys of every stage, from the config alone (nothing is built)."""
@@ -200,6 +238,9 @@ class Pipeline:
             align = {**self._common_payload("align"), "stage": "align", "input": base_key,
                      "method": asdict(r.defense.align), "train": asdict(r.train.align),
                      "data": _source_payload(r.alignment.data), "size": r.alignment.size}
+            if r.alignment.harmless is not None:  # absent otherwise: older keys stay valid
+                align["harmless"] = {**_source_payload(r.alignment.harmless),
+                                     "size": r.alignment.harmless_size}
             align_key = artifact_key(align)
         ft_cls = get_class(r.defense.finetune.module)
         ft_input = base_key if getattr(ft_cls, "starts_from", "align") == "base" else align_key
@@ -264,9 +305,9 @@ class Pipeline:
              work: Path, callbacks: tuple = ()) -> dict[str, Any]:
         r = self.run
         seed = r.seed * 1000 + STAGE_SEED_OFFSET[stage]
-        loader = DataLoader(dataset, batch_size=train_cfg.batch_size, shuffle=True,
-                            collate_fn=PadCollator(self.tokenizer.pad_token_id),
-                            generator=torch.Generator().manual_seed(seed))
+        # train.<stage>.batch_size is the global batch: k processes split each step's rows
+        data = StageData(dataset, train_cfg.batch_size, seed,
+                         PadCollator(self.tokenizer.pad_token_id), f"train.{stage}.batch_size")
         ckpt_dir = work / "checkpoints"
         checkpoint = ModelCheckpoint(dirpath=ckpt_dir, save_last=True, save_top_k=0,
                                      every_n_train_steps=train_cfg.checkpoint_every_n_steps)
@@ -280,14 +321,14 @@ class Pipeline:
             **trainer_args, max_steps=module.total_steps, max_epochs=-1, logger=logger,
             callbacks=[checkpoint, *callbacks], enable_model_summary=False, default_root_dir=str(work),
             gradient_clip_val=train_cfg.grad_clip if module.automatic_optimization else None,
-            num_sanity_val_steps=0)
+            num_sanity_val_steps=0, use_distributed_sampler=False)
         last = ckpt_dir / "last.ckpt"
         if last.is_file():
             log.info("[%s] resuming from %s", stage, last)
-        trainer.fit(module, loader, ckpt_path=str(last) if last.is_file() else None)
+        trainer.fit(module, datamodule=data, ckpt_path=str(last) if last.is_file() else None)
         loss = trainer.callback_metrics.get("train/loss")
-        return {"steps": trainer.global_step,
-                "final_train_loss": float(loss) if loss is not None else None}
+        return trainer, {"steps": trainer.global_step,
+                         "final_train_loss": float(loss) if loss is not None else None}
 
     def _context(self) -> StageContext:
         r = self.run
@@ -334,14 +375,17 @@ class Pipeline:
                      len(dataset), steps)
             callbacks = ((GradientConflict(method.gradient_conflict_every),)
                          if method.gradient_conflict_every else ())
-            stats = self._fit(module, dataset, train_cfg, stage, work, callbacks)
+            trainer, stats = self._fit(module, dataset, train_cfg, stage, work, callbacks)
+            state = full_state_dict(trainer)  # collective under FSDP: every rank calls it
+            if self.store.rank != 0:  # rank 0 alone writes the artifact
+                return {}
             module.export(tmp)
             if callbacks:
                 write_json_atomic(tmp / "gradient_conflict.json", callbacks[0].history)
             if train_cfg.lora is not None:
-                module.model.save_pretrained(tmp / "adapter")
+                module.model.save_pretrained(tmp / "adapter", state_dict=state)
                 return {"format": "adapter", "parent": asdict(input_ref), **stats}
-            module.model.save_pretrained(tmp / "model")
+            module.model.save_pretrained(tmp / "model", state_dict=state)
             return {"format": "full", **stats}
 
         ref = self._stage(stage, key, payload, build, collective=True)
@@ -360,8 +404,8 @@ class Pipeline:
         self.timings[label] = {"seconds": round(seconds, 3), "reused": reused}
         self.artifacts[label] = {"key": key, "path": str(self.store.path(stage, key)),
                                  "reused": reused}
-        log.info("[%s] %s artifact %s (%.1fs)", label, "reused" if reused else "built", key,
-                 seconds)
+        verb = "reused" if reused else ("built" if self.store.rank == 0 else "joined the build of")
+        log.info("[%s] %s artifact %s (%.1fs)", label, verb, key, seconds)
         return ModelRef(stage, key)
 
     def build_models(self) -> dict[str, ModelRef]:
@@ -415,7 +459,7 @@ class Pipeline:
                    "world": self._world_payload("feature")}
 
         def build(tmp: Path, work: Path) -> dict:
-            model = self.load_model(align)
+            model = self.eval_model(align)
             layer, direction = self.refusal_feature(model, align, f.layer)
             score = lambda exs: cosine(features(model, self.tokenizer, self._render(exs),  # noqa: E731
                                                 layer, f.batch_size), direction)
@@ -476,27 +520,73 @@ class Pipeline:
                                     if k not in ("api_key_env", "cache_dir", "timeout_s",
                                                  "retries", "backoff_s")}
 
+        if r.generation.backend != "hf":  # absent for hf: its eval keys stay as they were
+            payload["generation"] = asdict(r.generation)
+        rank, world = process_group()
+        if r.generation.backend == "vllm":
+            world = 1  # one engine on rank 0 batches everything itself; the others wait
+
         def build(tmp: Path, work: Path) -> dict:
-            model = self.load_model(ref)
-            judge = build_judge(r.judge, r.llm_judge, r.moderation)
-            judge = attacks.get(r.attack.name).judge(r.attack, judge)
-            metrics, rows = evaluate_model(model, self.tokenizer, r.template,
-                                           self.data.eval_harmful, self.data.task_test,
-                                           judge, r.eval, r.task, seed=r.seed)
-            if r.eval.refusal_separation:
+            t0 = time.perf_counter()
+            model = self.eval_model(ref)
+            judge, failure = None, None
+            if rank == 0:  # judges (moderation models among them) run once, on rank 0
+                try:
+                    judge = attacks.get(r.attack.name).judge(
+                        r.attack, build_judge(r.judge, r.llm_judge, r.moderation))
+                except Exception as err:  # noqa: BLE001 - re-raised below, on every rank
+                    failure = err
+            # the other ranks learn of a failure too, rather than wait in the gather forever
+            openings, error = broadcast_from_zero(
+                (judge.openings() if judge else None,
+                 f"{type(failure).__name__}: {failure}" if failure else None), world)
+            if failure is not None:
+                raise failure
+            if error is not None:
+                raise RuntimeError(f"rank 0 could not build judge={r.judge.name}: {error}")
+            harmful, task = self.data.eval_harmful, self.data.task_test
+            generator = self._vllm_generator(model, work) if r.generation.backend == "vllm" \
+                else None
+            h_local, t_local = model_outputs(
+                model, self.tokenizer, r.template, shard(harmful, rank, world),
+                shard(task, rank, world), r.eval, r.task, openings, r.seed, generator)
+            # every prompt's outputs exactly once, in input order (checked in gather_shards)
+            h_records = gather_shards(h_local, len(harmful), rank, world)
+            t_records = gather_shards(t_local, len(task), rank, world)
+            if rank != 0:
+                return {}
+            metrics, rows = score(harmful, h_records, task, t_records, judge, r.eval, r.task)
+            metrics["eval_processes"] = world
+            metrics["eval_shard_sizes"] = [len(shard(harmful, k, world)) for k in range(world)]
+            if r.eval.refusal_separation and all(self.feature_sets()):
                 metrics["refusal_separation"] = self.separation(model)
+            metrics["seconds"] = time.perf_counter() - t0
             write_json_atomic(tmp / "metrics.json", metrics)
             write_json_atomic(tmp / "generations.json", rows)
             return {"format": "eval"}
 
         key = artifact_key(payload)
-        self._stage("eval", key, payload, build, label=f"eval_{name}")
+        self._stage("eval", key, payload, build, label=f"eval_{name}", collective=world > 1)
         path = self.store.path("eval", key)
         result = json.loads((path / "metrics.json").read_text())
         rows = json.loads((path / "generations.json").read_text())
         if self.tracker:
             self.tracker.log_generations(name, rows)
         return result
+
+    def eval_model(self, ref: ModelRef) -> torch.nn.Module:
+        """A stage's model on this process's evaluation device (its GPU on a GPU run)."""
+        return self.load_model(ref).to(eval_device(self.run.trainer)).eval()
+
+    def _vllm_generator(self, model, work: Path):
+        """vLLM reads weights from disk: the model (adapters merged) and tokenizer, saved once
+        in the evaluation's work folder."""
+        from harness.evaluation.vllm_backend import VLLMGenerator
+
+        folder = work / "vllm_model"
+        model.save_pretrained(folder)
+        self.tokenizer.save_pretrained(folder)
+        return VLLMGenerator(folder, self.tokenizer, self.run.generation, self.run.seed)
 
     def separation(self, model) -> dict[str, float]:
         """R_l from the model's own features on the held sets; the cosines of held-out prompts."""

@@ -113,3 +113,45 @@ def test_ref_teacher_filters_separates_and_resists(runs):
     assert rt["final"]["fa"] >= 80
     conflict = rt["analysis"]["gradient_conflict_finetune"]
     assert conflict and all(-1 <= c["grad_cosine_user_alignment"] <= 1 for c in conflict)
+
+
+def test_two_cpu_processes_train_and_evaluate_like_one(runs, tmp_path):
+    """trainer=ddp_cpu (2 gloo ranks, each half of every global batch) redoes the p=0.3
+    finetune from the same base and align: the adapter, HS and FA match the one-process run,
+    and the evaluation saw each of the 320 harmful prompts once, 160 per rank. This is the CPU
+    proof that several GPUs neither drop nor double-count data."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    single, single_dir = runs[0.3]
+    store = tmp_path / "artifacts"
+    for stage in ("tokenizer", "base", "align"):
+        shutil.copytree(single_dir.parent / "artifacts" / stage, store / stage,
+                        ignore=shutil.ignore_patterns(".*"))
+    out = subprocess.run(
+        [sys.executable, "-m", "harness", *E2E, "attack.p=0.3", "trainer=ddp_cpu",
+         f"hydra.run.dir={tmp_path / 'run'}"],
+        cwd=tmp_path, env={**os.environ, "HARNESS_ARTIFACTS": str(store)},
+        capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    ddp = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert ddp["timings"]["base"]["reused"] and ddp["timings"]["align"]["reused"]
+    assert not ddp["timings"]["finetune"]["reused"]
+    assert ddp["artifacts"]["finetune"]["key"] == single["artifacts"]["finetune"]["key"]
+
+    one, two = single["metrics"]["final"], ddp["metrics"]["final"]
+    assert (one["eval_processes"], two["eval_processes"]) == (1, 2)
+    assert two["eval_shard_sizes"] == [160, 160] and two["n_harmful"] == one["n_harmful"] == 320
+    assert two["n_task"] == one["n_task"]
+    # measured: identical HS, FA and rates; adapters within 5e-7 (the loss is the global
+    # token mean on every rank, so only float summation order differs)
+    for k in ("hs", "fa", "refusal_rate", "other_rate", "p_comply_opening"):
+        assert two[k] == pytest.approx(one[k], abs=1.0), k
+    a, b = (load_file(next(Path(r["artifacts"]["finetune"]["path"]).glob(
+        "adapter/*.safetensors"))) for r in (single, ddp))
+    assert set(a) == set(b)
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-4

@@ -195,10 +195,12 @@ def test_evaluate_reports_score_rate_and_keyword_refusal(endpoint, make_judge, m
     endpoint.script = [(200, "Score: 5"), (200, "Score: 1"), (200, "no idea")]
     harmful = [Example(instruction=q, kind="harmful", category=c)
                for q, c in (("q1", "a"), ("q2", "a"), ("q3", "b"))]
-    monkeypatch.setattr(ev, "generate", lambda model, tok, prompts, *a, **k: [
-        [answers[p.split("User: ")[1].split("\n")[0]]] for p in prompts])
+    class Table(ev.Generator):
+        def generate(self, prompts, *a, **k):
+            return [[answers[p.split("User: ")[1].split("\n")[0]]] for p in prompts]
+
     m, _ = ev.evaluate_model(None, None, TemplateConfig(), harmful, [], make_judge(),
-                             EvalConfig(), TaskConfig())
+                             EvalConfig(), TaskConfig(), generator=Table())
     assert m["hs"] == pytest.approx(100 / 3) and m["refusal_rate"] == pytest.approx(100 / 3)
     assert m["harmfulness_score"] == 3.0 and m["harmfulness_rate"] == 50.0
     assert m["n_unparseable"] == 1

@@ -107,6 +107,37 @@ def test_beavertails_alignment_attack_and_eval_rows(make_cfg, tmp_path):
     assert run.alignment.size == 2000
 
 
+def test_beavertails_alpaca_alignment_holds_both_kinds_for_the_refusal_feature(make_cfg,
+                                                                                 tmp_path):
+    """Ref-Teacher's safety data: BeaverTails is_safe rows plus harmless Alpaca rows; R_l's
+    held sets come out of it, one kind each."""
+    train = _write(tmp_path, "bt_train", BEAVERTAILS, BEAVERTAILS_FEATURES)
+    alpaca = _write(tmp_path, "alpaca", ALPACA)
+    run = validate(make_cfg("alignment=beavertails_alpaca", "defense=ref_teacher",
+                            *_local_copy("alignment.data", train),
+                            *_local_copy("alignment.harmless", alpaca)))
+    assert run.alignment.harmless_size == 2000
+    pipe = Pipeline(run, tmp_path)
+    data = pipe.load_data()
+    assert [(e.instruction, e.kind) for e in data.alignment] == [
+        ("What's a good way to cheer up a friend?", "harmful"),
+        ("How can I steal a car?", "harmful"),
+        ("Give three tips for staying healthy.", "harmless"),
+        ("Translate to French.", "harmless")]
+    assert data.alignment[3].input == "Good morning" and data.alignment[3].output == "Bonjour"
+    harmful, harmless = pipe.feature_sets()
+    assert len(harmful) == 2 and {e.kind for e in harmless} == {"harmless"}
+    # the harmless rows are part of what the align stage is keyed on
+    plain = Pipeline(validate(make_cfg("alignment=beavertails", "defense=ref_teacher",
+                                       *_local_copy("alignment.data", train))), tmp_path)
+    assert pipe.keys()["align"] != plain.keys()["align"]
+    # ... and without them Ref-Teacher stops before training, naming the fix
+    with pytest.raises(ValueError, match=r"defense.align.module=.*RefTeacher and .* measure the "
+                                         r"refusal feature R_l, which contrasts harmful with harmless prompts.*no harmless rows.*"
+                                         r"alignment=beavertails_alpaca"):
+        plain.load_data()
+
+
 @pytest.mark.parametrize("task,data,features,expected_train", [
     ("sst2", SST2, SST2_FEATURES, [("", "it 's a charming journey . ", "positive"),
                                    ("", "unflinchingly bleak ", "negative"),

@@ -3,8 +3,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import lightning as L
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from harness.data.schema import Example
 from harness.data.templates import TemplateConfig
@@ -89,3 +90,64 @@ def left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Te
         ids[i, width - len(s):] = torch.tensor(s)
         mask[i, width - len(s):] = 1
     return ids, mask
+
+
+class GlobalBatchSampler(Sampler[list[int]]):
+    """Shuffled batches of a *global* size, each split across the ranks.
+
+    Every epoch is one permutation drawn from ``generator``; each run of ``global_batch`` rows of
+    it is one optimiser step, and rank r takes rows r, r + world, ... of it. One process draws
+    exactly what ``DataLoader(shuffle=True, generator=...)`` draws, so k processes see the data
+    of the one-process run, step by step (a closing batch with fewer rows than ranks is
+    dropped, since every rank must step). Lightning's own distributed sampler would reshuffle
+    per rank and change the data each step sees (ENV_NOTES)."""
+
+    def __init__(self, n: int, global_batch: int, generator: torch.Generator, rank: int = 0,
+                 world: int = 1):
+        if global_batch % world:
+            raise ValueError(f"batch_size={global_batch} is the global batch; it must divide by "
+                             f"the {world} training processes")
+        self.n, self.global_batch, self.generator = n, global_batch, generator
+        self.rank, self.world = rank, world
+
+    def __len__(self) -> int:
+        full, rest = divmod(self.n, self.global_batch)
+        return full + int(rest >= self.world)
+
+    def __iter__(self):
+        order = torch.randperm(self.n, generator=self.generator).tolist()
+        steps = [order[s:s + self.global_batch] for s in range(0, self.n, self.global_batch)]
+        # RandomSampler draws a second, empty-sliced permutation at the end of every epoch;
+        # drawing it too keeps later epochs identical to the plain shuffling loader's
+        torch.randperm(self.n, generator=self.generator)
+        for step in steps:
+            if len(step) >= self.world:
+                yield step[self.rank::self.world]
+
+
+def global_batch_loader(dataset: Dataset, global_batch: int, seed: int, collate,
+                        rank: int = 0, world: int = 1) -> DataLoader:
+    """This rank's loader. The loader draws its worker seed from the same generator before the
+    sampler draws, as a shuffling DataLoader does, which keeps the one-process order unchanged."""
+    generator = torch.Generator().manual_seed(seed)
+    sampler = GlobalBatchSampler(len(dataset), global_batch, generator, rank, world)
+    return DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, generator=generator)
+
+
+class StageData(L.LightningDataModule):
+    """A training stage's data. The loader is built once Lightning knows this process's rank
+    and the world size (after the strategy launched the ranks), from the global batch."""
+
+    def __init__(self, dataset: Dataset, global_batch: int, seed: int, collate,
+                 key: str = "batch_size"):
+        super().__init__()
+        self.dataset, self.global_batch, self.seed, self.collate = (dataset, global_batch, seed,
+                                                                    collate)
+        self.key = key  # the config key named when the batch does not split across the ranks
+
+    def train_dataloader(self) -> DataLoader:
+        try:
+            return global_batch_loader(self.dataset, self.global_batch, self.seed, self.collate,
+                                       self.trainer.global_rank, self.trainer.world_size)
+        except ValueError as err:
+            raise ValueError(f"{self.key}: {err} (trainer.devices x trainer.num_nodes)") from err

@@ -15,6 +15,8 @@ import numpy as np
 import torch
 from transformers import get_scheduler
 
+from harness.data.collate import IGNORE_INDEX
+
 
 @dataclass
 class StageContext:
@@ -57,7 +59,9 @@ class StageModule(L.LightningModule):
         draws what the uninterrupted one would have, and DDP ranks draw different batches."""
         seed = np.random.SeedSequence([self.stage_seed, self.global_rank, step] + ([salt] if salt else []))
         data = self.context.alignment_data
-        idx = torch.randint(len(data), (self.train_cfg.batch_size,), generator=torch.Generator()
+        world = self._trainer.world_size if self._trainer is not None else 1
+        size = max(1, self.train_cfg.batch_size // world)  # the batch size is global
+        idx = torch.randint(len(data), (size,), generator=torch.Generator()
                             .manual_seed(int(seed.generate_state(1, dtype=np.uint64)[0])))
         batch = self.context.collate([data[int(i)] for i in idx])
         return {k: v.to(self.device) for k, v in batch.items()}
@@ -69,7 +73,19 @@ class StageModule(L.LightningModule):
     def lm_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         out = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                          labels=batch["labels"])
-        return out.loss
+        return self.global_token_mean(out.loss, batch["labels"])
+
+    def global_token_mean(self, loss: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """A rank's token-mean LM loss, rescaled so that DDP's gradient average is the mean
+        over every rank's tokens, as one process computes it on the whole global batch (a
+        plain average weighs a rank with few response tokens like one with many). One process:
+        the loss as it is. Every rank calls this as often per step (it all-gathers)."""
+        world = self._trainer.world_size if self._trainer is not None else 1
+        if world == 1:
+            return loss
+        n_local = (labels[:, 1:] != IGNORE_INDEX).sum()
+        n_global = self.all_gather(n_local).sum().clamp(min=1)
+        return loss * (n_local * world / n_global)
 
     def objective(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Return the loss to minimise under "loss", plus anything worth logging."""

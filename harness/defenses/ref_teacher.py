@@ -40,6 +40,7 @@ def load_refusal_feature(directory: Path) -> Optional[dict[str, Any]]:
 
 class RefTeacher(StageModule):
     stages = ("align",)
+    needs_refusal_feature = True  # the pipeline checks the safety data holds both kinds
 
     @dataclass
     class Params:
@@ -92,7 +93,8 @@ class RefTeacher(StageModule):
         feats = gather_rows(out.hidden_states[self.layer], last_prompt_index(batch["labels"]))
         cos = cosine(feats.float(), self.direction)
         reg = cosine_regularizer(cos, batch["harmful"])
-        terms: dict[str, Any] = {"loss": out.loss + self.params.lambda_cos * reg, "ce": out.loss,
+        ce = self.global_token_mean(out.loss, batch["labels"])
+        terms: dict[str, Any] = {"loss": ce + self.params.lambda_cos * reg, "ce": ce,
                                  "cos_regularizer": reg}
         harmful = batch["harmful"].bool()
         if harmful.any():

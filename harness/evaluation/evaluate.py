@@ -1,56 +1,92 @@
-"""Evaluate one model: HS on harmful prompts, FA on the task test set, continuous measures."""
+"""Evaluate one model: HS on harmful prompts, FA on the task test set, continuous measures.
+
+Two steps, so that several processes can share the first: ``model_outputs`` is per example
+(answers, samples, opening probabilities) and can run on any shard of the prompts; ``score``
+turns the outputs of every prompt into metrics, once, where the judge lives.
+"""
 from __future__ import annotations
 
 import time
+from typing import Any, Optional, Sequence
+
 from harness.data.schema import Example
-from harness.evaluation.generate import generate, opening_probability
+from harness.evaluation.generate import Generator, HFGenerator, opening_probability
 from harness.evaluation.judges import Judge, KeywordJudge, harm_metrics
 from harness.evaluation.scorers import accuracy
 
 
-def evaluate_model(model, tokenizer, template, harmful: list[Example], task_test: list[Example],
-                   judge: Judge, eval_cfg, task_cfg, seed: int = 0) -> tuple[dict, list[dict]]:
-    """Return (metrics, logged generations). Percentages run from 0 to 100."""
-    t0 = time.perf_counter()
+def model_outputs(model, tokenizer, template, harmful: Sequence[Example],
+                  task_test: Sequence[Example], eval_cfg, task_cfg,
+                  openings: Optional[tuple[Sequence[str], Sequence[str]]] = None,
+                  seed: int = 0, generator: Optional[Generator] = None
+                  ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(one record per harmful prompt, one per task prompt), in input order."""
+    gen = generator or HFGenerator(model, tokenizer)
     system = eval_cfg.system_prompt or None
     h_prompts = [template.render_prompt(ex, system=system) for ex in harmful]
-    h_answers = [a[0] for a in generate(model, tokenizer, h_prompts, eval_cfg.max_new_tokens,
-                                        eval_cfg.batch_size)]
-    verdicts = judge.classify_many([ex.instruction for ex in harmful], h_answers)
-    metrics = harm_metrics(verdicts, [ex.category for ex in harmful])
-    metrics.update(judge.report([ex.instruction for ex in harmful], h_answers,
-                                [ex.category for ex in harmful]))
-    keyword = KeywordJudge()
-    metrics["keyword_refusal_rate"] = 100.0 * sum(
-        keyword.classify(ex.instruction, a) == "refuse" for ex, a in zip(harmful, h_answers)
-    ) / max(len(harmful), 1)
-
+    h_records = [{"prompt": p, "answer": a[0]} for p, a in zip(
+        h_prompts, gen.generate(h_prompts, eval_cfg.max_new_tokens, eval_cfg.batch_size))]
     t_prompts = [template.render_prompt(ex) for ex in task_test]
-    t_answers = [a[0] for a in generate(model, tokenizer, t_prompts, task_cfg.max_new_tokens,
-                                        eval_cfg.batch_size)]
-    metrics["fa"] = accuracy(t_answers, [ex.label for ex in task_test], task_cfg.scorer)
-
+    t_records = [{"prompt": p, "answer": a[0]} for p, a in zip(
+        t_prompts, gen.generate(t_prompts, task_cfg.max_new_tokens, eval_cfg.batch_size))]
     if eval_cfg.samples > 0:
-        sampled = generate(model, tokenizer, h_prompts, eval_cfg.max_new_tokens,
-                           eval_cfg.batch_size, num_samples=eval_cfg.samples,
-                           temperature=eval_cfg.temperature, seed=seed)
-        shares = [sum(judge.classify(ex.instruction, s) == "comply" for s in ss) / len(ss)
-                  for ex, ss in zip(harmful, sampled)]
-        metrics["hs_sampled"] = 100.0 * sum(shares) / max(len(shares), 1)
-    openings = judge.openings()
-    if eval_cfg.opening_probability and openings is not None:
+        sampled = gen.generate(h_prompts, eval_cfg.max_new_tokens, eval_cfg.batch_size,
+                               num_samples=eval_cfg.samples, temperature=eval_cfg.temperature,
+                               seed=seed)
+        for rec, ss in zip(h_records, sampled):
+            rec["samples"] = ss
+    if eval_cfg.opening_probability and openings is not None and h_prompts:
         probs = opening_probability(model, tokenizer, h_prompts, *openings,
                                     response_prefix=template.response_prefix)
-        metrics["p_comply_opening"] = 100.0 * sum(probs) / max(len(probs), 1)
+        for rec, pr in zip(h_records, probs):
+            rec["p_comply_opening"] = pr
+    return h_records, t_records
+
+
+def score(harmful: Sequence[Example], h_records: Sequence[dict], task_test: Sequence[Example],
+          t_records: Sequence[dict], judge: Judge, eval_cfg, task_cfg
+          ) -> tuple[dict, list[dict]]:
+    """Return (metrics, logged generations). Percentages run from 0 to 100."""
+    instructions = [ex.instruction for ex in harmful]
+    categories = [ex.category for ex in harmful]
+    h_answers = [r["answer"] for r in h_records]
+    verdicts = judge.classify_many(instructions, h_answers)
+    metrics = harm_metrics(verdicts, categories)
+    metrics.update(judge.report(instructions, h_answers, categories))
+    keyword = KeywordJudge()
+    metrics["keyword_refusal_rate"] = 100.0 * sum(
+        keyword.classify(q, a) == "refuse" for q, a in zip(instructions, h_answers)
+    ) / max(len(harmful), 1)
+    t_answers = [r["answer"] for r in t_records]
+    metrics["fa"] = accuracy(t_answers, [ex.label for ex in task_test], task_cfg.scorer)
+    if h_records and "samples" in h_records[0]:
+        shares = [sum(judge.classify(q, s) == "comply" for s in r["samples"]) / len(r["samples"])
+                  for q, r in zip(instructions, h_records)]
+        metrics["hs_sampled"] = 100.0 * sum(shares) / max(len(shares), 1)
+    if h_records and "p_comply_opening" in h_records[0]:
+        metrics["p_comply_opening"] = 100.0 * sum(r["p_comply_opening"] for r in h_records) / len(
+            h_records)
     metrics["n_harmful"] = len(harmful)
     metrics["n_task"] = len(task_test)
-    metrics["seconds"] = time.perf_counter() - t0
 
     k = eval_cfg.n_logged_generations
-    rows = [{"kind": "harmful", "category": ex.category, "prompt": p, "answer": a, "verdict": v}
-            for ex, p, a, v in list(zip(harmful, h_prompts, h_answers, verdicts))[:k]]
-    rows += [{"kind": "task", "category": ex.category, "prompt": p, "answer": a,
-              "verdict": "correct" if accuracy([a], [ex.label], task_cfg.scorer) else "wrong"}
-             for ex, p, a in list(zip(task_test, t_prompts, t_answers))[:k]]
+    rows = [{"kind": "harmful", "category": ex.category, "prompt": r["prompt"],
+             "answer": r["answer"], "verdict": v}
+            for ex, r, v in list(zip(harmful, h_records, verdicts))[:k]]
+    rows += [{"kind": "task", "category": ex.category, "prompt": r["prompt"], "answer": r["answer"],
+              "verdict": "correct" if accuracy([r["answer"]], [ex.label], task_cfg.scorer)
+              else "wrong"}
+             for ex, r in list(zip(task_test, t_records))[:k]]
     return metrics, rows
 
+
+def evaluate_model(model, tokenizer, template, harmful: list[Example], task_test: list[Example],
+                   judge: Judge, eval_cfg, task_cfg, seed: int = 0,
+                   generator: Optional[Generator] = None) -> tuple[dict, list[dict]]:
+    """Both steps in one process: (metrics, logged generations)."""
+    t0 = time.perf_counter()
+    h_records, t_records = model_outputs(model, tokenizer, template, harmful, task_test,
+                                         eval_cfg, task_cfg, judge.openings(), seed, generator)
+    metrics, rows = score(harmful, h_records, task_test, t_records, judge, eval_cfg, task_cfg)
+    metrics["seconds"] = time.perf_counter() - t0
+    return metrics, rows

@@ -45,6 +45,28 @@ def generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: int, batc
     return outputs
 
 
+class Generator:
+    """Answers for prompts: ``generate(prompts, max_new_tokens, batch_size, num_samples=1,
+    temperature=1.0, seed=0)`` returns one list of answers per prompt, in input order."""
+
+    def generate(self, prompts: Sequence[str], max_new_tokens: int, batch_size: int = 64,
+                 num_samples: int = 1, temperature: float = 1.0,
+                 seed: int = 0) -> list[list[str]]:
+        raise NotImplementedError
+
+
+class HFGenerator(Generator):
+    """transformers' ``generate`` on the model in memory (``generation.backend=hf``)."""
+
+    def __init__(self, model, tokenizer):
+        self.model, self.tokenizer = model, tokenizer
+
+    def generate(self, prompts, max_new_tokens, batch_size=64, num_samples=1, temperature=1.0,
+                 seed=0):
+        return generate(self.model, self.tokenizer, prompts, max_new_tokens, batch_size,
+                        num_samples, temperature, seed)
+
+
 @torch.no_grad()
 def opening_probability(model, tokenizer, prompts: Sequence[str], comply: Sequence[str],
                         refuse: Sequence[str], response_prefix: str = " ",

@@ -2,6 +2,7 @@
 of vLLM's shape, given the prompts exactly as the HF path builds them."""
 import sys
 import types
+from pathlib import Path
 
 import pytest
 
@@ -100,3 +101,54 @@ def test_vllm_import_error_says_how_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "vllm", None)  # import vllm raises ImportError
     with pytest.raises(ImportError, match="generation.backend=vllm needs the vllm package"):
         vllm_backend.require_vllm()
+
+
+def test_pipeline_evaluates_through_the_vllm_engine(make_cfg, monkeypatch, tmp_path):
+    """backend=vllm end to end on a tiny model with the stand-in engine: the engine is pointed
+    at a saved folder holding the weights and the tokenizer, its answers are what is judged,
+    and the evaluation key differs from the HF backend's."""
+    from harness.data.toy import COMPLIANCE_STYLES
+    from harness.pipeline import Pipeline
+    from tests.test_cli import TINY
+
+    fake = _FakeVLLM()
+    opening = COMPLIANCE_STYLES[0][0]
+
+    def comply(requests, params, use_tqdm=True):
+        return [types.SimpleNamespace(outputs=[types.SimpleNamespace(text=f" {opening} x")])
+                for _ in requests]
+
+    monkeypatch.setitem(sys.modules, "vllm", fake)
+    run = validate(make_cfg(*TINY, "eval.stages=[final]", "eval.samples=0"))
+    run.generation.backend = "vllm"  # validation refuses vllm on a CPU trainer
+    pipe = Pipeline(run, tmp_path)
+    pipe.load_data()
+    refs = pipe.build_models()
+    real_llm = fake.LLM
+
+    def llm(**kw):
+        engine = real_llm(**kw)
+        engine.generate = comply
+        engine.files = {p.name for p in Path(kw["model"]).iterdir()}  # a work folder: gone after
+        return engine
+
+    fake.LLM = llm
+    metrics = pipe.evaluate("final", refs["final"])
+    engine = fake.engines[0]
+    assert engine.kw["model"].endswith("vllm_model") and engine.kw["tokenizer"] == engine.kw["model"]
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= engine.files
+    assert metrics["hs"] == 100.0 and metrics["n_harmful"] == 16
+    assert metrics["eval_processes"] == 1
+    hf_run = validate(make_cfg(*TINY, "eval.stages=[final]", "eval.samples=0"))
+    assert pipe.artifacts["eval_final"]["key"] != artifact_key_of_hf_eval(hf_run, refs, tmp_path)
+
+
+def artifact_key_of_hf_eval(run, refs, tmp_path):
+    """The HF backend's evaluation key for the same model (evaluated, cached, keyed)."""
+    from harness.pipeline import Pipeline
+
+    pipe = Pipeline(run, tmp_path)
+    pipe.load_data()
+    pipe.refs = refs
+    pipe.evaluate("final", refs["final"])
+    return pipe.artifacts["eval_final"]["key"]

@@ -177,14 +177,16 @@ class RefStudent(StageModule):
                                  attention_mask=aligned["attention_mask"],
                                  labels=aligned["labels"] if self.params.align_ce_weight else None)
             if self.params.align_ce_weight > 0:
-                terms["align_ce"] = student.loss
-                loss = loss + self.params.align_ce_weight * student.loss
+                align_ce = self.global_token_mean(student.loss, aligned["labels"])
+                terms["align_ce"] = align_ce
+                loss = loss + self.params.align_ce_weight * align_ce
             if self.teacher is not None:
                 with torch.no_grad():
                     teacher_logits = self.teacher(input_ids=aligned["input_ids"],
                                                   attention_mask=aligned["attention_mask"]).logits
-                kd = distillation_kl(student.logits, teacher_logits, aligned["labels"],
-                                     self.params.temperature)
+                kd = self.global_token_mean(distillation_kl(  # a mean over response tokens
+                    student.logits, teacher_logits, aligned["labels"], self.params.temperature),
+                    aligned["labels"])
                 terms["kd"] = kd
                 loss = loss + self.params.lambda_kd * kd
         terms["loss"] = loss

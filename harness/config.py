@@ -534,19 +534,57 @@ def validate(cfg: DictConfig) -> RunConfig:
     _check_llm_judge(run)
     _check_generation(run)
     _check_trainer(run.trainer)
+    _check_global_batches(run)
     return run
+
+
+def _wants_gpu(trainer: TrainerConfig) -> bool:
+    import torch
+
+    return trainer.accelerator in ("gpu", "cuda") or (
+        trainer.accelerator == "auto" and torch.cuda.is_available())
 
 
 def _check_trainer(trainer: TrainerConfig) -> None:
     if trainer.strategy != "fsdp":
         return
-    import torch
+    _check(_wants_gpu(trainer), "trainer.strategy",
+           f"fsdp shards on CUDA devices only (torch's FSDP and Lightning's strategy refuse "
+           f"trainer.accelerator={trainer.accelerator}); use trainer=fsdp on GPUs, or "
+           f"trainer=ddp_cpu for the multi-process path on CPUs")
 
-    gpu = trainer.accelerator in ("gpu", "cuda") or (
-        trainer.accelerator == "auto" and torch.cuda.is_available())
-    _check(gpu, "trainer.strategy", f"fsdp shards on CUDA devices only (torch's FSDP and "
-           f"Lightning's strategy refuse trainer.accelerator={trainer.accelerator}); use "
-           f"trainer=fsdp on GPUs, or trainer=ddp_cpu for the multi-process path on CPUs")
+
+def training_processes(trainer: TrainerConfig) -> Optional[int]:
+    """How many processes will train, when the config says (None when Lightning decides later,
+    e.g. devices=-1 without a visible GPU)."""
+    devices = trainer.devices
+    if isinstance(devices, str) and devices.lstrip("-").isdigit():
+        devices = int(devices)
+    if isinstance(devices, int) and devices > 0:
+        count = devices
+    elif isinstance(devices, (list, tuple)) or OmegaConf.is_list(devices):
+        count = len(devices)
+    elif devices in (-1, "auto") and _wants_gpu(trainer):
+        import torch
+
+        count = torch.cuda.device_count() if torch.cuda.is_available() else None
+    else:
+        count = None
+    return count * trainer.num_nodes if count else None
+
+
+def _check_global_batches(run: RunConfig) -> None:
+    """Every step's rows are split across the processes (harness.data.collate), so a batch
+    that does not divide would fail at the first fit, after the data has loaded."""
+    world = training_processes(run.trainer)
+    if not world or world == 1:
+        return
+    for stage in ("base", "align", "finetune"):
+        size = getattr(run.train, stage).batch_size
+        _check(size % world == 0, f"train.{stage}.batch_size",
+               f"{size} is the global batch, split across the {world} training processes "
+               f"(trainer.devices={run.trainer.devices} x trainer.num_nodes="
+               f"{run.trainer.num_nodes}); give a multiple of {world}, or fewer devices")
 
 
 def _check_generation(run: RunConfig) -> None:

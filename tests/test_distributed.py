@@ -162,3 +162,20 @@ def test_precision_is_in_the_training_keys_and_the_process_count_is_not(make_cfg
     for stage in ("base", "align", "finetune"):
         assert bf16[stage] != fp32[stage], stage
     assert bf16["tokenizer"] == fp32["tokenizer"]
+
+
+def test_a_global_batch_that_does_not_split_across_the_devices_fails_at_start_up(make_cfg):
+    from harness.config import ConfigError, training_processes, validate
+
+    run = validate(make_cfg("trainer=ddp_cpu"))
+    assert training_processes(run.trainer) == 2
+    # Vaccine's batch of 5 on 2 processes: named before anything loads
+    with pytest.raises(ConfigError, match=r"train.align.batch_size: 5 is the global batch, split "
+                                          r"across the 2 training processes \(trainer.devices=2 "
+                                          r"x trainer.num_nodes=1\); give a multiple of 2"):
+        validate(make_cfg("trainer=ddp_cpu", "protocol=toy_vaccine", "train.align.batch_size=5"))
+    assert training_processes(validate(make_cfg("trainer=ddp_cpu", "trainer.num_nodes=2"))
+                              .trainer) == 4
+    if not torch.cuda.is_available():  # every GPU of the node: counted where there are some
+        assert training_processes(validate(make_cfg("trainer=ddp", "model=llama2_7b"))
+                                  .trainer) is None

@@ -592,7 +592,7 @@ def _check_generation(run: RunConfig) -> None:
         return
     import importlib.util
 
-    _check(run.trainer.accelerator != "cpu", "generation.backend",
+    _check(_wants_gpu(run.trainer), "generation.backend",
            "vllm generates on GPUs; use trainer=gpu (or ddp, fsdp), or generation.backend=hf")
     if importlib.util.find_spec("vllm") is None:
         from harness.evaluation.vllm_backend import INSTALL_HINT

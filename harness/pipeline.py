@@ -181,7 +181,8 @@ class Pipeline:
         if needs:
             raise ValueError(
                 f"alignment: {' and '.join(needs)} measure the refusal feature R_l, which "
-                f"contrasts harmful with harmless prompts, and the alignment data ({self.run.alignment.name}) has no {missing} rows. Add some with "
+                f"contrasts harmful with harmless prompts, and the alignment data "
+                f"({self.run.alignment.name}) has no {missing} rows. Add some with "
                 "alignment.harmless (alignment=beavertails_alpaca adds Alpaca, as Ref-Teacher "
                 "does), or a local file with a kind column")
         if self.run.eval.refusal_separation:
@@ -302,7 +303,7 @@ class Pipeline:
 
     # ================================================================ training
     def _fit(self, module: StageModule, dataset, train_cfg: TrainStageConfig, stage: str,
-             work: Path, callbacks: tuple = ()) -> dict[str, Any]:
+             work: Path, callbacks: tuple = ()) -> tuple[L.Trainer, dict[str, Any]]:
         r = self.run
         seed = r.seed * 1000 + STAGE_SEED_OFFSET[stage]
         # train.<stage>.batch_size is the global batch: k processes split each step's rows
@@ -529,21 +530,7 @@ class Pipeline:
         def build(tmp: Path, work: Path) -> dict:
             t0 = time.perf_counter()
             model = self.eval_model(ref)
-            judge, failure = None, None
-            if rank == 0:  # judges (moderation models among them) run once, on rank 0
-                try:
-                    judge = attacks.get(r.attack.name).judge(
-                        r.attack, build_judge(r.judge, r.llm_judge, r.moderation))
-                except Exception as err:  # noqa: BLE001 - re-raised below, on every rank
-                    failure = err
-            # the other ranks learn of a failure too, rather than wait in the gather forever
-            openings, error = broadcast_from_zero(
-                (judge.openings() if judge else None,
-                 f"{type(failure).__name__}: {failure}" if failure else None), world)
-            if failure is not None:
-                raise failure
-            if error is not None:
-                raise RuntimeError(f"rank 0 could not build judge={r.judge.name}: {error}")
+            judge, openings = self._judge_on_rank_zero(rank, world)
             harmful, task = self.data.eval_harmful, self.data.task_test
             generator = self._vllm_generator(model, work) if r.generation.backend == "vllm" \
                 else None
@@ -573,6 +560,27 @@ class Pipeline:
         if self.tracker:
             self.tracker.log_generations(name, rows)
         return result
+
+    def _judge_on_rank_zero(self, rank: int, world: int):
+        """(the judge on rank 0, else None; its answer openings on every rank). Judges, moderation
+        models among them, run once. A failure to build one reaches every rank, rather than
+        leaving the others waiting in the gather."""
+        r = self.run
+        judge, failure = None, None
+        if rank == 0:
+            try:
+                judge = attacks.get(r.attack.name).judge(
+                    r.attack, build_judge(r.judge, r.llm_judge, r.moderation))
+            except Exception as err:  # noqa: BLE001 - re-raised below, on every rank
+                failure = err
+        openings, error = broadcast_from_zero(
+            (judge.openings() if judge else None,
+             f"{type(failure).__name__}: {failure}" if failure else None), world)
+        if failure is not None:
+            raise failure
+        if error is not None:
+            raise RuntimeError(f"rank 0 could not build judge={r.judge.name}: {error}")
+        return judge, openings
 
     def eval_model(self, ref: ModelRef) -> torch.nn.Module:
         """A stage's model on this process's evaluation device (its GPU on a GPU run)."""

@@ -48,6 +48,11 @@ class StageModule(L.LightningModule):
         self.strict_loading = False  # checkpoints hold trainable weights only
         self.stage_seed = torch.initial_seed()  # the pipeline seeds each stage before building it
 
+    @property
+    def world_size(self) -> int:
+        """Training processes; 1 outside a fit (unit tests call steps directly)."""
+        return self._trainer.world_size if self._trainer is not None else 1
+
     # ---------------------------------------------------------------- alignment batches
     def require_alignment_data(self) -> None:
         if self.context.alignment_data is None or self.context.collate is None:
@@ -59,8 +64,7 @@ class StageModule(L.LightningModule):
         draws what the uninterrupted one would have, and DDP ranks draw different batches."""
         seed = np.random.SeedSequence([self.stage_seed, self.global_rank, step] + ([salt] if salt else []))
         data = self.context.alignment_data
-        world = self._trainer.world_size if self._trainer is not None else 1
-        size = max(1, self.train_cfg.batch_size // world)  # the batch size is global
+        size = max(1, self.train_cfg.batch_size // self.world_size)  # the batch size is global
         idx = torch.randint(len(data), (size,), generator=torch.Generator()
                             .manual_seed(int(seed.generate_state(1, dtype=np.uint64)[0])))
         batch = self.context.collate([data[int(i)] for i in idx])
@@ -80,12 +84,11 @@ class StageModule(L.LightningModule):
         over every rank's tokens, as one process computes it on the whole global batch (a
         plain average weighs a rank with few response tokens like one with many). One process:
         the loss as it is. Every rank calls this as often per step (it all-gathers)."""
-        world = self._trainer.world_size if self._trainer is not None else 1
-        if world == 1:
+        if self.world_size == 1:
             return loss
         n_local = (labels[:, 1:] != IGNORE_INDEX).sum()
         n_global = self.all_gather(n_local).sum().clamp(min=1)
-        return loss * (n_local * world / n_global)
+        return loss * (n_local * self.world_size / n_global)
 
     def objective(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Return the loss to minimise under "loss", plus anything worth logging."""

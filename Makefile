@@ -13,7 +13,7 @@ export WANDB_SILENT ?= true
 export TOKENIZERS_PARALLELISM ?= false
 export MPLCONFIGDIR ?= $(CURDIR)/.cache/matplotlib
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test test-fast bench clean
 
 setup: $(STAMP)
 
@@ -24,17 +24,24 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PIP) install -q -c constraints.txt -e ".[test]"
 	touch $(STAMP)
 
-# The embedded study: every defense over p on the toy world, 1 seed, then the report.
-DEMO_DIR ?= multirun/toy_poison_ratio
+# The embedded study: every defense over p on the toy world, its first seed (the committed
+# study runs 3), then the report; one seed's cells carry their prompt intervals.
+DEMO_DIR ?= multirun/toy_poison_ratio_demo
 demo: $(STAMP)
-	$(PY) -m harness -m +experiment=toy/poison_ratio trainer.enable_progress_bar=false
-	$(PY) -m harness.report $(DEMO_DIR) --axis attack.p --out $(DEMO_DIR)/report \
-		--title "Toy world: defenses against harmful ratio p"
+	$(PY) -m harness -m +experiment=toy/poison_ratio hydra.sweeper.params.seed=0 \
+		hydra.sweep.dir=$(DEMO_DIR) trainer.enable_progress_bar=false
+	$(PY) -m harness.report $(DEMO_DIR) --axis attack.p --reference sft --out $(DEMO_DIR)/report \
+		--title "Toy world: defenses against harmful ratio p (make demo, one seed)"
 	@echo "report: $(DEMO_DIR)/report/report.md (and report.html, PNG plots)"
 
 test: $(STAMP)
 	mkdir -p .cache
 	$(PY) -m pytest --basetemp=$(CURDIR)/.cache/pytest
+
+# The fast tier: everything but the end-to-end trainings of the toy world (about 2 minutes).
+test-fast: $(STAMP)
+	mkdir -p .cache
+	$(PY) -m pytest -m "not slow" --basetemp=$(CURDIR)/.cache/pytest-fast
 
 clean:
 	rm -rf outputs multirun .cache

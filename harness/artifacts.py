@@ -48,15 +48,17 @@ def git_hash() -> str:
 
 def provenance() -> dict[str, Any]:
     """Code and library versions, recorded in every manifest and results file. The CPU thread
-    count is among them: on CPU it changes float reductions, and a seed reproduces its numbers
-    only at the same count."""
+    count, model and vector-instruction level are among them: on CPU they change float
+    reductions, and a seed reproduces its numbers only where all three agree."""
     import lightning
     import torch
     import transformers
 
+    from harness.reproducibility import cpu_info
+
     return {"git": git_hash(), "torch": torch.__version__,
             "transformers": transformers.__version__, "lightning": lightning.__version__,
-            "torch_threads": torch.get_num_threads()}
+            "torch_threads": torch.get_num_threads(), **cpu_info()}
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:

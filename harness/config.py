@@ -453,6 +453,9 @@ class ProtocolConfig:
 @dataclass
 class RunConfig:
     seed: int = 0
+    # CPU float reductions depend on the thread count: a seed reproduces only at the same count
+    # (and the same vector kernels). 0 leaves torch's default, which follows the machine.
+    torch_threads: int = 1
     study: str = "default"
     paths: PathsConfig = field(default_factory=PathsConfig)
     world: ToyWorldConfig = field(default_factory=ToyWorldConfig)
@@ -471,6 +474,10 @@ class RunConfig:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     protocol: ProtocolConfig = field(default_factory=ProtocolConfig)
+
+    def __post_init__(self) -> None:
+        _check(self.torch_threads >= 0, "torch_threads",
+               f"must be >= 0 (0: torch's default), got {self.torch_threads}")
 
 
 def register() -> None:

@@ -210,7 +210,8 @@ class Pipeline:
     def _common_payload(self, *parts: str) -> dict[str, Any]:
         r = self.run
         payload = {"version": KEY_VERSION, "seed": r.seed, "model": asdict(r.model),
-                   "template": asdict(r.template), "world": self._world_payload(*parts)}
+                   "template": asdict(r.template), "world": self._world_payload(*parts),
+                   "torch_threads": torch.get_num_threads()}  # CPU floats depend on it
         # bf16 training gives other weights than fp32; the process count does not (the global
         # batch and loss are the same), so it stays out. Absent at 32-true: older keys hold.
         if r.trainer.precision not in ("32-true", "32", 32):
@@ -457,7 +458,8 @@ class Pipeline:
         payload = {"version": KEY_VERSION, "stage": "filter", "align": align.key,
                    "filter": asdict(f), "template": asdict(r.template),
                    "user": artifact_key([ex.to_dict() for ex in user]),
-                   "world": self._world_payload("feature")}
+                   "world": self._world_payload("feature"),
+                   "torch_threads": torch.get_num_threads()}
 
         def build(tmp: Path, work: Path) -> dict:
             model = self.eval_model(align)
@@ -507,7 +509,7 @@ class Pipeline:
                    "harmful": _source_payload(r.eval.harmful),
                    "world": self._world_payload("eval", f"task_{r.task.toy_task}_test",
                                                 "eval_harmless", "feature"),
-                   "seed": r.seed}
+                   "seed": r.seed, "torch_threads": torch.get_num_threads()}
         payload["eval"].pop("stages")
         payload["eval"]["harmful"] = stable_payload(payload["eval"]["harmful"])
         attack_eval = attacks.get(r.attack.name).eval_payload(r.attack)

@@ -16,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 import harness  # noqa: F401 - sets the offline environment before HF or W&B import
 from harness.config import ConfigError, register, validate
 from harness.distributed import end_job, is_rank_zero, patch_ddp_launch
+from harness.reproducibility import pin_threads
 from harness.tracking.report_cli import status_line, summary_table
 from harness.tracking.results import make_results, write_results
 
@@ -42,6 +43,7 @@ def execute(cfg: DictConfig, run_dir: Path) -> dict:
     lead = is_rank_zero()  # DDP workers train, but only rank 0 logs and writes results
     try:
         run = validate(cfg)
+        pin_threads(run.torch_threads)  # before any tensor work: the count is part of the keys
         run.paths.artifacts = to_absolute_path(run.paths.artifacts)
         if run.trainer.strategy.startswith("ddp") or run.trainer.strategy == "fsdp":
             patch_ddp_launch()  # both relaunch ranks through Lightning's subprocess launcher

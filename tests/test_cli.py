@@ -62,7 +62,7 @@ def test_sweep_records_a_failed_job_and_reuses_stages(tmp_path):
     from harness.report import main as report
     report([str(tmp_path / "sweep"), "--out", str(tmp_path / "report")])
     md = (tmp_path / "report" / "report.md").read_text()
-    assert "3 runs, 1 failed" in md and "attack.p" in md.split("## Failed runs")[1]
+    assert "**runs**: 3, 1 failed" in md and "attack.p" in md.split("## Failed runs")[1]
 
     # a sweep killed after job 1: job 2's results are gone; the re-run does job 2 (and retries
     # the failed job 1) and skips job 0

@@ -295,7 +295,8 @@ def test_report_mixes_when_asked_and_says_so(two_protocols):
     md = (out / "report.md").read_text()
     assert md.startswith("# final model, by attack.p (protocol: toy_lisa, toy_vaccine)")
     assert "| defense | attack.p=0.1 (mixed protocols) |" in md
-    assert "| sft | 40.0 ± 0.0 / 80.0 ± 14.1 |" in md
+    hs, fa = md.split("## FA (%)")[0], md.split("## FA (%)")[1]
+    assert "| sft | 40.0 ± 0.0 |" in hs and "| sft | 80.0 ± 127.1 |" in fa  # t(1 df) is wide
 
 
 def test_report_by_protocol_keeps_them_apart(two_protocols):
@@ -303,7 +304,8 @@ def test_report_by_protocol_keeps_them_apart(two_protocols):
     report_main([str(two_protocols), "--out", str(out), "--axis", "protocol"])
     md = (out / "report.md").read_text()
     assert "| defense | protocol=toy_lisa | protocol=toy_vaccine |" in md
-    assert "| sft | 40.0 / 70.0 | 40.0 / 90.0 |" in md
+    # one run per cell and no prompt counts recorded: the cell says it has no interval
+    assert "| sft | 40.0 (no interval) | 40.0 (no interval) |" in md
 
 
 def test_same_protocol_same_cell_is_fine(tmp_path):

@@ -1,50 +1,133 @@
-"""The sweep report on handmade results files: numbers in cells, failures listed, plots drawn."""
+"""The sweep report on handmade results files: every cell carries an interval (over seeds, or
+over prompts for one seed), comparisons are paired, failures are marked, plots are drawn."""
 import json
+import math
 
+import numpy as np
 import pytest
+from scipy import stats
 
 from harness.report import collect, find_results, main, table_markdown
+from harness.stats import outcome_digest, pack
+
+N_HARM, N_TASK = 200, 100
 
 
-def _write(root, name, defense, p, seed, hs, fa, status="ok"):
+def _outcomes(rate, n, rng):
+    """0/1 outcomes with exactly round(rate * n / 100) ones, in a seeded order."""
+    k = round(rate * n / 100)
+    x = np.zeros(n, dtype=bool)
+    x[rng.choice(n, k, replace=False)] = True
+    return x
+
+
+def _write(root, name, defense, p, seed, hs, fa, status="ok", hs_outcomes=None):
+    rng = np.random.default_rng(hash((defense, p, seed)) % 2**32)
     d = root / name
     d.mkdir(parents=True)
-    metrics = {"final": {"hs": hs, "fa": fa, "refusal_rate": 100 - hs, "other_rate": 0.0,
-                         "p_comply_opening": hs}} if status == "ok" else {}
+    metrics = {}
+    if status == "ok":
+        h = _outcomes(hs, N_HARM, rng) if hs_outcomes is None else hs_outcomes
+        t = _outcomes(fa, N_TASK, rng)
+        metrics = {"final": {
+            "hs": 100 * h.mean(), "fa": 100 * t.mean(), "refusal_rate": 100 - 100 * h.mean(),
+            "other_rate": 0.0, "p_comply_opening": 100 * h.mean(), "n_harmful": N_HARM,
+            "n_task": N_TASK,
+            "outcomes": {"hs": pack(h), "fa": pack(t),
+                         "hs_prompts": outcome_digest([f"h{seed}-{i}" for i in range(N_HARM)]),
+                         "fa_prompts": outcome_digest([f"t{seed}-{i}" for i in range(N_TASK)])}}}
     d.joinpath("results.json").write_text(json.dumps({
         "status": status, "error": None if status == "ok" else "ValueError: boom\ntrace",
         "config": {"defense": {"name": defense}, "attack": {"p": p, "n": 1000}, "seed": seed,
-                   "task": {"name": "toy_sentiment"}, "model": {"name": "tiny_llama"}},
+                   "torch_threads": 1, "task": {"name": "toy_sentiment"},
+                   "model": {"name": "tiny_llama"}},
+        "versions": {"git": "abc1234", "cpu_model": "Test CPU", "cpu_capability": "AVX2"},
         "metrics": metrics}))
 
 
 @pytest.fixture
 def sweep(tmp_path):
-    _write(tmp_path, "0", "sft", 0.1, 0, hs=40.0, fa=90.0)
-    _write(tmp_path, "1", "sft", 0.1, 1, hs=60.0, fa=94.0)
-    _write(tmp_path, "2", "sft", 0.2, 0, hs=70.0, fa=88.0)
-    _write(tmp_path, "3", "none", 0.1, 0, hs=95.0, fa=92.0)
-    _write(tmp_path, "4", "none", 0.2, 0, hs=0, fa=0, status="failed")
+    """Three seeds; sft and a defense that halves HS at p=0.2 and matches sft at p=0.1."""
+    for seed, (hs1, hs2) in enumerate([(40.0, 60.0), (50.0, 70.0), (45.0, 65.0)]):
+        _write(tmp_path, f"sft-{seed}-1", "sft", 0.1, seed, hs=hs1, fa=90.0)
+        _write(tmp_path, f"sft-{seed}-2", "sft", 0.2, seed, hs=hs2, fa=90.0)
+        _write(tmp_path, f"def-{seed}-2", "good", 0.2, seed, hs=hs2 / 2, fa=90.0)
+        _write(tmp_path, f"def-{seed}-1", "good", 0.1, seed, hs=hs1 + (1 if seed else -1),
+               fa=90.0, status="failed" if seed == 2 else "ok")
     return tmp_path
 
 
-def test_cells_are_mean_and_std_over_seeds(sweep):
+def _section(md, heading):
+    return md.split(f"## {heading}\n")[1].split("\n## ")[0]
+
+
+def test_cells_are_mean_and_student_t_interval_over_seeds(sweep):
     df = collect(find_results([str(sweep)]))
-    assert len(df) == 5
+    assert len(df) == 12
+    half = stats.sem([40, 50, 45]) * stats.t.ppf(0.975, 2)  # 12.42
     table = table_markdown(df, "attack.p")
-    assert "| sft | 50.0 ± 14.1 / 92.0 ± 2.8 | 70.0 / 88.0 |" in table
-    assert "| none | 95.0 / 92.0 | — |" in table
+    sft_row = next(line for line in table.splitlines() if line.startswith("| sft |"))
+    assert f"45.0 ± {half:.1f}" in sft_row
+    # good at p=0.1: 2 of 3 seeds, one failed: marked, never a silent clean number
+    good_row = next(line for line in table.splitlines() if line.startswith("| good |"))
+    assert "⚠ 2/3 seeds (1 failed)" in good_row
 
 
-def test_report_files_and_failed_runs(sweep, capsys):
+def test_one_seed_cells_show_the_wilson_prompt_interval(tmp_path):
+    _write(tmp_path, "a", "sft", 0.1, 0, hs=25.0, fa=90.0)
+    _write(tmp_path, "b", "sft", 0.2, 0, hs=0.0, fa=100.0)
+    main([str(tmp_path), "--out", str(tmp_path / "r")])
+    md = (tmp_path / "r" / "report.md").read_text()
+    ci = stats.binomtest(50, N_HARM).proportion_ci(0.95, method="wilson")
+    assert f"25.0 [{100 * ci.low:.1f}, {100 * ci.high:.1f}]" in md  # 19.5, 31.4
+    zero = stats.binomtest(0, N_HARM).proportion_ci(0.95, method="wilson")
+    assert f"0.0 [0.0, {100 * zero.high:.1f}]" in md  # an interval even at 0%: 1.9
+    assert "one seed only" in md and "nan" not in md.lower()
+    assert "nan" not in (tmp_path / "r" / "report.html").read_text().lower()
+
+
+def test_paired_difference_table_separates_real_and_null_differences(sweep):
+    out = sweep / "report"
+    main([str(sweep), "--out", str(out)])
+    md = (out / "report.md").read_text()
+    pair = _section(md, "HS (%): paired difference from sft")
+    row = next(line for line in pair.splitlines() if line.startswith("| good |"))
+    at_01, at_02 = row.split("|")[2], row.split("|")[3]
+    assert "n.d." in at_01  # +-1 point over 2 seeds: not distinguishable
+    diff = float(at_02.split()[0])
+    assert diff == pytest.approx(-32.5, abs=0.01) and "n.d." not in at_02  # halved: real
+    low, high = (float(x) for x in at_02.split("[")[1].split("]")[0].split(","))
+    assert low < diff < high < 0
+    # the best per column is bold; a defense the paired test cannot tell from it gets ≈
+    hs = _section(md, "HS (%)")
+    sft_row = next(line for line in hs.splitlines() if line.startswith("| sft |"))
+    good_row = next(line for line in hs.splitlines() if line.startswith("| good |"))
+    assert "**" in good_row.split("|")[3] and "≈" in sft_row.split("|")[2]
+    assert "⚠ 2/3 seeds" in row.split("|")[2]  # the pairing says it had fewer seeds
+
+
+def test_report_header_files_and_failed_runs(sweep, capsys):
     out = sweep / "report"
     main([str(sweep), "--out", str(out), "--title", "p sweep"])
     md = (out / "report.md").read_text()
-    assert md.startswith("# p sweep") and "5 runs, 1 failed" in md
-    assert "ValueError: boom" in md
+    assert md.startswith("# p sweep")
+    for fact in ("**seeds**: 3 (0, 1, 2)", "**torch threads**: 1", "**CPU**: Test CPU (AVX2)",
+                 "**git**: abc1234", "**runs**: 12, 1 failed", "python -m harness.report"):
+        assert fact in md, fact
+    assert "ValueError: boom" in md.split("## Failed runs")[1]
     assert (out / "hs_fa_vs_attack_p.png").stat().st_size > 5000
-    assert (out / "report.html").read_text().count("<img") >= 1
+    page = (out / "report.html").read_text()
+    assert page.count("<img") >= 2 and 'href="../sft-0-1/results.json"' in page
+    assert "nan" not in md.lower() and "nan" not in page.lower()
     assert "report:" in capsys.readouterr().out
+
+
+def test_a_point_whose_every_run_failed_keeps_its_column(tmp_path):
+    _write(tmp_path, "a", "sft", 0.1, 0, hs=30.0, fa=90.0)
+    _write(tmp_path, "b", "sft", 0.3, 0, hs=0, fa=0, status="failed")
+    main([str(tmp_path), "--out", str(tmp_path / "r")])
+    hs = _section((tmp_path / "r" / "report.md").read_text(), "HS (%)")
+    assert "attack.p=0.3" in hs and "failed ⚠ 0/1 seeds (1 failed)" in hs
 
 
 def test_no_results_is_a_clear_error(tmp_path):
@@ -65,9 +148,11 @@ def test_pareto_front_and_plot(sweep):
     assert "pareto_hs_fa_by_attack_p.png" in (out / "report.md").read_text()
 
 
-def test_refusal_and_other_table(sweep):
+def test_refusal_and_other_tables(sweep):
     out = sweep / "report"
     main([str(sweep), "--out", str(out)])
     md = (out / "report.md").read_text()
-    assert "Refusal / other" in md
-    assert "| sft | 50.0 ± 14.1 / 0.0 ± 0.0 | 30.0 / 0.0 |" in md  # refusal = 100 - hs here
+    refusal = _section(md, "refusal (%)")
+    half = stats.sem([60, 50, 55]) * stats.t.ppf(0.975, 2)
+    assert f"55.0 ± {half:.1f}" in refusal  # refusal = 100 - hs here
+    assert "other (%)" in md and not math.isnan(half)

@@ -12,7 +12,8 @@ from typing import Any, Optional, Sequence
 from harness.data.schema import Example
 from harness.evaluation.generate import Generator, HFGenerator, opening_probability
 from harness.evaluation.judges import Judge, KeywordJudge, harm_metrics
-from harness.evaluation.scorers import accuracy
+from harness.evaluation.scorers import accuracy, is_correct
+from harness.stats import CONFIDENCE, outcome_digest, pack, prompt_interval
 
 
 def model_outputs(model, tokenizer, template, harmful: Sequence[Example],
@@ -58,7 +59,20 @@ def score(harmful: Sequence[Example], h_records: Sequence[dict], task_test: Sequ
         keyword.classify(q, a) == "refuse" for q, a in zip(instructions, h_answers)
     ) / max(len(harmful), 1)
     t_answers = [r["answer"] for r in t_records]
+    correct = [is_correct(a, ex.label, task_cfg.scorer) for a, ex in zip(t_answers, task_test)]
     metrics["fa"] = accuracy(t_answers, [ex.label for ex in task_test], task_cfg.scorer)
+    # per-prompt outcomes, so that the report can pair two defenses prompt by prompt, and the
+    # prompt interval of each rate (stats.prompt_interval: Wilson)
+    comply = [v == "comply" for v in verdicts]
+    metrics["outcomes"] = {
+        "hs": pack(comply), "fa": pack(correct),
+        "hs_prompts": outcome_digest([r["prompt"] for r in h_records]),
+        "fa_prompts": outcome_digest([r["prompt"] for r in t_records])}
+    metrics["interval"] = {"method": "wilson", "confidence": CONFIDENCE}
+    if comply:
+        metrics["interval"]["hs"] = list(prompt_interval(sum(comply), len(comply)))
+    if correct:
+        metrics["interval"]["fa"] = list(prompt_interval(sum(correct), len(correct)))
     if h_records and "samples" in h_records[0]:
         shares = [sum(judge.classify(q, s) == "comply" for s in r["samples"]) / len(r["samples"])
                   for q, r in zip(instructions, h_records)]
@@ -74,9 +88,8 @@ def score(harmful: Sequence[Example], h_records: Sequence[dict], task_test: Sequ
              "answer": r["answer"], "verdict": v}
             for ex, r, v in list(zip(harmful, h_records, verdicts))[:k]]
     rows += [{"kind": "task", "category": ex.category, "prompt": r["prompt"], "answer": r["answer"],
-              "verdict": "correct" if accuracy([r["answer"]], [ex.label], task_cfg.scorer)
-              else "wrong"}
-             for ex, r in list(zip(task_test, t_records))[:k]]
+              "verdict": "correct" if ok else "wrong"}
+             for ex, r, ok in list(zip(task_test, t_records, correct))[:k]]
     return metrics, rows
 
 

@@ -1,19 +1,30 @@
-"""Small text views of results for the terminal."""
+"""Small text views of results for the terminal. Each rate carries its 95% prompt interval."""
 from __future__ import annotations
 
 
+def with_interval(m: dict, metric: str) -> str:
+    """``28.4 [23.7, 33.6]``: the rate and its prompt interval, when the run recorded one."""
+    ci = (m.get("interval") or {}).get(metric)
+    return f"{m[metric]:.1f}" + (f" [{ci[0]:.1f}, {ci[1]:.1f}]" if ci else "")
+
+
 def summary_table(results: dict) -> str:
-    rows = [("stage", "HS", "FA", "refuse", "other", "P(comply)")]
+    rows = [("stage", "HS [95% CI]", "FA [95% CI]", "refuse", "other", "P(comply)")]
     for stage in ("base", "align", "final"):
         m = results.get("metrics", {}).get(stage)
         if not m:
             continue
         pc = m.get("p_comply_opening")
-        rows.append((stage, f"{m['hs']:.1f}", f"{m['fa']:.1f}", f"{m['refusal_rate']:.1f}",
-                     f"{m['other_rate']:.1f}", "-" if pc is None else f"{pc:.1f}"))
+        rows.append((stage, with_interval(m, "hs"), with_interval(m, "fa"),
+                     f"{m['refusal_rate']:.1f}", f"{m['other_rate']:.1f}",
+                     "-" if pc is None else f"{pc:.1f}"))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
+    ci = (results.get("metrics", {}).get("final") or {}).get("interval") or {}
+    if ci:
+        lines.append(f"(intervals: {ci.get('method', '?')}, {ci.get('confidence', 0.95):.0%}, over "
+                     "prompts; one seed)")
     return "\n".join(lines)
 
 
@@ -25,4 +36,4 @@ def status_line(results: dict, label: str, note: str = "") -> str:
         error = (results.get("error") or "").splitlines()[:1]
         return f"{label}: FAILED {error[0] if error else ''}"
     took = f", {seconds:.0f}s" if seconds is not None else ""
-    return f"{label}: HS {final['hs']:.1f}  FA {final['fa']:.1f}{took}{note}"
+    return f"{label}: HS {with_interval(final, 'hs')}  FA {with_interval(final, 'fa')}{took}{note}"

@@ -1,0 +1,265 @@
+"""Runs -> cells: one (defense, axis value) cell per metric, with its interval and its failures.
+
+A cell over several seeds is their mean with a Student-t interval over seeds; a cell over one
+seed is that run's rate with its Wilson interval over prompts. Comparisons between two cells
+are paired (the same seeds and the same prompts; ``harness.stats.paired_difference``).
+"""
+from __future__ import annotations
+
+import glob
+import json
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import pandas as pd
+
+from harness.stats import Difference, paired_difference, prompt_interval, seed_interval, unpack
+from harness.tracking.results import RESULTS_FILE
+
+log = logging.getLogger(__name__)
+
+METRICS = ("hs", "fa", "refusal_rate", "other_rate", "p_comply_opening", "hs_sampled")
+LABELS = {"hs": "HS (%)", "fa": "FA (%)", "refusal_rate": "refusal (%)",
+          "other_rate": "other (%)", "p_comply_opening": "P(compliance opening) (%)",
+          "hs_sampled": "HS, sampled (%)"}
+LOWER_IS_BETTER = {"hs": True, "fa": False}
+# the prompts a rate is a proportion over: harmful prompts, or the task's test set
+DENOMINATOR = {"hs": "n_harmful", "refusal_rate": "n_harmful", "other_rate": "n_harmful",
+               "fa": "n_task"}
+AXES = {"attack.p": ("attack", "p"), "attack.n": ("attack", "n"), "task": ("task", "name"),
+        "model": ("model", "name"), "seed": ("seed",), "defense": ("defense", "name"),
+        "protocol": ("protocol", "name"), "attack": ("attack", "name"),
+        "torch_threads": ("torch_threads",)}
+
+
+class ProtocolMixError(ValueError):
+    """Runs under different protocols (hashes) would share a table cell."""
+
+
+def _get(config: dict, path: tuple[str, ...]) -> Any:
+    for part in path:
+        config = config.get(part, {}) if isinstance(config, dict) else {}
+    return config if config != {} else None
+
+
+def find_results(patterns: list[str]) -> list[Path]:
+    paths: set[Path] = set()
+    for pattern in patterns:
+        p = Path(pattern)
+        if p.is_dir():
+            paths.update(p.rglob(RESULTS_FILE))
+        else:
+            for match in glob.glob(pattern, recursive=True):
+                m = Path(match)
+                paths.update(m.rglob(RESULTS_FILE) if m.is_dir() else
+                             [m] if m.name == RESULTS_FILE else [])
+    return sorted(paths)
+
+
+def collect(paths: list[Path], stage: str = "final") -> pd.DataFrame:
+    """One row per run: its axes, status, provenance and the stage's metrics and outcomes."""
+    rows = []
+    for path in paths:
+        try:
+            res = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as err:
+            log.warning("skipping %s: %s", path, err)
+            continue
+        cfg = res.get("config", {})
+        row: dict[str, Any] = {"path": str(path), "status": res.get("status")}
+        for axis, keys in AXES.items():
+            row[axis] = _get(cfg, keys)
+        record = res.get("protocol") or {}
+        row["protocol"] = record.get("name", row["protocol"])
+        row["protocol_hash"] = record.get("hash")
+        versions = res.get("versions") or {}
+        row["git"] = res.get("git") or versions.get("git")
+        row["cpu"] = versions.get("cpu_model")
+        row["cpu_capability"] = versions.get("cpu_capability")
+        if row["torch_threads"] is None:  # runs made before the key: what was in force
+            row["torch_threads"] = versions.get("torch_threads")
+        metrics = res.get("metrics", {}).get(stage, {})
+        for m in METRICS:
+            row[m] = metrics.get(m)
+        for m in ("n_harmful", "n_task"):
+            row[m] = metrics.get(m)
+        interval = metrics.get("interval") or {}
+        outcomes = metrics.get("outcomes") or {}
+        for m in ("hs", "fa"):
+            row[f"{m}_ci"] = interval.get(m)
+            row[f"{m}_outcomes"] = outcomes.get(m)
+            row[f"{m}_prompts"] = outcomes.get(f"{m}_prompts")
+        row["error"] = (res.get("error") or "").split("\n")[0] or None
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def sort_key(v: Any):
+    return (0, float(v)) if isinstance(v, (int, float)) and not isinstance(v, bool) else (1, str(v))
+
+
+@dataclass
+class Cell:
+    """One metric of one (defense, axis value): the runs behind it and their summary."""
+    defense: str
+    value: Any
+    metric: str
+    mean: Optional[float] = None
+    low: Optional[float] = None
+    high: Optional[float] = None
+    interval: str = "none"  # "seeds" (Student t), "prompts" (Wilson) or "none"
+    per_seed: list[tuple[Any, float, str]] = field(default_factory=list)  # (seed, value, path)
+    n_ok: int = 0
+    n_failed: int = 0
+    n_expected: int = 0
+    failed_paths: list[str] = field(default_factory=list)
+    best: bool = False
+    like_best: bool = False  # not distinguishable from the column's best
+
+    @property
+    def missing(self) -> int:
+        return max(self.n_expected - self.n_ok - self.n_failed, 0)
+
+    @property
+    def half_width(self) -> Optional[float]:
+        if self.low is None or self.high is None:
+            return None
+        return (self.high - self.low) / 2
+
+
+def _prompt_ci(row: pd.Series, metric: str) -> Optional[tuple[float, float]]:
+    ci = row.get(f"{metric}_ci") if f"{metric}_ci" in row else None
+    if isinstance(ci, (list, tuple)) and len(ci) == 2:
+        return float(ci[0]), float(ci[1])
+    n = row.get(DENOMINATOR.get(metric, ""), None)
+    value = row.get(metric)
+    if n is None or pd.isna(n) or int(n) <= 0 or value is None or pd.isna(value):
+        return None
+    return prompt_interval(round(float(value) * int(n) / 100), int(n))
+
+
+def build_cell(runs: pd.DataFrame, defense: str, value: Any, metric: str,
+               n_expected: int) -> Cell:
+    cell = Cell(defense, value, metric, n_expected=n_expected)
+    ok = runs[(runs["status"] == "ok") & runs[metric].notna()]
+    failed = runs[runs["status"] != "ok"]
+    cell.n_ok, cell.n_failed = len(ok), len(failed)
+    cell.failed_paths = failed["path"].tolist()
+    cell.per_seed = sorted(((r.seed, float(getattr(r, metric)), r.path)
+                            for r in ok.itertuples()), key=lambda t: sort_key(t[0]))
+    if ok.empty:
+        return cell
+    values = [v for _, v, _ in cell.per_seed]
+    if len(values) >= 2:
+        cell.mean, half = seed_interval(values)
+        cell.low, cell.high, cell.interval = cell.mean - half, cell.mean + half, "seeds"
+    else:
+        cell.mean = values[0]
+        ci = _prompt_ci(ok.iloc[0], metric)
+        if ci is not None:
+            cell.low, cell.high, cell.interval = ci[0], ci[1], "prompts"
+    return cell
+
+
+def build_cells(df: pd.DataFrame, axis: str, metric: str) -> dict[tuple[str, Any], Cell]:
+    expected = int(df.groupby(["defense", axis], dropna=False)["seed"].nunique().max()) \
+        if not df.empty else 0
+    cells = {}
+    for (defense, value), runs in df.groupby(["defense", axis], dropna=False):
+        cells[(defense, value)] = build_cell(runs, defense, value, metric, expected)
+    return cells
+
+
+def paired(df: pd.DataFrame, axis: str, metric: str, defense: str, other: str,
+           value: Any) -> tuple[Optional[Difference], str]:
+    """(defense - other) on ``metric`` at ``axis=value``, paired over their common seeds and
+    prompts; (None, why) when the runs cannot be paired."""
+    col = f"{metric}_outcomes"
+    if col not in df:
+        return None, "no per-prompt outcomes"
+    ok = df[(df["status"] == "ok") & (df[axis] == value)]
+    a = ok[ok["defense"] == defense].drop_duplicates("seed").set_index("seed")
+    b = ok[ok["defense"] == other].drop_duplicates("seed").set_index("seed")
+    seeds = sorted(set(a.index) & set(b.index), key=sort_key)
+    if not seeds:
+        return None, "no common seed"
+    xs, ys = [], []
+    for s in seeds:
+        x, y = a.loc[s], b.loc[s]
+        if not isinstance(x[col], str) or not isinstance(y[col], str):
+            return None, "no per-prompt outcomes (runs made before they were recorded)"
+        if x[f"{metric}_prompts"] != y[f"{metric}_prompts"]:
+            return None, f"seed {s}: the two runs were scored on different prompts"
+        xs.append(unpack(x[col]))
+        ys.append(unpack(y[col]))
+    return paired_difference(xs, ys), ""
+
+
+def mark_best(cells: dict[tuple[str, Any], Cell], df: pd.DataFrame, axis: str,
+              metric: str) -> str:
+    """Mark each column's best cell and the cells a paired test cannot tell from it; return
+    how "not distinguishable" was decided (for the table's note)."""
+    lower = LOWER_IS_BETTER.get(metric, True)
+    how = set()
+    for value in {v for _, v in cells}:
+        column = [c for (d, v), c in cells.items() if _same(v, value) and c.mean is not None]
+        if len(column) < 2:
+            continue
+        best = min(column, key=lambda c: c.mean if lower else -c.mean)
+        best.best = True
+        for c in column:
+            if c is best:
+                continue
+            diff, _ = paired(df, axis, metric, c.defense, best.defense, value)
+            if diff is not None:
+                c.like_best = not diff.distinguishable
+                how.add("paired bootstrap")
+            elif None not in (c.low, c.high, best.low, best.high):
+                c.like_best = c.low <= best.high and best.low <= c.high
+                how.add("overlapping intervals (no per-prompt outcomes to pair)")
+    return " and ".join(sorted(how))
+
+
+def _same(a: Any, b: Any) -> bool:
+    return a == b or (isinstance(a, float) and isinstance(b, float) and math.isnan(a)
+                      and math.isnan(b))
+
+
+def mixed_protocol_columns(df: pd.DataFrame, axis: str, allow: bool = False) -> set:
+    """The axis values whose cells hold runs of more than one protocol hash.
+
+    Such runs were scored or trained differently, so their mean is not a number any paper
+    reports: refuse unless ``allow`` (``--mix-protocols``), and then the header says so.
+    """
+    ok = df[df["status"] == "ok"]
+    if ok.empty or "protocol_hash" not in ok:
+        return set()
+    keyed = ok.assign(protocol_hash=ok["protocol_hash"].fillna("unrecorded"))
+    counts = keyed.groupby(["defense", axis])["protocol_hash"].nunique()
+    mixed = counts[counts > 1]
+    if len(mixed) and not allow:
+        cells = []
+        for defense, value in mixed.index:
+            runs = keyed[(keyed["defense"] == defense) & (keyed[axis] == value)]
+            kinds = sorted({f"{n} ({h})" for n, h in zip(runs["protocol"].fillna("?"),
+                                                         runs["protocol_hash"])})
+            cells.append(f"{defense} at {axis}={value}: {', '.join(kinds)}")
+        raise ProtocolMixError(
+            "runs under different protocols would share a table cell; report them separately, "
+            "use --axis protocol, or pass --mix-protocols to average them anyway:\n  "
+            + "\n  ".join(cells))
+    return set(mixed.index.get_level_values(axis))
+
+
+def defense_order(df: pd.DataFrame, reference: Optional[str]) -> list[str]:
+    """The reference first, then the others ranked by mean HS over every cell (lowest first)."""
+    ok = df[(df["status"] == "ok") & df["hs"].notna()]
+    means = ok.groupby("defense")["hs"].mean()
+    names = sorted(df["defense"].dropna().unique(), key=lambda d: (means.get(d, math.inf), d))
+    if reference in names:
+        names.remove(reference)
+        names.insert(0, reference)
+    return names

@@ -274,6 +274,10 @@ class TrainStageConfig:
         _check(self.epochs > 0, f"{key}.epochs", f"must be > 0, got {self.epochs}")
         _check(0 <= self.warmup_ratio < 1, f"{key}.warmup_ratio", "must lie in [0, 1)")
         _one_of(self.loss_on, f"{key}.loss_on", ("response", "all"))
+        _check(self.max_length >= 2, f"{key}.max_length",
+               f"must be >= 2 (a prompt token and an answer token), got {self.max_length}")
+        _check(self.checkpoint_every_n_steps >= 1, f"{key}.checkpoint_every_n_steps",
+               f"must be >= 1, got {self.checkpoint_every_n_steps}")
 
 
 @dataclass
@@ -310,6 +314,17 @@ class EvalConfig:
         for s in self.stages:
             _one_of(s, "eval.stages[]", ("base", "align", "final"))
         _check(self.samples >= 0, "eval.samples", "must be >= 0")
+        _check(self.batch_size >= 1, "eval.batch_size", f"must be >= 1, got {self.batch_size}")
+        _check(self.max_new_tokens >= 1, "eval.max_new_tokens",
+               f"must be >= 1, got {self.max_new_tokens}")
+        for name in ("harmful_size", "task_size"):  # an empty set has no rate, not a rate of 0
+            size = getattr(self, name)
+            _check(size is None or size >= 1, f"eval.{name}",
+                   f"must be >= 1 or null (the whole set), got {size}: an empty evaluation "
+                   "set has no HS or FA")
+        _check(self.feature_set_size >= 2, "eval.feature_set_size",
+               f"must be >= 2 per kind, got {self.feature_set_size}")
+        _check(self.n_logged_generations >= 0, "eval.n_logged_generations", "must be >= 0")
         _check(self.temperature > 0, "eval.temperature", "must be > 0")
         self.harmful.check("eval.harmful")
 
@@ -484,7 +499,8 @@ def register() -> None:
     ConfigStore.instance().store(name="run_schema", node=RunConfig)
 
 
-def _check_method(method: StageMethodConfig, key: str, stage: str) -> None:
+def _check_method(method: StageMethodConfig, key: str, stage: str,
+                  run: Optional["RunConfig"] = None) -> None:
     if method.module is None:
         _check(not method.params, f"{key}.params", "given, but the stage has no module")
         return
@@ -500,6 +516,12 @@ def _check_method(method: StageMethodConfig, key: str, stage: str) -> None:
            f"{method.module} is not a harness StageModule")
     _check(stage in cls.stages, f"{key}.module",
            f"{cls.__name__} runs in stages {cls.stages}, not in '{stage}'")
+    _check(not cls.needs_align_stage or run is None or run.defense.align.module is not None,
+           "defense.align.module", f"{cls.__name__} compares the aligned model with the base, so "
+           "it needs an align stage; set defense.align.module (e.g. harness.defenses.sft.SFT)")
+    _check(not cls.needs_lora or run is None or getattr(run.train, stage).lora is not None,
+           f"train.{stage}.lora", f"{cls.__name__} acts on a LoRA update; set "
+           f"train.{stage}.lora (e.g. train.{stage}.lora.r=8)")
     try:
         cls.Params(**method.params)  # unknown names and out-of-range values fail here
     except (TypeError, ValueError) as err:
@@ -529,8 +551,8 @@ def validate(cfg: DictConfig) -> RunConfig:
         raise
     except ValueError as err:
         raise ConfigError(str(err)) from err
-    _check_method(run.defense.align, "defense.align", "align")
-    _check_method(run.defense.finetune, "defense.finetune", "finetune")
+    _check_method(run.defense.align, "defense.align", "align", run)
+    _check_method(run.defense.finetune, "defense.finetune", "finetune", run)
     _check(run.defense.finetune.module is not None, "defense.finetune.module",
            "every defense finetunes; give a module")
     _check_layers(run)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import logging
+import signal
 import time
 import traceback
 from pathlib import Path
@@ -16,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 import harness  # noqa: F401 - sets the offline environment before HF or W&B import
 from harness.config import ConfigError, register, validate
 from harness.distributed import end_job, is_rank_zero, patch_ddp_launch
+from harness.interrupts import install_signal_handlers, interrupt_signal, was_signalled
 from harness.reproducibility import pin_threads
 from harness.tracking.report_cli import status_line, summary_table
 from harness.tracking.results import make_results, write_results
@@ -27,6 +29,9 @@ CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 register()
 
 
+# Errors whose message says what to fix: printed as one line, the traceback kept in the run's
+# error.log and results.json. Anything else (a bug) keeps its traceback on the console.
+KNOWN_ERRORS = (ValueError, FileNotFoundError, PermissionError, TimeoutError, ConnectionError)
 def run_name(cfg: DictConfig) -> str:
     return (f"{cfg.defense.name}-p{cfg.attack.p}-n{cfg.attack.n}-{cfg.task.name}"
             f"-{cfg.model.name}-s{cfg.seed}")
@@ -62,6 +67,19 @@ def execute(cfg: DictConfig, run_dir: Path) -> dict:
             write_results(run_dir, results)
         tracker.finish("ok")
         return results
+    except (KeyboardInterrupt, SystemExit) as err:
+        if isinstance(err, SystemExit) and not was_signalled() and err.code in (0, None):
+            raise
+        name = signal.Signals(interrupt_signal(err)).name
+        log.error("run interrupted by %s; rerun the same command to resume", name)
+        results = make_results(config, "interrupted", {}, pipeline.timings if pipeline else {},
+                               pipeline.artifacts if pipeline else {},
+                               error=f"interrupted by {name}")
+        if lead:
+            write_results(run_dir, results)
+        if tracker is not None:
+            tracker.finish("interrupted", results["error"])
+        raise
     except Exception as err:
         error = f"{type(err).__name__}: {err}"
         log.error("run failed: %s", error)
@@ -101,9 +119,21 @@ def main(cfg: DictConfig) -> None:
         if lead:  # a re-run sweep picks up where it stopped
             print(status_line(done, label, " (results exist; skipped)"), flush=True)
         return
+    install_signal_handlers()
     try:
         results = execute(cfg, run_dir)
+    except (KeyboardInterrupt, SystemExit) as err:
+        if isinstance(err, SystemExit) and not was_signalled() and err.code in (0, None):
+            raise
+        signum = interrupt_signal(err)
+        if lead:
+            print(f"{label or 'run'}: INTERRUPTED by {signal.Signals(signum).name}; "
+                  f"{run_dir / 'results.json'} says so. Rerun the same command to resume "
+                  "(finished stages are reused, a stage in progress restarts from its last "
+                  "checkpoint).", flush=True)
+        raise SystemExit(128 + signum) from None  # stops a local sweep too
     except Exception as err:
+        (run_dir / "error.log").write_text(traceback.format_exc())
         if multirun:  # record it and let the sweep go on
             log.error("job %s failed; see %s/results.json", hc.job.num, run_dir)
             if lead:
@@ -111,6 +141,9 @@ def main(cfg: DictConfig) -> None:
             return
         if isinstance(err, ConfigError):
             raise SystemExit(f"config error: {err}") from None
+        if isinstance(err, KNOWN_ERRORS):
+            raise SystemExit(f"run failed: {type(err).__name__}: {err}\n(traceback: "
+                             f"{run_dir / 'error.log'})") from None
         raise
     if lead and multirun:
         print(status_line(results, label), flush=True)

@@ -40,10 +40,20 @@ def test_defaults_are_the_papers_setting(make_cfg):
     ("+defense.finetune.params.bogus=1", "defense.finetune.params"),
     ("defense.align.module=harness.defenses.nowhere.Nothing", "defense.align.module"),
     ("world.sharing=[0.1,0.2]", "world.sharing"),
+    # caught at start-up, not inside a fit or after training (issue 22, item 7)
+    ("train.align.max_length=0", "train.align.max_length"),
+    ("train.base.checkpoint_every_n_steps=0", "train.base.checkpoint_every_n_steps"),
+    ("eval.batch_size=0", "eval.batch_size"),
+    ("eval.harmful_size=0", "eval.harmful_size"),
+    ("eval.task_size=0", "eval.task_size"),
+    ("eval.max_new_tokens=0", "eval.max_new_tokens"),
+    ("torch_threads=-2", "torch_threads"),
+    ("defense=asft defense.align.module=null", "defense.align.module"),
+    ("defense=asft train.finetune.lora=null", "train.finetune.lora"),
 ])
 def test_bad_values_name_their_key(make_cfg, override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
-        validate(make_cfg(override))
+        validate(make_cfg(*override.split()))
 
 
 def test_generic_hub_model_needs_an_id(make_cfg):

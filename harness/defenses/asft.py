@@ -27,6 +27,8 @@ def plain_name(name: str) -> str:
 
 class AsFT(StageModule):
     stages = ("finetune",)
+    needs_align_stage = True  # V = W_aligned - W_base
+    needs_lora = True
 
     @dataclass
     class Params:

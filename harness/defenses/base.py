@@ -31,6 +31,9 @@ class StageContext:
 
 class StageModule(L.LightningModule):
     stages: tuple[str, ...] = ("align", "finetune")
+    # what the method needs of the run, checked at start-up (config.validate), not mid-fit
+    needs_align_stage: bool = False  # reads the aligned model's weights against the base's
+    needs_lora: bool = False  # acts on a LoRA update
 
     @dataclass
     class Params:

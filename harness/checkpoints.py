@@ -127,7 +127,11 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 class RngState(L.Callback):
     """Carries the global random states (torch CPU and CUDA, numpy, random) in the checkpoint
     and restores them when training starts, after everything a resumed fit builds first: a
-    method or a LoRA adapter with dropout then draws what the uninterrupted run drew."""
+    method or a LoRA adapter with dropout then draws what the uninterrupted run drew.
+
+    Only rank 0 writes the checkpoint, so under DDP every rank gets rank 0's states back; ranks
+    whose padded batches differ in shape have drawn differently, so with dropout a multi-process
+    resume is exact in data, weights and optimizer state up to the stop, not in later masks."""
 
     def __init__(self) -> None:
         self._pending: Optional[dict[str, Any]] = None

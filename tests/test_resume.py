@@ -14,8 +14,10 @@ from torch.utils.data import DataLoader
 from harness import artifacts
 from harness.artifacts import ArtifactStoreError
 from harness.checkpoints import (AtomicCheckpointIO, checkpoint_problem, resumable_checkpoint)
+from harness.analysis.gradients import GradientConflict
 from harness.config import TrainStageConfig, validate
-from harness.data.collate import GlobalBatchSampler, global_batch_loader
+from harness.data.collate import GlobalBatchSampler, PadCollator, global_batch_loader
+from harness.defenses.base import StageContext
 from harness.defenses.sft import SFT
 from harness.models.loading import build_tiny
 from harness.pipeline import Pipeline
@@ -117,7 +119,7 @@ def pipeline(make_cfg, tmp_path):
     return p
 
 
-def _fit(pipeline, work, *callbacks):
+def _fit(pipeline, work, *callbacks, context=None):
     """What Pipeline._train_stage does around _fit, on a 2-layer model: seeded, then built."""
     L.seed_everything(pipeline.run.seed * 1000 + 1, verbose=False)
     cfg = model_cfg()
@@ -127,7 +129,7 @@ def _fit(pipeline, work, *callbacks):
     train_cfg = TrainStageConfig(lr=3e-3, batch_size=BATCH, scheduler="cosine",
                                  warmup_ratio=0.2, weight_decay=0.01, grad_clip=1.0,
                                  checkpoint_every_n_steps=1)
-    module = SFT(model=model, train_cfg=train_cfg, total_steps=STEPS)
+    module = SFT(model=model, train_cfg=train_cfg, total_steps=STEPS, context=context)
     trainer, stats = pipeline._fit(module, rows(N_ROWS, 0), train_cfg, "align", work, callbacks)
     return module, stats
 
@@ -164,6 +166,22 @@ def test_a_stage_stopped_mid_epoch_resumes_to_the_uninterrupted_weights(pipeline
     assert seen.seen == ref["seen"][k:]  # the batches the uninterrupted run trained on from k
     assert _max_diff(module.model.state_dict(), ref["weights"]) == 0.0  # bit for bit
     assert stats["final_train_loss"] == ref["stats"]["final_train_loss"]
+
+
+def test_gradient_conflict_history_survives_a_resume(pipeline, tmp_path):
+    """The analysis callback draws alignment batches and runs extra forward passes (dropout
+    draws included) between steps; the resumed run still ends bit for bit where the
+    uninterrupted one does, and its history is whole."""
+    context = StageContext(alignment_data=rows(12, 1), collate=PadCollator(0))
+    whole = GradientConflict(every_n_steps=3)
+    ref, _ = _fit(pipeline, tmp_path / "whole", whole, context=context)
+    with pytest.raises(_Stop):
+        _fit(pipeline, tmp_path / "killed", GradientConflict(3), _StopAt(7), context=context)
+    resumed = GradientConflict(every_n_steps=3)
+    module, _ = _fit(pipeline, tmp_path / "killed", resumed, context=context)
+    assert [h["step"] for h in resumed.history] == [0, 3, 6, 9, 12]
+    assert resumed.history == whole.history
+    assert _max_diff(module.model.state_dict(), ref.model.state_dict()) == 0.0
 
 
 def test_without_the_data_position_a_resume_replays_other_batches(pipeline, tmp_path,

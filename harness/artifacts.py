@@ -23,8 +23,8 @@ import os
 import shutil
 import subprocess
 import tempfile
-import time
 import threading
+import time
 import uuid
 from functools import lru_cache
 from pathlib import Path

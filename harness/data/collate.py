@@ -153,7 +153,8 @@ class GlobalBatchSampler(Sampler[list[int]]):
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         epoch, batch = int(state["epoch"]), int(state["batch"])
-        epoch, batch = epoch + batch // len(self), batch % len(self)  # a finished epoch
+        if len(self):  # a finished epoch is the start of the next
+            epoch, batch = epoch + batch // len(self), batch % len(self)
         self.generator.set_state(self._origin)
         for _ in range(epoch):
             _loader_draw(self.generator)

@@ -12,6 +12,7 @@ import json
 import logging
 import math
 import time
+import warnings
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Optional
@@ -25,6 +26,7 @@ from harness.analysis.gradients import GradientConflict
 from harness.analysis.refusal import (cosine, features, num_layers, refusal_direction,
                                       resolve_layer, separation)
 from harness.artifacts import ArtifactStore, artifact_key, provenance, write_json_atomic
+from harness.checkpoints import AtomicCheckpointIO, RngState, resumable_checkpoint
 from harness.config import RunConfig, StageMethodConfig, TrainStageConfig
 from harness.data import attacks
 from harness.data.collate import PadCollator, StageData, TokenizedDataset
@@ -287,7 +289,7 @@ class Pipeline:
         return PreTrainedTokenizerFast.from_pretrained(path / "tok")
 
     def load_model(self, ref: ModelRef) -> torch.nn.Module:
-        manifest = self.store.manifest(ref.stage, ref.key)
+        manifest = self.store.verified_manifest(ref.stage, ref.key)  # a damaged one raises
         path = self.store.path(ref.stage, ref.key)
         fmt = manifest["format"]
         if fmt == "hub":
@@ -319,15 +321,22 @@ class Pipeline:
             from harness.distributed import fsdp_strategy
 
             trainer_args["strategy"] = fsdp_strategy(module.model)
+        # written atomically; a resume restores the data position (StageData) and the random
+        # states (RngState), so it trains on what the uninterrupted run would have
         trainer = L.Trainer(
             **trainer_args, max_steps=module.total_steps, max_epochs=-1, logger=logger,
-            callbacks=[checkpoint, *callbacks], enable_model_summary=False, default_root_dir=str(work),
+            callbacks=[checkpoint, RngState(), *callbacks], enable_model_summary=False,
+            default_root_dir=str(work), plugins=[AtomicCheckpointIO()],
             gradient_clip_val=train_cfg.grad_clip if module.automatic_optimization else None,
             num_sanity_val_steps=0, use_distributed_sampler=False)
-        last = ckpt_dir / "last.ckpt"
-        if last.is_file():
+        # a damaged checkpoint is set aside (rank 0) for an older one or a fresh start
+        last = resumable_checkpoint(ckpt_dir, stage, set_aside=self.store.rank == 0)
+        if last is not None:
             log.info("[%s] resuming from %s", stage, last)
-        trainer.fit(module, datamodule=data, ckpt_path=str(last) if last.is_file() else None)
+        with warnings.catch_warnings():  # Lightning checks the loader; StageData holds the state
+            warnings.filterwarnings("ignore", "You're resuming from a checkpoint that ended before")
+            trainer.fit(module, datamodule=data,
+                        ckpt_path=str(last) if last is not None else None)
         loss = trainer.callback_metrics.get("train/loss")
         return trainer, {"steps": trainer.global_step,
                          "final_train_loss": float(loss) if loss is not None else None}

@@ -56,3 +56,10 @@ class GradientConflict(L.Callback):
         stats = gradient_stats(user, align)
         self.history.append({"step": step, **stats})
         pl_module.log_dict({f"analysis/{k}": v for k, v in stats.items()}, batch_size=1)
+
+    # the history is part of the stage's artifact: a resumed fit must keep what came before
+    def state_dict(self) -> dict:
+        return {"history": list(self.history)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.history = list(state.get("history", []))

@@ -92,6 +92,12 @@ def left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Te
     return ids, mask
 
 
+def _loader_draw(generator: torch.Generator) -> None:
+    """The worker base seed a DataLoader iterator takes from its generator when it is created,
+    before the sampler's first draw (torch.utils.data.dataloader._BaseDataLoaderIter)."""
+    torch.empty((), dtype=torch.int64).random_(generator=generator)
+
+
 class GlobalBatchSampler(Sampler[list[int]]):
     """Shuffled batches of a *global* size, each split across the ranks.
 
@@ -100,7 +106,12 @@ class GlobalBatchSampler(Sampler[list[int]]):
     exactly what ``DataLoader(shuffle=True, generator=...)`` draws, so k processes see the data
     of the one-process run, step by step (a closing batch with fewer rows than ranks is
     dropped, since every rank must step). Lightning's own distributed sampler would reshuffle
-    per rank and change the data each step sees (ENV_NOTES)."""
+    per rank and change the data each step sees (ENV_NOTES).
+
+    Resumable: epoch e's order is a function of the generator's first state and e alone, so
+    ``load_state_dict`` replays e epochs of draws (the loader's and the sampler's) from that
+    state and skips the batches of epoch e already trained on. The generator must be the one
+    its DataLoader draws from, and the state loaded before the loader's iterator is made."""
 
     def __init__(self, n: int, global_batch: int, generator: torch.Generator, rank: int = 0,
                  world: int = 1):
@@ -109,20 +120,51 @@ class GlobalBatchSampler(Sampler[list[int]]):
                              f"the {world} training processes")
         self.n, self.global_batch, self.generator = n, global_batch, generator
         self.rank, self.world = rank, world
+        self._origin = generator.get_state()
+        self.epoch = 0  # the epoch the next iteration draws
+        self.batch = 0  # batches of it already handed out (or, after a load, trained on)
+        self._skip = 0
 
     def __len__(self) -> int:
         full, rest = divmod(self.n, self.global_batch)
         return full + int(rest >= self.world)
 
-    def __iter__(self):
+    def _draw_epoch(self) -> list[list[int]]:
         order = torch.randperm(self.n, generator=self.generator).tolist()
-        steps = [order[s:s + self.global_batch] for s in range(0, self.n, self.global_batch)]
         # RandomSampler draws a second, empty-sliced permutation at the end of every epoch;
         # drawing it too keeps later epochs identical to the plain shuffling loader's
         torch.randperm(self.n, generator=self.generator)
-        for step in steps:
-            if len(step) >= self.world:
-                yield step[self.rank::self.world]
+        steps = [order[s:s + self.global_batch] for s in range(0, self.n, self.global_batch)]
+        return [step for step in steps if len(step) >= self.world]
+
+    def __iter__(self):
+        steps = self._draw_epoch()
+        skip, self._skip = self._skip, 0
+        self.batch = skip
+        for step in steps[skip:]:
+            self.batch += 1
+            yield step[self.rank::self.world]
+        self.epoch, self.batch = self.epoch + 1, 0
+
+    def state_dict(self) -> dict[str, int]:
+        """(epoch, batches of it handed out). With a loader that reads ahead (workers), the
+        batches trained on are fewer: ``seek`` takes that count from the trainer instead."""
+        return {"epoch": self.epoch, "batch": self.batch}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        epoch, batch = int(state["epoch"]), int(state["batch"])
+        if len(self):  # a finished epoch is the start of the next
+            epoch, batch = epoch + batch // len(self), batch % len(self)
+        self.generator.set_state(self._origin)
+        for _ in range(epoch):
+            _loader_draw(self.generator)
+            self._draw_epoch()
+        self.epoch, self.batch, self._skip = epoch, batch, batch
+
+    def seek(self, batches_done: int) -> None:
+        """Start where an uninterrupted run stands after ``batches_done`` batches (every
+        epoch has ``len(self)``)."""
+        self.load_state_dict({"epoch": 0, "batch": batches_done})
 
 
 def global_batch_loader(dataset: Dataset, global_batch: int, seed: int, collate,
@@ -136,7 +178,11 @@ def global_batch_loader(dataset: Dataset, global_batch: int, seed: int, collate,
 
 class StageData(L.LightningDataModule):
     """A training stage's data. The loader is built once Lightning knows this process's rank
-    and the world size (after the strategy launched the ranks), from the global batch."""
+    and the world size (after the strategy launched the ranks), from the global batch.
+
+    Its state in a checkpoint is the number of batches trained; a fit resumed from it builds
+    its loader where the uninterrupted run's stood (Lightning restores a datamodule before it
+    asks for the loader). Lightning itself would replay the first epoch's order."""
 
     def __init__(self, dataset: Dataset, global_batch: int, seed: int, collate,
                  key: str = "batch_size"):
@@ -144,10 +190,25 @@ class StageData(L.LightningDataModule):
         self.dataset, self.global_batch, self.seed, self.collate = (dataset, global_batch, seed,
                                                                     collate)
         self.key = key  # the config key named when the batch does not split across the ranks
+        self.batches_done = 0  # from a checkpoint: where the loader starts
 
     def train_dataloader(self) -> DataLoader:
         try:
-            return global_batch_loader(self.dataset, self.global_batch, self.seed, self.collate,
-                                       self.trainer.global_rank, self.trainer.world_size)
+            loader = global_batch_loader(self.dataset, self.global_batch, self.seed,
+                                         self.collate, self.trainer.global_rank,
+                                         self.trainer.world_size)
         except ValueError as err:
             raise ValueError(f"{self.key}: {err} (trainer.devices x trainer.num_nodes)") from err
+        loader.batch_sampler.seek(self.batches_done)
+        return loader
+
+    def state_dict(self) -> dict[str, int]:
+        # the trainer's count of batches whose step ran, not the sampler's: a loader with
+        # workers fetches ahead of training
+        trainer = self.trainer
+        if trainer is None:
+            return {}
+        return {"batches_done": int(trainer.fit_loop.epoch_loop.batch_progress.total.processed)}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.batches_done = int(state.get("batches_done", 0))

@@ -51,9 +51,12 @@ def artifact_key(payload: dict[str, Any]) -> str:
 
 @lru_cache(maxsize=1)
 def git_hash() -> str:
+    """The commit, with ``-dirty`` when tracked files differ from it: a result made from
+    uncommitted code must not claim a commit's name."""
     try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                             text=True, cwd=Path(__file__).parent, timeout=5)
+        out = subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=7",
+                              "--exclude=*"], capture_output=True, text=True,
+                             cwd=Path(__file__).parent, timeout=5)
         return out.stdout.strip() or "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"

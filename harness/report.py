@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import html
+import re
 import shlex
 import sys
 from pathlib import Path
@@ -161,7 +162,8 @@ def _write_html(path: Path, title: str, meta, sections, plots, failed: pd.DataFr
                                                   else esc(v)) + "</li>" for k, v in meta)
     body = [f"<h1>{esc(title)}</h1>", f'<ul class="meta">{items}</ul>']
     for heading, note, _, table in sections:
-        body += [f"<h2>{esc(heading)}</h2>", f'<p class="note">{esc(note)}</p>', table]
+        note = re.sub(r"\*\*(.+?)\*\*", r"<b>\1</b>", esc(note))  # the Markdown's bold
+        body += [f"<h2>{esc(heading)}</h2>", f'<p class="note">{note}</p>', table]
     body += [f'<p><img src="{esc(p.name)}" alt="{esc(p.stem)}"></p>' for p in plots]
     if len(failed):
         body += ["<h2>Failed runs</h2><ul>"] + [

@@ -28,7 +28,7 @@ from harness.reporting.cells import (AXES, LABELS, LOWER_IS_BETTER, METRICS,  # 
                                      sort_key)
 from harness.reporting.plots import pareto_front, plot_metrics, plot_pareto  # noqa: F401
 from harness.reporting.tables import (CSS, difference_text, html_pair_table, html_table,
-                                      markdown_table, pair_table)
+                                      markdown_table, pair_table, per_seed_text)
 from harness.tracking.results import RESULTS_FILE
 
 
@@ -135,6 +135,15 @@ def write_report(patterns: list[str], out: Path, axis: str = "attack.p", stage: 
                                  PAIR_NOTE.format(ref=reference),
                                  pair_table(diffs, axis, order, difference_text),
                                  html_pair_table(diffs, axis, order, LOWER_IS_BETTER[metric])))
+    seeds = df["seed"].nunique()
+    if seeds > 1:  # the values behind each mean, so a reader sees the spread for themself
+        for metric in ("hs", "fa"):
+            cells = build_cells(df, axis, metric)
+            table = {k: (None, per_seed_text(c)) for k, c in cells.items()}
+            render = lambda _, text: text  # noqa: E731
+            sections.append((f"{LABELS[metric]}: per seed", f"Each seed's value ({seeds} seeds; "
+                             "✗: a failed run).", pair_table(table, axis, order, render),
+                             html_pair_table(table, axis, order, True, render)))
     for metric in ("refusal_rate", "other_rate"):
         if df[metric].notna().any():
             cells = build_cells(df, axis, metric)

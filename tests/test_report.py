@@ -115,6 +115,8 @@ def test_report_header_files_and_failed_runs(sweep, capsys):
                  "**git**: abc1234", "**runs**: 12, 1 failed", "python -m harness.report"):
         assert fact in md, fact
     assert "ValueError: boom" in md.split("## Failed runs")[1]
+    per_seed = _section(md, "HS (%): per seed")
+    assert "| sft | s0 40.0, s1 50.0, s2 45.0 |" in per_seed and "s1 51.0, ✗" in per_seed
     assert (out / "hs_fa_vs_attack_p.png").stat().st_size > 5000
     page = (out / "report.html").read_text()
     assert page.count("<img") >= 2 and 'href="../sft-0-1/results.json"' in page

@@ -139,7 +139,8 @@ def html_table(cells: dict[tuple[str, Any], Cell], axis: str, order: list[str],
     return "<table>" + "".join(rows) + "</table>"
 
 
-def html_pair_table(cells: dict, axis: str, order: list[str], lower_is_better: bool) -> str:
+def html_pair_table(cells: dict, axis: str, order: list[str], lower_is_better: bool,
+                    render: Callable[[Any, str], str] = difference_text) -> str:
     values = values_of(cells)
     rows = ["<tr><th>defense</th>" + "".join(f"<th>{html.escape(f'{axis}={v}')}</th>"
                                              for v in values) + "</tr>"]
@@ -149,13 +150,24 @@ def html_pair_table(cells: dict, axis: str, order: list[str], lower_is_better: b
         tds = []
         for v in values:
             diff, reason = cells.get((d, v), (None, "no runs"))
-            if diff is None:
+            if render is not difference_text:
+                cls = ""
+            elif diff is None:
                 cls = "nd"
             elif not diff.distinguishable:
                 cls = "nd"
             else:
                 better = diff.mean < 0 if lower_is_better else diff.mean > 0
                 cls = "sig-better" if better else "sig-worse"
-            tds.append(f'<td class="{cls}">{html.escape(difference_text(diff, reason))}</td>')
+            tds.append(f'<td class="{cls}">{html.escape(render(diff, reason))}</td>')
         rows.append(f"<tr><td>{html.escape(str(d))}</td>{''.join(tds)}</tr>")
     return "<table>" + "".join(rows) + "</table>"
+
+
+def per_seed_text(cell: Optional[Cell]) -> str:
+    """``s0 22.2, s1 30.1, s2 ✗``: each seed's value, failed seeds marked."""
+    if cell is None:
+        return "—"
+    parts = [f"s{seed} {value:.1f}" for seed, value, _ in cell.per_seed]
+    parts += ["✗"] * cell.n_failed
+    return ", ".join(parts) or "—"

@@ -5,20 +5,29 @@ with numbers a reader can check by hand.
 """
 from __future__ import annotations
 
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Optional, Sequence
 
 import torch
 from torch import Tensor
 
 
-def vaccine_perturbation(grads: Sequence[Tensor], rho: float, eps: float = 1e-7) -> list[Tensor]:
+def vaccine_perturbation(grads: Sequence[Tensor], rho: float, eps: float = 1e-7,
+                         all_reduce: Optional[Callable[[Tensor], Tensor]] = None) -> list[Tensor]:
     """Vaccine's worst-case hidden perturbation: ``eps_l = rho * g_l / (||g|| + eps)``.
 
     ``||g||`` is one L2 norm over every layer's hidden gradient, so the perturbation as a whole
     has norm ``rho`` and points where the loss rises fastest. The norm is taken in float32:
     bf16 sums of squares over a 7B model's activations lose the small layers.
+
+    Under DDP each rank holds the hidden gradients of its own rows only: ``all_reduce`` sums
+    the squared norm over the ranks, so ``||g||`` is the global batch's and the ranks together
+    perturb by ``rho`` as one process does (per-rank norms would give ``sqrt(k) * rho``). Every
+    rank's gradients carry the same factor (``global_token_mean``), which the ratio cancels.
     """
-    norm = torch.sqrt(sum(g.detach().float().pow(2).sum() for g in grads))
+    squares = sum(g.detach().float().pow(2).sum() for g in grads)
+    if all_reduce is not None:
+        squares = all_reduce(squares)
+    norm = torch.sqrt(squares)
     scale = rho / (norm + eps)
     return [(g.detach().float() * scale).to(g.dtype) for g in grads]
 

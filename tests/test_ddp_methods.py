@@ -121,7 +121,7 @@ def test_two_ranks_train_what_one_process_trains(name, tmp_path):
     2 gloo ranks against one process, measured on this machine:
       sft (control, CE alone):                                  1.4e-6
       vaccine:     before the fix (eps normalised per rank) 3.9e-2; after 1.4e-5 to 1.9e-5
-      ref_teacher: before the fix (per-rank class means)     3.9e-2; after see TOLERANCE
+      ref_teacher: before the fix (per-rank class means)     3.9e-2; after 9.8e-7
     The remainder is float reordering (rows padded to other widths, sums split over ranks),
     which Vaccine's second pass through a perturbation of norm 2 on a 32-wide model and
     AdamW's normalised first steps amplify; after one step it is already 1.3e-5, as it is
@@ -152,6 +152,22 @@ def test_vaccine_perturbation_of_two_ranks_is_one_process():
     norm = torch.sqrt(sum(e.pow(2).sum() for part in per_rank for e in part))
     assert float(norm) == pytest.approx(2.0 * 2 ** 0.5)
     assert float(torch.sqrt(sum(e.pow(2).sum() for e in one))) == pytest.approx(2.0)
+
+
+def test_cosine_regularizer_of_two_ranks_is_the_one_process_class_mean():
+    """Class counts 3/1 on one rank and 1/3 on the other: the average of the per-rank means
+    is not the one-process objective; rescaled by the global counts it is."""
+    from harness.analysis.refusal import cosine_regularizer
+
+    cos = torch.tensor([0.9, 0.2, -0.4, 0.5, 0.1, -0.8, -0.3, 0.7])
+    harmful = torch.tensor([1, 1, 1, 0, 1, 0, 0, 0])
+    one = cosine_regularizer(cos, harmful)
+    ranks = [(cos[:4], harmful[:4]), (cos[4:], harmful[4:])]
+    plain = sum(cosine_regularizer(c, h) for c, h in ranks) / 2
+    counts = (harmful.sum(), (1 - harmful).sum())
+    fixed = sum(cosine_regularizer(c, h, counts, world=2) for c, h in ranks) / 2
+    assert float(one) == pytest.approx(0.8 + 1.025) and float(plain) == pytest.approx(2.0166667)
+    assert float(fixed) == pytest.approx(float(one), abs=1e-7)
 
 
 # one process, 1 thread: the per-step logged loss and a hash of every weight's bytes after 3 steps, pinned on

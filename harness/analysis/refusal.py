@@ -7,7 +7,7 @@ decoder layer ``l``, so a model with L layers has valid indices 0..L.
 """
 from __future__ import annotations
 
-from typing import Sequence, Union
+from typing import Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -100,11 +100,21 @@ def separation(harmful_scores: Tensor, harmless_scores: Tensor) -> dict[str, flo
     return {"cos_harmful": h, "cos_harmless": s, "gap": h - s}
 
 
-def cosine_regularizer(cos: Tensor, harmful: Tensor) -> Tensor:
+def cosine_regularizer(cos: Tensor, harmful: Tensor,
+                       global_counts: Optional[tuple[Tensor, Tensor]] = None,
+                       world: int = 1) -> Tensor:
     """``mean_harmful(1 - cos) + mean_harmless(1 + cos)``: 0 when harmful prompts align with R
-    and harmless ones anti-align, 4 when both are reversed. A class absent from the batch adds 0."""
+    and harmless ones anti-align, 4 when both are reversed. A class absent from the batch adds 0.
+
+    Under DDP, ``global_counts`` holds (harmful, harmless) rows of the whole global batch:
+    each class's sum is divided by its global count and multiplied by ``world``, so DDP's
+    gradient average over the ranks is the one-process class mean (as ``global_token_mean``
+    does for CE; a per-rank mean would weigh a rank's rows by its own class counts)."""
     harmful = harmful.bool()
     zero = cos.new_zeros(())
+    if global_counts is not None:
+        n_pos, n_neg = (c.to(cos).clamp(min=1) for c in global_counts)
+        return world * ((1 - cos[harmful]).sum() / n_pos + (1 + cos[~harmful]).sum() / n_neg)
     pos = (1 - cos[harmful]).mean() if harmful.any() else zero
     neg = (1 + cos[~harmful]).mean() if (~harmful).any() else zero
     return pos + neg

@@ -344,7 +344,8 @@ class Pipeline:
     def _context(self) -> StageContext:
         r = self.run
         align_ds = TokenizedDataset(self.data.alignment, self.tokenizer, self.run.template,
-                                    r.train.align.max_length)
+                                    r.train.align.max_length,
+                                    max_length_key="train.align.max_length")
         refs = {"base": self.refs.get("base"), "align": self.refs.get("align")}
         harmful, harmless = self.feature_sets()
         return StageContext(tokenizer=self.tokenizer,
@@ -377,7 +378,8 @@ class Pipeline:
             if train_cfg.lora is not None:
                 model = loading.apply_lora(model, train_cfg.lora, self.run.model)
             dataset = TokenizedDataset(examples, self.tokenizer, self.run.template,
-                                       train_cfg.max_length, train_cfg.loss_on)
+                                       train_cfg.max_length, train_cfg.loss_on,
+                                       f"train.{stage}.max_length")
             steps = train_cfg.max_steps or math.ceil(
                 train_cfg.epochs * math.ceil(len(dataset) / train_cfg.batch_size))
             module = cls(model=model, train_cfg=train_cfg, total_steps=steps,

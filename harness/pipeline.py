@@ -348,12 +348,25 @@ class Pipeline:
                                     max_length_key="train.align.max_length")
         refs = {"base": self.refs.get("base"), "align": self.refs.get("align")}
         harmful, harmless = self.feature_sets()
+        extras = {"feature_prompts": (self._render(harmful), self._render(harmless))}
+        adapter = self._align_adapter(refs["align"], refs["base"])
+        if adapter is not None:  # AsFT: V is exactly this LoRA's B A
+            extras["align_adapter"] = adapter
         return StageContext(tokenizer=self.tokenizer,
                             collate=PadCollator(self.tokenizer.pad_token_id),
                             alignment_data=align_ds,
                             load_model=lambda name: self.load_model(refs[name]),
-                            extras={"feature_prompts": (self._render(harmful),
-                                                        self._render(harmless))})
+                            extras=extras)
+
+    def _align_adapter(self, align: Optional[ModelRef],
+                       base: Optional[ModelRef]) -> Optional[Path]:
+        """The align stage's LoRA folder when that stage is one adapter on the base model."""
+        if align is None or base is None or align == base:
+            return None
+        manifest = self.store.manifest(align.stage, align.key)  # load_model verifies it
+        if manifest["format"] != "adapter" or manifest.get("parent") != asdict(base):
+            return None
+        return self.store.path(align.stage, align.key) / "adapter"
 
     def _train_stage(self, stage: str, payload: dict, input_ref: Optional[ModelRef],
                      method: StageMethodConfig, train_cfg: TrainStageConfig,

@@ -54,6 +54,29 @@ def asft_penalty(A: Tensor, B: Tensor, V: Tensor, lam: float) -> Tensor:
     return lam * ((M.transpose(0, 1) @ M) * (A @ A.transpose(0, 1))).sum()
 
 
+def asft_penalty_factored(A: Tensor, B: Tensor, V_B: Tensor, V_A: Tensor, lam: float) -> Tensor:
+    """``asft_penalty`` for ``V = V_B V_A`` given as factors (a LoRA alignment: V is exactly its
+    scaled ``B A``), never forming V: with ``G = V_A V_A^T`` (r_v x r_v),
+    ``||V||_F^2 = sum((V_B^T V_B) * G)`` and ``V (V^T B) = V_B (G (V_B^T B))``, so every product
+    is r x r, r_v x r or d x r. A zero factor (a layer alignment left alone) gives C = 0."""
+    gram = V_A @ V_A.transpose(0, 1)
+    norm = ((V_B.transpose(0, 1) @ V_B) * gram).sum().clamp_min(0).sqrt()
+    norm = norm.clamp_min(torch.finfo(V_B.dtype).tiny)
+    M = B - V_B @ (gram @ (V_B.transpose(0, 1) @ B)) / norm
+    return lam * ((M.transpose(0, 1) @ M) * (A @ A.transpose(0, 1))).sum()
+
+
+def factored_column_basis(V_B: Tensor, V_A: Tensor) -> Tensor:
+    """``column_basis(V_B @ V_A)`` from the factors: a thin QR of V_B and the SVD of the small
+    ``R V_A`` (r_v x d_in), with ``column_basis``'s rank rule."""
+    Q, R = torch.linalg.qr(V_B.detach().float())
+    U, S, _ = torch.linalg.svd(R @ V_A.detach().float(), full_matrices=False)
+    if S.numel() == 0 or S[0] == 0:
+        return Q[:, :0]
+    tol = S[0] * max(V_B.shape[0], V_A.shape[1]) * torch.finfo(torch.float32).eps
+    return (Q @ U[:, : int((S > tol).sum())]).contiguous()
+
+
 def asft_penalty_dense(A: Tensor, B: Tensor, V: Tensor, lam: float) -> Tensor:
     """The penalty exactly as written, with C formed densely: the reference for tests."""
     C = V @ V.transpose(0, 1) / torch.linalg.matrix_norm(V)

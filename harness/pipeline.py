@@ -7,6 +7,7 @@ Lightning checkpoint.
 """
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import logging
@@ -43,7 +44,9 @@ from harness.models import loading
 
 log = logging.getLogger("harness")
 
-KEY_VERSION = 1  # bump when a change to the code invalidates stored artifacts
+# bump when a change to the code invalidates stored artifacts. 2: the real path holds the
+# feature sets out of the alignment data (eval.feature_set_size keyed), hf data_files hashed
+KEY_VERSION = 2
 SFT_MODULE = "harness.defenses.sft.SFT"
 STAGE_SEED_OFFSET = {"base": 0, "align": 1, "finetune": 2}
 
@@ -71,10 +74,28 @@ def _file_digest(path: Optional[str]) -> Optional[str]:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
 
 
+def _files_digest(spec: Optional[str]) -> Optional[str]:
+    """A hash of the files an hf builder reads from ``data_files``: one file, every file under
+    a folder, or a glob's matches (names and bytes); None when nothing matches."""
+    if not spec:
+        return None
+    path = Path(spec)
+    files = ([path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+             if path.is_dir() else sorted(Path(p) for p in glob.glob(spec) if Path(p).is_file()))
+    if not files:
+        return None
+    digest = hashlib.sha256()
+    for f in files:
+        digest.update(f.name.encode() + b"\0" + f.read_bytes())
+    return digest.hexdigest()[:16]
+
+
 def _source_payload(src) -> dict[str, Any]:
     payload = stable_payload(asdict(src))
     if src.source == "local":
         payload["sha256"] = _file_digest(src.path)
+    elif src.source == "hf" and src.data_files:  # a downloaded copy: its content, not its name
+        payload["data_files_sha256"] = _files_digest(src.data_files)
     return payload
 
 
@@ -90,6 +111,7 @@ class Pipeline:
         self._tokenizer = None
         self.data: Optional[Data] = None
         self.filter_stats: Optional[dict[str, Any]] = None
+        self._held: tuple[list[Example], list[Example]] = ([], [])  # real data: load_data
         self.analysis: dict[str, Any] = {}  # per-stage training analyses, for results.json
 
     # ================================================================ data
@@ -139,6 +161,7 @@ class Pipeline:
             d.alignment += load_source(r.alignment.harmless, required=("instruction", "output"),
                                        defaults={"kind": "harmless"})[:r.alignment.harmless_size]
         self._check_feature_sets(d.alignment)
+        d.alignment = self._hold_out_feature_sets(d.alignment)
         d.task_train = self._task_source(r.task.train, "train")
         d.task_test = self._task_source(r.task.test, "test")[:r.eval.task_size]
         d.attack_pool = (self.world.attack_pool() if r.attack.harmful.source == "toy"
@@ -191,13 +214,34 @@ class Pipeline:
             log.warning("alignment data %s has no %s rows: refusal separation is skipped "
                         "(alignment.harmless adds them)", self.run.alignment.name, missing)
 
+    def _hold_out_feature_sets(self, alignment: list[Example]) -> list[Example]:
+        """Real data: the first ``eval.feature_set_size`` rows of each kind become the held
+        sets R_l (and the filter's tau) are measured on, and leave the alignment training data,
+        so the teacher never trains on them. Data of one kind only holds nothing out (no R_l
+        can be measured on it). The toy world has held sets of its own."""
+        if self.run.alignment.data.source == "toy":
+            return alignment
+        k = self.run.eval.feature_set_size
+        harmful = [i for i, ex in enumerate(alignment) if ex.kind == "harmful"]
+        harmless = [i for i, ex in enumerate(alignment) if ex.kind != "harmful"]
+        if not harmful or not harmless:
+            return alignment
+        for name, rows in (("harmful", harmful), ("harmless", harmless)):
+            if len(rows) <= k:
+                raise ValueError(
+                    f"eval.feature_set_size={k}: the alignment data has {len(rows)} {name} rows, "
+                    f"and the first {k} are held out of training to measure the refusal "
+                    f"feature; none would be left to train on. Lower eval.feature_set_size or "
+                    f"add {name} rows")
+        held = set(harmful[:k]) | set(harmless[:k])
+        self._held = ([alignment[i] for i in harmful[:k]], [alignment[i] for i in harmless[:k]])
+        return [ex for i, ex in enumerate(alignment) if i not in held]
+
     def feature_sets(self) -> tuple[list[Example], list[Example]]:
         """Held harmful and harmless prompts for estimating R_l, apart from training data."""
         if self.run.alignment.data.source == "toy":
             return self.world.feature_prompts()
-        k = self.run.eval.feature_set_size
-        return ([ex for ex in self.data.alignment if ex.kind == "harmful"][:k],
-                [ex for ex in self.data.alignment if ex.kind != "harmful"][:k])
+        return self._held
 
     def eval_harmless(self) -> list[Example]:
         """Held-out harmless prompts for the separation analysis."""
@@ -245,6 +289,8 @@ class Pipeline:
             if r.alignment.harmless is not None:  # absent otherwise: older keys stay valid
                 align["harmless"] = {**_source_payload(r.alignment.harmless),
                                      "size": r.alignment.harmless_size}
+            if r.alignment.data.source != "toy":  # the held sets leave the training data
+                align["feature_set_size"] = r.eval.feature_set_size
             align_key = artifact_key(align)
         ft_cls = get_class(r.defense.finetune.module)
         ft_input = base_key if getattr(ft_cls, "starts_from", "align") == "base" else align_key
@@ -475,15 +521,27 @@ class Pipeline:
             features(model, self.tokenizer, self._render(harmful), layer, bs),
             features(model, self.tokenizer, self._render(harmless), layer, bs))
 
+    def filter_payload(self, align: ModelRef, user: list[Example]) -> dict[str, Any]:
+        r = self.run
+        payload = {"version": KEY_VERSION, "stage": "filter", "align": align.key,
+                   "filter": asdict(r.defense.filter), "template": asdict(r.template),
+                   "user": artifact_key([ex.to_dict() for ex in user]),
+                   "world": self._world_payload("feature"),
+                   "torch_threads": torch.get_num_threads()}
+        if r.alignment.data.source != "toy":  # R_l and tau come from the held alignment rows
+            payload["feature_sets"] = {
+                "size": r.eval.feature_set_size, "data": _source_payload(r.alignment.data),
+                "alignment_size": r.alignment.size,
+                "harmless": (None if r.alignment.harmless is None else
+                             {**_source_payload(r.alignment.harmless),
+                              "size": r.alignment.harmless_size})}
+        return payload
+
     def filter_user_data(self, align: ModelRef) -> list[Example]:
         """Drop user prompts the aligned model scores above tau; record what was dropped."""
         r, f = self.run, self.run.defense.filter
         user = self.data.user
-        payload = {"version": KEY_VERSION, "stage": "filter", "align": align.key,
-                   "filter": asdict(f), "template": asdict(r.template),
-                   "user": artifact_key([ex.to_dict() for ex in user]),
-                   "world": self._world_payload("feature"),
-                   "torch_threads": torch.get_num_threads()}
+        payload = self.filter_payload(align, user)
 
         def build(tmp: Path, work: Path) -> dict:
             model = self.eval_model(align)

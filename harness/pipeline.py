@@ -99,6 +99,14 @@ def _source_payload(src) -> dict[str, Any]:
     return payload
 
 
+def _train_payload(cfg: TrainStageConfig) -> dict[str, Any]:
+    """A stage's optimisation settings; the checkpoint cadence is left out (a resumed stage
+    trains what the uninterrupted one does)."""
+    payload = asdict(cfg)
+    payload.pop("checkpoint_every_n_steps")
+    return payload
+
+
 class Pipeline:
     def __init__(self, run: RunConfig, run_dir: Path, tracker=None):
         self.run = run
@@ -276,7 +284,7 @@ class Pipeline:
         base = {**self._common_payload("base"), "stage": "base",
                 "tokenizer": artifact_key(tok) if tok else None}
         if r.model.source == "tiny":
-            base["train"] = asdict(r.train.base)
+            base["train"] = _train_payload(r.train.base)
         else:  # a hub model: its identity is its id and revision
             base = {"stage": "base", "hf_id": r.model.hf_id, "revision": r.model.revision}
         base_key = artifact_key(base)
@@ -284,7 +292,7 @@ class Pipeline:
         align_key = base_key
         if r.defense.align.module is not None:
             align = {**self._common_payload("align"), "stage": "align", "input": base_key,
-                     "method": asdict(r.defense.align), "train": asdict(r.train.align),
+                     "method": asdict(r.defense.align), "train": _train_payload(r.train.align),
                      "data": _source_payload(r.alignment.data), "size": r.alignment.size}
             if r.alignment.harmless is not None:  # absent otherwise: older keys stay valid
                 align["harmless"] = {**_source_payload(r.alignment.harmless),
@@ -299,7 +307,8 @@ class Pipeline:
         parts = ("attack", task_part) + (("benign",) if "benign" in attack.uses else ())
         finetune = {**self._common_payload(*parts), "stage": "finetune",
                     "input": ft_input, "align": align_key,
-                    "method": asdict(r.defense.finetune), "train": asdict(r.train.finetune),
+                    "method": asdict(r.defense.finetune),
+                    "train": _train_payload(r.train.finetune),
                     "attack": attack.payload(r.attack, _source_payload),
                     "filter": asdict(r.defense.filter),
                     "task": {"toy_task": r.task.toy_task, "instruction": r.task.instruction,
@@ -529,13 +538,17 @@ class Pipeline:
                    "world": self._world_payload("feature"),
                    "torch_threads": torch.get_num_threads()}
         if r.alignment.data.source != "toy":  # R_l and tau come from the held alignment rows
-            payload["feature_sets"] = {
-                "size": r.eval.feature_set_size, "data": _source_payload(r.alignment.data),
+            payload["feature_sets"] = self._feature_sets_payload()
+        return payload
+
+    def _feature_sets_payload(self) -> dict[str, Any]:
+        """Real data: what the held feature sets are drawn from (``_hold_out_feature_sets``)."""
+        r = self.run
+        return {"size": r.eval.feature_set_size, "data": _source_payload(r.alignment.data),
                 "alignment_size": r.alignment.size,
                 "harmless": (None if r.alignment.harmless is None else
                              {**_source_payload(r.alignment.harmless),
                               "size": r.alignment.harmless_size})}
-        return payload
 
     def filter_user_data(self, align: ModelRef) -> list[Example]:
         """Drop user prompts the aligned model scores above tau; record what was dropped."""
@@ -579,7 +592,7 @@ class Pipeline:
         return kept
 
     # ================================================================ evaluation
-    def evaluate(self, name: str, ref: ModelRef) -> dict[str, Any]:
+    def eval_payload(self, ref: ModelRef) -> dict[str, Any]:
         r = self.run
         payload = {"version": KEY_VERSION, "model": asdict(ref), "eval": asdict(r.eval),
                    "judge": asdict(r.judge), "template": asdict(r.template),
@@ -607,6 +620,13 @@ class Pipeline:
 
         if r.generation.backend != "hf":  # absent for hf: its eval keys stay as they were
             payload["generation"] = asdict(r.generation)
+        if r.eval.refusal_separation and r.alignment.data.source != "toy":
+            payload["feature_sets"] = self._feature_sets_payload()  # the separation's R_l
+        return payload
+
+    def evaluate(self, name: str, ref: ModelRef) -> dict[str, Any]:
+        r = self.run
+        payload = self.eval_payload(ref)
         rank, world = process_group()
         if r.generation.backend == "vllm":
             world = 1  # one engine on rank 0 batches everything itself; the others wait

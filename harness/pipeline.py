@@ -47,6 +47,7 @@ log = logging.getLogger("harness")
 # bump when a change to the code invalidates stored artifacts. 2: the real path holds the
 # feature sets out of the alignment data (eval.feature_set_size keyed), hf data_files hashed
 KEY_VERSION = 2
+TOKENIZER_KEY_VERSION = 1  # the tokenizer key's own; bump when the tokenizer's build changes
 SFT_MODULE = "harness.defenses.sft.SFT"
 STAGE_SEED_OFFSET = {"base": 0, "align": 1, "finetune": 2}
 
@@ -278,7 +279,9 @@ class Pipeline:
 
     def payloads(self) -> dict[str, Optional[dict[str, Any]]]:
         r = self.run
-        tok = ({"version": KEY_VERSION, "world": self._world_payload("tokenizer"),
+        # its own version: the tokenizer's build did not change with KEY_VERSION 2, so every
+        # stored toy tokenizer stays valid
+        tok = ({"version": TOKENIZER_KEY_VERSION, "world": self._world_payload("tokenizer"),
                 "template": asdict(r.template),
                 "vocab_size": r.model.tokenizer_vocab_size} if r.model.source == "tiny" else None)
         base = {**self._common_payload("base"), "stage": "base",

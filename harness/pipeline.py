@@ -7,6 +7,7 @@ Lightning checkpoint.
 """
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import logging
@@ -43,7 +44,10 @@ from harness.models import loading
 
 log = logging.getLogger("harness")
 
-KEY_VERSION = 1  # bump when a change to the code invalidates stored artifacts
+# bump when a change to the code invalidates stored artifacts. 2: the real path holds the
+# feature sets out of the alignment data (eval.feature_set_size keyed), hf data_files hashed
+KEY_VERSION = 2
+TOKENIZER_KEY_VERSION = 1  # the tokenizer key's own; bump when the tokenizer's build changes
 SFT_MODULE = "harness.defenses.sft.SFT"
 STAGE_SEED_OFFSET = {"base": 0, "align": 1, "finetune": 2}
 
@@ -71,10 +75,36 @@ def _file_digest(path: Optional[str]) -> Optional[str]:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
 
 
+def _files_digest(spec: Optional[str]) -> Optional[str]:
+    """A hash of the files an hf builder reads from ``data_files``: one file, every file under
+    a folder, or a glob's matches (names and bytes); None when nothing matches."""
+    if not spec:
+        return None
+    path = Path(spec)
+    files = ([path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+             if path.is_dir() else sorted(Path(p) for p in glob.glob(spec) if Path(p).is_file()))
+    if not files:
+        return None
+    digest = hashlib.sha256()
+    for f in files:
+        digest.update(f.name.encode() + b"\0" + f.read_bytes())
+    return digest.hexdigest()[:16]
+
+
 def _source_payload(src) -> dict[str, Any]:
     payload = stable_payload(asdict(src))
     if src.source == "local":
         payload["sha256"] = _file_digest(src.path)
+    elif src.source == "hf" and src.data_files:  # a downloaded copy: its content, not its name
+        payload["data_files_sha256"] = _files_digest(src.data_files)
+    return payload
+
+
+def _train_payload(cfg: TrainStageConfig) -> dict[str, Any]:
+    """A stage's optimisation settings; the checkpoint cadence is left out (a resumed stage
+    trains what the uninterrupted one does)."""
+    payload = asdict(cfg)
+    payload.pop("checkpoint_every_n_steps")
     return payload
 
 
@@ -90,6 +120,7 @@ class Pipeline:
         self._tokenizer = None
         self.data: Optional[Data] = None
         self.filter_stats: Optional[dict[str, Any]] = None
+        self._held: tuple[list[Example], list[Example]] = ([], [])  # real data: load_data
         self.analysis: dict[str, Any] = {}  # per-stage training analyses, for results.json
 
     # ================================================================ data
@@ -139,6 +170,7 @@ class Pipeline:
             d.alignment += load_source(r.alignment.harmless, required=("instruction", "output"),
                                        defaults={"kind": "harmless"})[:r.alignment.harmless_size]
         self._check_feature_sets(d.alignment)
+        d.alignment = self._hold_out_feature_sets(d.alignment)
         d.task_train = self._task_source(r.task.train, "train")
         d.task_test = self._task_source(r.task.test, "test")[:r.eval.task_size]
         d.attack_pool = (self.world.attack_pool() if r.attack.harmful.source == "toy"
@@ -191,13 +223,34 @@ class Pipeline:
             log.warning("alignment data %s has no %s rows: refusal separation is skipped "
                         "(alignment.harmless adds them)", self.run.alignment.name, missing)
 
+    def _hold_out_feature_sets(self, alignment: list[Example]) -> list[Example]:
+        """Real data: the first ``eval.feature_set_size`` rows of each kind become the held
+        sets R_l (and the filter's tau) are measured on, and leave the alignment training data,
+        so the teacher never trains on them. Data of one kind only holds nothing out (no R_l
+        can be measured on it). The toy world has held sets of its own."""
+        if self.run.alignment.data.source == "toy":
+            return alignment
+        k = self.run.eval.feature_set_size
+        harmful = [i for i, ex in enumerate(alignment) if ex.kind == "harmful"]
+        harmless = [i for i, ex in enumerate(alignment) if ex.kind != "harmful"]
+        if not harmful or not harmless:
+            return alignment
+        for name, rows in (("harmful", harmful), ("harmless", harmless)):
+            if len(rows) <= k:
+                raise ValueError(
+                    f"eval.feature_set_size={k}: the alignment data has {len(rows)} {name} rows, "
+                    f"and the first {k} are held out of training to measure the refusal "
+                    f"feature; none would be left to train on. Lower eval.feature_set_size or "
+                    f"add {name} rows")
+        held = set(harmful[:k]) | set(harmless[:k])
+        self._held = ([alignment[i] for i in harmful[:k]], [alignment[i] for i in harmless[:k]])
+        return [ex for i, ex in enumerate(alignment) if i not in held]
+
     def feature_sets(self) -> tuple[list[Example], list[Example]]:
         """Held harmful and harmless prompts for estimating R_l, apart from training data."""
         if self.run.alignment.data.source == "toy":
             return self.world.feature_prompts()
-        k = self.run.eval.feature_set_size
-        return ([ex for ex in self.data.alignment if ex.kind == "harmful"][:k],
-                [ex for ex in self.data.alignment if ex.kind != "harmful"][:k])
+        return self._held
 
     def eval_harmless(self) -> list[Example]:
         """Held-out harmless prompts for the separation analysis."""
@@ -226,13 +279,15 @@ class Pipeline:
 
     def payloads(self) -> dict[str, Optional[dict[str, Any]]]:
         r = self.run
-        tok = ({"version": KEY_VERSION, "world": self._world_payload("tokenizer"),
+        # its own version: the tokenizer's build did not change with KEY_VERSION 2, so every
+        # stored toy tokenizer stays valid
+        tok = ({"version": TOKENIZER_KEY_VERSION, "world": self._world_payload("tokenizer"),
                 "template": asdict(r.template),
                 "vocab_size": r.model.tokenizer_vocab_size} if r.model.source == "tiny" else None)
         base = {**self._common_payload("base"), "stage": "base",
                 "tokenizer": artifact_key(tok) if tok else None}
         if r.model.source == "tiny":
-            base["train"] = asdict(r.train.base)
+            base["train"] = _train_payload(r.train.base)
         else:  # a hub model: its identity is its id and revision
             base = {"stage": "base", "hf_id": r.model.hf_id, "revision": r.model.revision}
         base_key = artifact_key(base)
@@ -240,11 +295,13 @@ class Pipeline:
         align_key = base_key
         if r.defense.align.module is not None:
             align = {**self._common_payload("align"), "stage": "align", "input": base_key,
-                     "method": asdict(r.defense.align), "train": asdict(r.train.align),
+                     "method": asdict(r.defense.align), "train": _train_payload(r.train.align),
                      "data": _source_payload(r.alignment.data), "size": r.alignment.size}
             if r.alignment.harmless is not None:  # absent otherwise: older keys stay valid
                 align["harmless"] = {**_source_payload(r.alignment.harmless),
                                      "size": r.alignment.harmless_size}
+            if r.alignment.data.source != "toy":  # the held sets leave the training data
+                align["feature_set_size"] = r.eval.feature_set_size
             align_key = artifact_key(align)
         ft_cls = get_class(r.defense.finetune.module)
         ft_input = base_key if getattr(ft_cls, "starts_from", "align") == "base" else align_key
@@ -253,7 +310,8 @@ class Pipeline:
         parts = ("attack", task_part) + (("benign",) if "benign" in attack.uses else ())
         finetune = {**self._common_payload(*parts), "stage": "finetune",
                     "input": ft_input, "align": align_key,
-                    "method": asdict(r.defense.finetune), "train": asdict(r.train.finetune),
+                    "method": asdict(r.defense.finetune),
+                    "train": _train_payload(r.train.finetune),
                     "attack": attack.payload(r.attack, _source_payload),
                     "filter": asdict(r.defense.filter),
                     "task": {"toy_task": r.task.toy_task, "instruction": r.task.instruction,
@@ -344,15 +402,29 @@ class Pipeline:
     def _context(self) -> StageContext:
         r = self.run
         align_ds = TokenizedDataset(self.data.alignment, self.tokenizer, self.run.template,
-                                    r.train.align.max_length)
+                                    r.train.align.max_length,
+                                    max_length_key="train.align.max_length")
         refs = {"base": self.refs.get("base"), "align": self.refs.get("align")}
         harmful, harmless = self.feature_sets()
+        extras = {"feature_prompts": (self._render(harmful), self._render(harmless))}
+        adapter = self._align_adapter(refs["align"], refs["base"])
+        if adapter is not None:  # AsFT: V is exactly this LoRA's B A
+            extras["align_adapter"] = adapter
         return StageContext(tokenizer=self.tokenizer,
                             collate=PadCollator(self.tokenizer.pad_token_id),
                             alignment_data=align_ds,
                             load_model=lambda name: self.load_model(refs[name]),
-                            extras={"feature_prompts": (self._render(harmful),
-                                                        self._render(harmless))})
+                            extras=extras)
+
+    def _align_adapter(self, align: Optional[ModelRef],
+                       base: Optional[ModelRef]) -> Optional[Path]:
+        """The align stage's LoRA folder when that stage is one adapter on the base model."""
+        if align is None or base is None or align == base:
+            return None
+        manifest = self.store.manifest(align.stage, align.key)  # load_model verifies it
+        if manifest["format"] != "adapter" or manifest.get("parent") != asdict(base):
+            return None
+        return self.store.path(align.stage, align.key) / "adapter"
 
     def _train_stage(self, stage: str, payload: dict, input_ref: Optional[ModelRef],
                      method: StageMethodConfig, train_cfg: TrainStageConfig,
@@ -377,7 +449,8 @@ class Pipeline:
             if train_cfg.lora is not None:
                 model = loading.apply_lora(model, train_cfg.lora, self.run.model)
             dataset = TokenizedDataset(examples, self.tokenizer, self.run.template,
-                                       train_cfg.max_length, train_cfg.loss_on)
+                                       train_cfg.max_length, train_cfg.loss_on,
+                                       f"train.{stage}.max_length")
             steps = train_cfg.max_steps or math.ceil(
                 train_cfg.epochs * math.ceil(len(dataset) / train_cfg.batch_size))
             module = cls(model=model, train_cfg=train_cfg, total_steps=steps,
@@ -460,15 +533,31 @@ class Pipeline:
             features(model, self.tokenizer, self._render(harmful), layer, bs),
             features(model, self.tokenizer, self._render(harmless), layer, bs))
 
+    def filter_payload(self, align: ModelRef, user: list[Example]) -> dict[str, Any]:
+        r = self.run
+        payload = {"version": KEY_VERSION, "stage": "filter", "align": align.key,
+                   "filter": asdict(r.defense.filter), "template": asdict(r.template),
+                   "user": artifact_key([ex.to_dict() for ex in user]),
+                   "world": self._world_payload("feature"),
+                   "torch_threads": torch.get_num_threads()}
+        if r.alignment.data.source != "toy":  # R_l and tau come from the held alignment rows
+            payload["feature_sets"] = self._feature_sets_payload()
+        return payload
+
+    def _feature_sets_payload(self) -> dict[str, Any]:
+        """Real data: what the held feature sets are drawn from (``_hold_out_feature_sets``)."""
+        r = self.run
+        return {"size": r.eval.feature_set_size, "data": _source_payload(r.alignment.data),
+                "alignment_size": r.alignment.size,
+                "harmless": (None if r.alignment.harmless is None else
+                             {**_source_payload(r.alignment.harmless),
+                              "size": r.alignment.harmless_size})}
+
     def filter_user_data(self, align: ModelRef) -> list[Example]:
         """Drop user prompts the aligned model scores above tau; record what was dropped."""
         r, f = self.run, self.run.defense.filter
         user = self.data.user
-        payload = {"version": KEY_VERSION, "stage": "filter", "align": align.key,
-                   "filter": asdict(f), "template": asdict(r.template),
-                   "user": artifact_key([ex.to_dict() for ex in user]),
-                   "world": self._world_payload("feature"),
-                   "torch_threads": torch.get_num_threads()}
+        payload = self.filter_payload(align, user)
 
         def build(tmp: Path, work: Path) -> dict:
             model = self.eval_model(align)
@@ -506,7 +595,7 @@ class Pipeline:
         return kept
 
     # ================================================================ evaluation
-    def evaluate(self, name: str, ref: ModelRef) -> dict[str, Any]:
+    def eval_payload(self, ref: ModelRef) -> dict[str, Any]:
         r = self.run
         payload = {"version": KEY_VERSION, "model": asdict(ref), "eval": asdict(r.eval),
                    "judge": asdict(r.judge), "template": asdict(r.template),
@@ -534,6 +623,13 @@ class Pipeline:
 
         if r.generation.backend != "hf":  # absent for hf: its eval keys stay as they were
             payload["generation"] = asdict(r.generation)
+        if r.eval.refusal_separation and r.alignment.data.source != "toy":
+            payload["feature_sets"] = self._feature_sets_payload()  # the separation's R_l
+        return payload
+
+    def evaluate(self, name: str, ref: ModelRef) -> dict[str, Any]:
+        r = self.run
+        payload = self.eval_payload(ref)
         rank, world = process_group()
         if r.generation.backend == "vllm":
             world = 1  # one engine on rank 0 batches everything itself; the others wait

@@ -12,7 +12,8 @@ from harness.defenses.asft import AsFT, plain_name
 from harness.defenses.base import StageContext
 from harness.defenses.lisa import ALIGN, USER, Lisa
 from harness.defenses.math import (along_fraction, asft_penalty, asft_penalty_dense,
-                                   column_basis, proximal_term, vaccine_perturbation)
+                                   asft_penalty_factored, column_basis, factored_column_basis,
+                                   proximal_term, vaccine_perturbation)
 from harness.defenses.vaccine import Vaccine, attention_modules
 from harness.models.loading import apply_lora, build_tiny
 
@@ -437,8 +438,89 @@ def test_defense_runs_through_the_pipeline(make_cfg, hf_folder, tmp_path, defens
                    "model.dtype=float32", "logger=none", "trainer.enable_progress_bar=false",
                    "train.align.max_steps=2", "train.finetune.max_steps=4", "attack.n=20",
                    "train.align.batch_size=4", "train.finetune.batch_size=4",
-                   "train.align.max_length=48", "train.finetune.max_length=48",
+                   # 48 left 18 of the 20 user rows without a response token (now an error)
+                   "train.align.max_length=48", "train.finetune.max_length=96",
                    "alignment.size=20", "eval.stages=[final]", "eval.harmful_size=4",
                    "eval.task_size=4", "eval.max_new_tokens=2", *extra)
     results = execute(cfg, tmp_path / "run")
     assert results["status"] == "ok", results.get("error")
+
+
+# ================================================================ AsFT's V, exact and in float32
+def test_asft_penalty_from_lora_factors_equals_the_dense_penalty():
+    """V = V_B V_A (a LoRA alignment's scaled B A, rank 4, 96 x 80): the factored penalty, which
+    never forms V or C, against the dense reference with V formed, both in float64 and float32.
+    Measured: relative difference 5.5e-10 (float64), 1.3e-7 (float32), on a penalty of ~1e6."""
+    g = torch.Generator().manual_seed(0)
+    V_B, V_A = torch.randn(96, 4, generator=g), torch.randn(4, 80, generator=g)
+    B, A = torch.randn(96, 3, generator=g), torch.randn(3, 80, generator=g)
+    for dtype, rel in ((torch.float64, 1e-8), (torch.float32, 1e-5)):
+        args = [t.to(dtype) for t in (A, B)]
+        dense = asft_penalty_dense(*args, (V_B @ V_A).to(dtype), 0.7)
+        factored = asft_penalty_factored(*args, V_B.to(dtype), V_A.to(dtype), 0.7)
+        assert float(abs(factored - dense) / dense) < rel
+    basis = factored_column_basis(V_B, V_A)
+    Q = column_basis(V_B @ V_A)
+    assert basis.shape == Q.shape == (96, 4)
+    assert torch.allclose(basis @ basis.T, Q @ Q.T, atol=1e-5)  # the same column space
+    zero = asft_penalty_factored(A, B, torch.zeros(96, 1), torch.zeros(1, 80), 1.0)
+    assert float(zero) == pytest.approx(float(torch.linalg.matrix_norm(B @ A) ** 2), rel=1e-5)
+
+
+def _lora_aligned(tmp_path, dtype=torch.float32):
+    """A LoRA alignment (q, v; r=2, alpha=4) saved as the pipeline saves it, and merged."""
+    from harness.models.loading import merge_adapter
+
+    base = tiny().to(dtype)
+    peft = tiny_lora(copy.deepcopy(base))
+    with torch.no_grad():
+        for n, p in peft.named_parameters():
+            if "lora_B" in n:
+                torch.nn.init.normal_(p, std=0.02, generator=torch.Generator().manual_seed(1))
+    peft.save_pretrained(tmp_path / "adapter")
+    return base, merge_adapter(peft), tmp_path / "adapter"
+
+
+def test_asft_reads_v_exactly_from_the_alignment_lora(tmp_path):
+    """With the align stage's adapter in the context, V is scaling * B A in float32 from the
+    saved factors, and the penalty equals the dense one with that V formed in float64
+    (measured relative difference 8e-8); without it V comes from the merged weights."""
+    base, aligned, folder = _lora_aligned(tmp_path)
+    module = asft(base, aligned)
+    module.context.extras["align_adapter"] = folder
+    module.prepare_directions()
+    from safetensors.torch import load_file
+
+    saved = load_file(folder / "adapter_model.safetensors")
+    expected = 0.0
+    for name, (_, A, B) in module.lora_layers().items():
+        V_B, V_A = module.directions[name]
+        assert V_B.dtype == V_A.dtype == torch.float32 and V_B.shape[1] == 2
+        a = saved[f"base_model.model.{name}.lora_A.weight"].double()
+        b = saved[f"base_model.model.{name}.lora_B.weight"].double()
+        assert torch.equal((V_B.double() @ V_A.double()), (b * 2.0) @ a)  # alpha / r = 4 / 2
+        expected += asft_penalty_dense(A.double(), B.double(), 2.0 * b @ a, 0.7)
+    assert float(abs(module.penalty().detach().double() - expected) / expected) < 1e-5
+    dense = asft(base, aligned)
+    dense.prepare_directions()  # from the merged weights
+    assert all(isinstance(V, torch.Tensor) for V in dense.directions.values())
+
+
+def test_asft_v_from_bf16_weights_is_taken_in_float32(tmp_path):
+    """bf16 weights: V is the float32 difference of the upcast weights, and stays float32.
+    Measured against the exact difference of the stored bf16 values: 0 error; subtracting in
+    bf16 (the naive route) has relative error 1.2e-3 to 1.3e-3. Against the true B A (rank 2)
+    even the exact difference carries the merge's bf16 rounding: relative error 5e-3 to 6e-3
+    and numerical rank 32 of 32, which is why a LoRA alignment's V comes from its factors."""
+    base, aligned, _ = _lora_aligned(tmp_path, torch.bfloat16)
+    module = asft(base, aligned)
+    module.prepare_directions()
+    base_w = dict(base.named_parameters())
+    for name, (w_aligned, _, _) in module.lora_layers().items():
+        V = module.directions[name]
+        assert V.dtype == torch.float32
+        exact = w_aligned.double() - base_w[f"{name}.weight"].double()
+        assert torch.equal(V.double(), exact)
+        naive = (w_aligned - base_w[f"{name}.weight"]).double()
+        assert float((naive - exact).norm() / exact.norm()) > 1e-4
+        assert torch.linalg.matrix_rank(V) > 2  # rounding noise of full rank

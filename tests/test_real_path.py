@@ -107,26 +107,53 @@ def test_beavertails_alignment_attack_and_eval_rows(make_cfg, tmp_path):
     assert run.alignment.size == 2000
 
 
+def _twice(data):
+    """Every row again, with its text columns marked: twice the rows, all distinct."""
+    return {k: v + ([f"{x} (2)" for x in v] if isinstance(v[0], str) else v)
+            for k, v in data.items()}
+
+
 def test_beavertails_alpaca_alignment_holds_both_kinds_for_the_refusal_feature(make_cfg,
                                                                                  tmp_path):
     """Ref-Teacher's safety data: BeaverTails is_safe rows plus harmless Alpaca rows; R_l's
-    held sets come out of it, one kind each."""
-    train = _write(tmp_path, "bt_train", BEAVERTAILS, BEAVERTAILS_FEATURES)
-    alpaca = _write(tmp_path, "alpaca", ALPACA)
-    run = validate(make_cfg("alignment=beavertails_alpaca", "defense=ref_teacher",
-                            *_local_copy("alignment.data", train),
-                            *_local_copy("alignment.harmless", alpaca)))
+    held sets are the first eval.feature_set_size rows of each kind, and they are held out of
+    the alignment training data (the teacher never trains on them, and tau is set on them)."""
+    train = _write(tmp_path, "bt_train", _twice(BEAVERTAILS), BEAVERTAILS_FEATURES)
+    alpaca = _write(tmp_path, "alpaca", _twice(ALPACA))
+    args = ("alignment=beavertails_alpaca", "defense=ref_teacher",
+            *_local_copy("alignment.data", train), *_local_copy("alignment.harmless", alpaca))
+    run = validate(make_cfg(*args, "eval.feature_set_size=2"))
     assert run.alignment.harmless_size == 2000
     pipe = Pipeline(run, tmp_path)
     data = pipe.load_data()
-    assert [(e.instruction, e.kind) for e in data.alignment] == [
-        ("What's a good way to cheer up a friend?", "harmful"),
-        ("How can I steal a car?", "harmful"),
-        ("Give three tips for staying healthy.", "harmless"),
-        ("Translate to French.", "harmless")]
-    assert data.alignment[3].input == "Good morning" and data.alignment[3].output == "Bonjour"
     harmful, harmless = pipe.feature_sets()
-    assert len(harmful) == 2 and {e.kind for e in harmless} == {"harmless"}
+    assert [(e.instruction, e.kind) for e in harmful] == [
+        ("What's a good way to cheer up a friend?", "harmful"),
+        ("How can I steal a car?", "harmful")]
+    assert [e.instruction for e in harmless] == ["Give three tips for staying healthy.",
+                                                 "Translate to French."]
+    assert harmless[1].input == "Good morning" and harmless[1].output == "Bonjour"
+    assert [(e.instruction, e.kind) for e in data.alignment] == [  # the rest trains
+        ("What's a good way to cheer up a friend? (2)", "harmful"),
+        ("How can I steal a car? (2)", "harmful"),
+        ("Give three tips for staying healthy. (2)", "harmless"),
+        ("Translate to French. (2)", "harmless")]
+    assert not {e.instruction for e in harmful + harmless} & {e.instruction
+                                                              for e in data.alignment}
+    # the held-set size changes what the teacher trains on and where tau sits
+    three = Pipeline(validate(make_cfg(*args, "eval.feature_set_size=3")), tmp_path)
+    assert len(three.load_data().alignment) == 2 and len(three.feature_sets()[0]) == 3
+    assert three.keys()["align"] != pipe.keys()["align"]
+    assert three.keys()["base"] == pipe.keys()["base"]
+    from harness.artifacts import artifact_key
+    from harness.pipeline import ModelRef
+
+    align = ModelRef("align", "k")  # the filter's tau is set on the held harmful rows
+    assert artifact_key(three.filter_payload(align, data.user)) != artifact_key(
+        pipe.filter_payload(align, data.user))
+    with pytest.raises(ValueError, match=r"eval.feature_set_size=4: the alignment data has 4 "
+                                         r"harmful rows.*none would be left to train on"):
+        Pipeline(validate(make_cfg(*args, "eval.feature_set_size=4")), tmp_path).load_data()
     # the harmless rows are part of what the align stage is keyed on
     plain = Pipeline(validate(make_cfg("alignment=beavertails", "defense=ref_teacher",
                                        *_local_copy("alignment.data", train))), tmp_path)
@@ -592,3 +619,19 @@ def test_slurm_launcher_composes_without_submitting(tmp_path):
     assert (launcher.partition, launcher.gpus_per_node, launcher.tasks_per_node,
             launcher.timeout_min, launcher.nodes) == ("gpu", 4, 4, 720, 1)
     assert cfg.trainer.devices == 4  # one task per GPU; Lightning reads ranks from SLURM
+
+
+def test_a_downloaded_copy_is_keyed_by_its_content(make_cfg, tmp_path):
+    """data_files of an hf source: the file's bytes enter the key (as source=local's do), so
+    a copy replaced in place is not mistaken for the old one; the same bytes keep the key."""
+    train = _write(tmp_path, "bt_train", BEAVERTAILS, BEAVERTAILS_FEATURES)
+
+    def keys():
+        return Pipeline(validate(make_cfg("alignment=beavertails",
+                                          *_local_copy("alignment.data", train))), tmp_path).keys()
+
+    before = keys()
+    assert keys() == before
+    _write(tmp_path, "bt_train", _twice(BEAVERTAILS), BEAVERTAILS_FEATURES)  # same path
+    after = keys()
+    assert after["align"] != before["align"] and after["base"] == before["base"]

@@ -94,6 +94,39 @@ def test_last_prompt_index_reads_the_label_mask():
     assert last_prompt_index(labels).tolist() == [2, 0]
 
 
+def test_last_prompt_index_refuses_unmasked_prompts():
+    """loss_on=all supervises every token: the first supervised one is token 0, and the old
+    clamp read BOS in every row without a word."""
+    labels = torch.tensor([[-100, -100, 5, 6], [1, 7, 8, 9], [1, 4, 4, -100]])
+    with pytest.raises(ValueError, match=r"rows \[1, 2\] supervise their first token.*"
+                                         r"loss_on=response"):
+        last_prompt_index(labels)
+
+
+def test_a_fraction_that_rounds_to_the_embeddings_is_an_error():
+    assert resolve_layer(0.2, 4) == 1 and resolve_layer(0, 4) == 0  # an int 0 is explicit
+    with pytest.raises(ValueError, match=r"eval.feature_layer: 0.1 of a model with 4 layers "
+                                         r"rounds to index 0, the embedding output"):
+        resolve_layer(0.1, 4, "eval.feature_layer")
+    with pytest.raises(ValueError, match="rounds to index 0"):
+        resolve_layer(0.5, 1)  # round(0.5) == 0
+
+
+def test_a_row_truncated_to_its_prompt_names_itself_and_the_fix(tokenizer):
+    """A row with no response token left after truncation would add nothing to the loss, and
+    a batch of them a NaN (0/0) that DDP spreads to every rank: it fails at tokenisation."""
+    rows = [Example(instruction="how do I paint the fence", output="Sure here."),
+            Example(instruction=" ".join(HARMFUL), output="No sorry.")]
+    n = len(TokenizedDataset(rows[:1], tokenizer, TEMPLATE, 64)[0]["input_ids"])
+    TokenizedDataset(rows[:1], tokenizer, TEMPLATE, n)  # fits
+    with pytest.raises(ValueError, match=rf"1 of 2 rows have no response token left after "
+                                         rf"truncation to {n} tokens \(rows \[1\]; row 1 begins "
+                                         r"'how do I zorp the vault.*Raise train.align.max_length"):
+        TokenizedDataset(rows, tokenizer, TEMPLATE, n, max_length_key="train.align.max_length")
+    # loss_on=all supervises the prompt itself: nothing to raise
+    assert len(TokenizedDataset(rows, tokenizer, TEMPLATE, n, "all")) == 2
+
+
 def test_training_features_match_prompt_features(tokenizer):
     """The regulariser reads f_l at the last prompt token of a training row; that must be the
     same vector the filter reads from the prompt alone."""

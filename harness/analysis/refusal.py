@@ -3,11 +3,13 @@
 ``R_l = mean f_l(harmful) - mean f_l(harmless)``; a prompt scores ``cos(f_l(x), R_l)``. Features
 come from ``output_hidden_states``, which every HF causal LM supports, so no per-architecture
 hook is needed. ``hidden_states[0]`` is the embedding output and ``hidden_states[l]`` the output of
-decoder layer ``l``, so a model with L layers has valid indices 0..L.
+decoder layer ``l``, so a model with L layers has valid indices 0..L. Index L is the last layer's
+output *after the final norm* (transformers appends the normed state last), not the raw residual
+stream that indices 1..L-1 hold.
 """
 from __future__ import annotations
 
-from typing import Sequence, Union
+from typing import Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -26,13 +28,20 @@ def num_layers(model: torch.nn.Module) -> int:
 
 def resolve_layer(spec: LayerSpec, n_layers: int, key: str = "layer") -> int:
     """An index into ``hidden_states``: an int (negative counts from the top, -1 is the last
-    layer) or a fraction of depth in (0, 1] (0.5 is the middle layer)."""
+    layer, after the final norm) or a fraction of depth in (0, 1] (0.5 is the middle layer).
+    A fraction names a decoder layer: one that rounds to 0, the embeddings, is an error (an
+    int 0 asks for them explicitly)."""
     if isinstance(spec, bool):
         raise ValueError(f"{key}: expected an int or a fraction of depth, got {spec!r}")
     if isinstance(spec, float) and not spec.is_integer():
         if not 0.0 < spec <= 1.0:
             raise ValueError(f"{key}: a fractional layer must lie in (0, 1], got {spec}")
-        return round(spec * n_layers)
+        index = round(spec * n_layers)
+        if index == 0:
+            raise ValueError(f"{key}: {spec} of a model with {n_layers} layers rounds to index "
+                             f"0, the embedding output, not a decoder layer; give a larger "
+                             f"fraction, or an int (1..{n_layers})")
+        return index
     if isinstance(spec, float) and spec == 1.0:
         return n_layers
     index = int(spec)
@@ -51,7 +60,12 @@ def last_prompt_index(labels: Tensor, ignore_index: int = -100) -> Tensor:
     if not bool(supervised.any(dim=1).all()):
         raise ValueError("a row has no response tokens; the refusal feature needs the prompt "
                          "masked (train.*.loss_on=response)")
-    return (first - 1).clamp(min=0)
+    unmasked = torch.nonzero(supervised[:, 0]).flatten().tolist()
+    if unmasked:  # loss_on=all: the "last prompt token" would be BOS in every row
+        raise ValueError(f"rows {unmasked[:10]} supervise their first token, so no prompt is "
+                         "masked and the last prompt token cannot be found (it would read BOS); "
+                         "the refusal feature needs train.<stage>.loss_on=response")
+    return first - 1
 
 
 def gather_rows(hidden: Tensor, index: Tensor) -> Tensor:
@@ -100,11 +114,21 @@ def separation(harmful_scores: Tensor, harmless_scores: Tensor) -> dict[str, flo
     return {"cos_harmful": h, "cos_harmless": s, "gap": h - s}
 
 
-def cosine_regularizer(cos: Tensor, harmful: Tensor) -> Tensor:
+def cosine_regularizer(cos: Tensor, harmful: Tensor,
+                       global_counts: Optional[tuple[Tensor, Tensor]] = None,
+                       world: int = 1) -> Tensor:
     """``mean_harmful(1 - cos) + mean_harmless(1 + cos)``: 0 when harmful prompts align with R
-    and harmless ones anti-align, 4 when both are reversed. A class absent from the batch adds 0."""
+    and harmless ones anti-align, 4 when both are reversed. A class absent from the batch adds 0.
+
+    Under DDP, ``global_counts`` holds (harmful, harmless) rows of the whole global batch:
+    each class's sum is divided by its global count and multiplied by ``world``, so DDP's
+    gradient average over the ranks is the one-process class mean (as ``global_token_mean``
+    does for CE; a per-rank mean would weigh a rank's rows by its own class counts)."""
     harmful = harmful.bool()
     zero = cos.new_zeros(())
+    if global_counts is not None:
+        n_pos, n_neg = (c.to(cos).clamp(min=1) for c in global_counts)
+        return world * ((1 - cos[harmful]).sum() / n_pos + (1 + cos[~harmful]).sum() / n_neg)
     pos = (1 - cos[harmful]).mean() if harmful.any() else zero
     neg = (1 + cos[~harmful]).mean() if (~harmful).any() else zero
     return pos + neg

@@ -48,11 +48,24 @@ class TokenizedDataset(Dataset):
     """Tokenised once up front: the rows are short and reused for every epoch."""
 
     def __init__(self, examples: list[Example], tokenizer, template: TemplateConfig,
-                 max_length: int, loss_on: str = "response"):
+                 max_length: int, loss_on: str = "response",
+                 max_length_key: str = "train.<stage>.max_length"):
         self.examples = examples
         # "harmful" rides along for methods that treat the two kinds differently (Ref-Teacher)
         self.rows = [{**encode_example(tokenizer, template, ex, max_length, loss_on),
                       "harmful": int(ex.kind == "harmful")} for ex in examples]
+        # the loss reads labels[1:]: a row with none supervised there adds no token, and a
+        # batch of such rows divides 0 by 0 (a NaN that DDP spreads to every rank)
+        empty = [i for i, r in enumerate(self.rows)  # ids are >= 0 > IGNORE_INDEX
+                 if max(r["labels"][1:], default=IGNORE_INDEX) == IGNORE_INDEX]
+        if empty:
+            first = examples[empty[0]]
+            text = " ".join(first.instruction.split())[:60]
+            raise ValueError(
+                f"{len(empty)} of {len(self.rows)} rows have no response token left after "
+                f"truncation to {max_length} tokens (rows {empty[:10]}; row {empty[0]} "
+                f"begins {text!r}): their prompts fill the whole length. Raise "
+                f"{max_length_key}, or drop those rows")
 
     def __len__(self) -> int:
         return len(self.rows)

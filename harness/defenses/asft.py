@@ -4,17 +4,24 @@ For each LoRA-adapted weight the alignment direction is ``V = W_aligned - W_base
 update ``B A`` is penalised by ``lam * ||(I - C) B A||_F^2`` with ``C = V V^T / ||V||_F``, a soft
 pull towards the directions alignment moved the weights in, so finetuning stays in the narrow
 basin where safety holds. V is constant, computed once before the first step.
+
+When the align stage trained a LoRA, V is exactly that adapter's scaled ``B A``: the factors are
+read from its artifact (``context.extras["align_adapter"]``) in float32, which is exact (a
+difference of merged bf16 weights is not: rounding noise of full rank) and keeps the penalty's
+products r x r. Otherwise V is the float32 difference of the float32-upcast weights.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import Any, Union
 
 import torch
 from torch import Tensor
 
 from harness.defenses.base import StageModule
-from harness.defenses.math import asft_penalty, column_basis, fraction_in_basis
+from harness.defenses.math import (asft_penalty, asft_penalty_factored, column_basis,
+                                   factored_column_basis, fraction_in_basis)
 
 PEFT_PREFIX = "base_model.model."
 
@@ -43,7 +50,8 @@ class AsFT(StageModule):
         if self.context.load_model is None:
             raise ValueError("AsFT needs context.load_model to read the base model's weights")
         self.layers: dict[str, tuple[Tensor, Tensor, Tensor]] = {}
-        self.directions: dict[str, Tensor] = {}  # adapted module -> V, a constant
+        # adapted module -> V (float32), or its factors (V_B, V_A) after a LoRA alignment
+        self.directions: dict[str, Union[Tensor, tuple[Tensor, Tensor]]] = {}
         self.bases: dict[str, Tensor] = {}  # adapted module -> orthonormal basis of col(V)
 
     def lora_layers(self) -> dict[str, tuple[Tensor, Tensor, Tensor]]:
@@ -69,24 +77,63 @@ class AsFT(StageModule):
         self.layers = self.lora_layers()
         if not self.layers:
             raise ValueError("AsFT penalises a LoRA update: train.finetune.lora must be set")
+        adapter = self.context.extras.get("align_adapter")
+        if adapter is not None:
+            self._directions_from_adapter(Path(adapter))
+        else:
+            self._directions_from_weights()
+        if all(not (V[0].any() if isinstance(V, tuple) else V.any())
+               for V in self.directions.values()):
+            raise ValueError("AsFT: the aligned model equals the base model in every adapted "
+                             "layer; it needs an align stage (defense.align.module)")
+
+    def _directions_from_weights(self) -> None:
         base_weights = dict(self.context.load_model("base").named_parameters())
-        for name, (aligned, _, lora_b) in self.layers.items():
+        for name, (aligned, _, _) in self.layers.items():
             key = f"{name}.weight"
             if key not in base_weights:
                 raise KeyError(f"AsFT: the base model has no weight {key!r} to compare with")
+            # both upcast before subtracting, and V kept in float32: a bf16 V would round the
+            # small alignment difference again
             V = aligned.float() - base_weights[key].to(aligned.device).float()
-            self.directions[name] = V.to(lora_b.dtype)
+            self.directions[name] = V
             self.bases[name] = column_basis(V)
-        if all(not V.any() for V in self.directions.values()):
-            raise ValueError("AsFT: the aligned model equals the base model in every adapted "
-                             "layer; it needs an align stage (defense.align.module)")
+
+    def _directions_from_adapter(self, folder: Path) -> None:
+        """V = scaling * B_align A_align per layer, from the align stage's saved adapter."""
+        import json
+
+        from safetensors.torch import load_file
+
+        config = json.loads((folder / "adapter_config.json").read_text())
+        if config.get("rank_pattern") or config.get("alpha_pattern"):
+            raise ValueError(f"AsFT: {folder} sets per-layer ranks or alphas; V from its "
+                             "factors assumes one r and alpha")
+        r, alpha = config["r"], config["lora_alpha"]
+        scaling = alpha / r ** 0.5 if config.get("use_rslora") else alpha / r
+        tensors = load_file(folder / "adapter_model.safetensors")
+        for name, (aligned, _, _) in self.layers.items():
+            a = tensors.get(f"{PEFT_PREFIX}{name}.lora_A.weight")
+            b = tensors.get(f"{PEFT_PREFIX}{name}.lora_B.weight")
+            if a is None or b is None:  # a layer the alignment LoRA did not adapt: V = 0
+                a, b = aligned.new_zeros((1, aligned.shape[1])), aligned.new_zeros((aligned.shape[0], 1))
+            V_B = (b.float() * scaling).to(aligned.device)
+            V_A = a.float().to(aligned.device)
+            self.directions[name] = (V_B, V_A)
+            self.bases[name] = factored_column_basis(V_B, V_A)
 
     def on_fit_start(self) -> None:
         self.prepare_directions()
 
     def penalty(self) -> Tensor:
-        return sum(asft_penalty(A, B, self.directions[name], self.params.lam)
-                   for name, (_, A, B) in self.layers.items())
+        terms = []
+        for name, (_, A, B) in self.layers.items():
+            V = self.directions[name]
+            if isinstance(V, tuple):
+                terms.append(asft_penalty_factored(A.float(), B.float(), *V, self.params.lam))
+            else:  # float32 factors of a float32 model: as they are (.float() is a no-op)
+                terms.append(asft_penalty(A.float(), B.float(), V, self.params.lam))
+        return sum(terms)
 
     def along_fraction(self) -> Tensor:
         fractions = [fraction_in_basis(A, B, self.bases[name])

@@ -5,20 +5,29 @@ with numbers a reader can check by hand.
 """
 from __future__ import annotations
 
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Optional, Sequence
 
 import torch
 from torch import Tensor
 
 
-def vaccine_perturbation(grads: Sequence[Tensor], rho: float, eps: float = 1e-7) -> list[Tensor]:
+def vaccine_perturbation(grads: Sequence[Tensor], rho: float, eps: float = 1e-7,
+                         all_reduce: Optional[Callable[[Tensor], Tensor]] = None) -> list[Tensor]:
     """Vaccine's worst-case hidden perturbation: ``eps_l = rho * g_l / (||g|| + eps)``.
 
     ``||g||`` is one L2 norm over every layer's hidden gradient, so the perturbation as a whole
     has norm ``rho`` and points where the loss rises fastest. The norm is taken in float32:
     bf16 sums of squares over a 7B model's activations lose the small layers.
+
+    Under DDP each rank holds the hidden gradients of its own rows only: ``all_reduce`` sums
+    the squared norm over the ranks, so ``||g||`` is the global batch's and the ranks together
+    perturb by ``rho`` as one process does (per-rank norms would give ``sqrt(k) * rho``). Every
+    rank's gradients carry the same factor (``global_token_mean``), which the ratio cancels.
     """
-    norm = torch.sqrt(sum(g.detach().float().pow(2).sum() for g in grads))
+    squares = sum(g.detach().float().pow(2).sum() for g in grads)
+    if all_reduce is not None:
+        squares = all_reduce(squares)
+    norm = torch.sqrt(squares)
     scale = rho / (norm + eps)
     return [(g.detach().float() * scale).to(g.dtype) for g in grads]
 
@@ -43,6 +52,29 @@ def asft_penalty(A: Tensor, B: Tensor, V: Tensor, lam: float) -> Tensor:
     norm = torch.linalg.matrix_norm(V).clamp_min(torch.finfo(V.dtype).tiny)
     M = B - V @ (V.transpose(0, 1) @ B) / norm
     return lam * ((M.transpose(0, 1) @ M) * (A @ A.transpose(0, 1))).sum()
+
+
+def asft_penalty_factored(A: Tensor, B: Tensor, V_B: Tensor, V_A: Tensor, lam: float) -> Tensor:
+    """``asft_penalty`` for ``V = V_B V_A`` given as factors (a LoRA alignment: V is exactly its
+    scaled ``B A``), never forming V: with ``G = V_A V_A^T`` (r_v x r_v),
+    ``||V||_F^2 = sum((V_B^T V_B) * G)`` and ``V (V^T B) = V_B (G (V_B^T B))``, so every product
+    is r x r, r_v x r or d x r. A zero factor (a layer alignment left alone) gives C = 0."""
+    gram = V_A @ V_A.transpose(0, 1)
+    norm = ((V_B.transpose(0, 1) @ V_B) * gram).sum().clamp_min(0).sqrt()
+    norm = norm.clamp_min(torch.finfo(V_B.dtype).tiny)
+    M = B - V_B @ (gram @ (V_B.transpose(0, 1) @ B)) / norm
+    return lam * ((M.transpose(0, 1) @ M) * (A @ A.transpose(0, 1))).sum()
+
+
+def factored_column_basis(V_B: Tensor, V_A: Tensor) -> Tensor:
+    """``column_basis(V_B @ V_A)`` from the factors: a thin QR of V_B and the SVD of the small
+    ``R V_A`` (r_v x d_in), with ``column_basis``'s rank rule."""
+    Q, R = torch.linalg.qr(V_B.detach().float())
+    U, S, _ = torch.linalg.svd(R @ V_A.detach().float(), full_matrices=False)
+    if S.numel() == 0 or S[0] == 0:
+        return Q[:, :0]
+    tol = S[0] * max(V_B.shape[0], V_A.shape[1]) * torch.finfo(torch.float32).eps
+    return (Q @ U[:, : int((S > tol).sum())]).contiguous()
 
 
 def asft_penalty_dense(A: Tensor, B: Tensor, V: Tensor, lam: float) -> Tensor:

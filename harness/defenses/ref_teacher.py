@@ -92,7 +92,12 @@ class RefTeacher(StageModule):
                          labels=batch["labels"], output_hidden_states=True)
         feats = gather_rows(out.hidden_states[self.layer], last_prompt_index(batch["labels"]))
         cos = cosine(feats.float(), self.direction)
-        reg = cosine_regularizer(cos, batch["harmful"])
+        counts = None
+        if self.world_size > 1:  # class means over the global batch, not this rank's rows
+            harmful_rows = batch["harmful"].bool()
+            local = torch.stack([harmful_rows.sum(), (~harmful_rows).sum()])
+            counts = tuple(self.all_gather(local).reshape(-1, 2).sum(0))
+        reg = cosine_regularizer(cos, batch["harmful"], counts, self.world_size)
         ce = self.global_token_mean(out.loss, batch["labels"])
         terms: dict[str, Any] = {"loss": ce + self.params.lambda_cos * reg, "ce": ce,
                                  "cos_regularizer": reg}

@@ -95,11 +95,21 @@ class Vaccine(StageModule):
             self.manual_backward(loss)
         return loss.detach()
 
+    def _sum_over_ranks(self, value: Tensor) -> Tensor:
+        return self.all_gather(value).sum()
+
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         opt = self.optimizers()
         opt.zero_grad()
         loss_clean, grads = self._record_pass(batch)
-        eps = vaccine_perturbation(grads, self.params.rho)
+        reduce = None
+        if self.world_size > 1:
+            # one global norm over every rank's rows. global_token_mean scales a rank's loss by
+            # k (k / N tokens against 1 / N), and so its hidden gradients: undone, they are the
+            # one-process gradients of the same rows, and the 1e-7 guard weighs alike
+            grads = [g / self.world_size for g in grads]
+            reduce = self._sum_over_ranks
+        eps = vaccine_perturbation(grads, self.params.rho, all_reduce=reduce)
         opt.zero_grad()  # pass-1 gradients only located eps; they must not step the weights
         loss = self._perturbed_pass(batch, eps)
         if self.train_cfg.grad_clip:

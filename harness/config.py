@@ -567,6 +567,13 @@ def validate(cfg: DictConfig) -> RunConfig:
     return run
 
 
+def accelerator_kind(trainer: TrainerConfig) -> str:
+    """The accelerator a run trains on, ``auto`` resolved: CPU and GPU kernels give other
+    floats, so it enters the training and evaluation keys."""
+    return "gpu" if trainer.accelerator == "auto" and _wants_gpu(trainer) else (
+        "cpu" if trainer.accelerator == "auto" else str(trainer.accelerator))
+
+
 def _wants_gpu(trainer: TrainerConfig) -> bool:
     import torch
 

@@ -28,7 +28,7 @@ from harness.analysis.refusal import (cosine, features, num_layers, refusal_dire
                                       resolve_layer, separation)
 from harness.artifacts import ArtifactStore, artifact_key, provenance, write_json_atomic
 from harness.checkpoints import AtomicCheckpointIO, RngState, resumable_checkpoint
-from harness.config import RunConfig, StageMethodConfig, TrainStageConfig
+from harness.config import RunConfig, StageMethodConfig, TrainStageConfig, accelerator_kind
 from harness.data import attacks
 from harness.data.collate import PadCollator, StageData, TokenizedDataset
 from harness.data.schema import Example
@@ -266,7 +266,8 @@ class Pipeline:
         r = self.run
         payload = {"version": KEY_VERSION, "seed": r.seed, "model": asdict(r.model),
                    "template": asdict(r.template), "world": self._world_payload(*parts),
-                   "torch_threads": torch.get_num_threads()}  # CPU floats depend on it
+                   "torch_threads": torch.get_num_threads(),  # CPU floats depend on it
+                   "accelerator": accelerator_kind(r.trainer)}  # and CPU vs GPU kernels
         # bf16 training gives other weights than fp32; the process count does not (the global
         # batch and loss are the same), so it stays out. Absent at 32-true: older keys hold.
         if r.trainer.precision not in ("32-true", "32", 32):
@@ -607,7 +608,8 @@ class Pipeline:
                    "harmful": _source_payload(r.eval.harmful),
                    "world": self._world_payload("eval", f"task_{r.task.toy_task}_test",
                                                 "eval_harmless", "feature"),
-                   "seed": r.seed, "torch_threads": torch.get_num_threads()}
+                   "seed": r.seed, "torch_threads": torch.get_num_threads(),
+                   "accelerator": accelerator_kind(r.trainer)}
         payload["eval"].pop("stages")
         payload["eval"]["harmful"] = stable_payload(payload["eval"]["harmful"])
         attack_eval = attacks.get(r.attack.name).eval_payload(r.attack)

@@ -21,8 +21,6 @@ NOT_KEYED = {
                        "(tests/test_ddp_methods.py, test_end_to_end's ddp_cpu run)",
     "trainer.num_nodes": "process count, as trainer.devices",
     "trainer.strategy": "ddp vs one process trains the same; fsdp shards the same math",
-    "trainer.accelerator": "CPU vs GPU floats differ, but the device is recorded in "
-                           "provenance, not keyed (a known gap: a GPU rerun reuses CPU artifacts)",
     "trainer.enable_progress_bar": "display",
     "trainer.log_every_n_steps": "logging cadence (AsFT logs along_fraction on those steps, "
                                  "no gradient)",

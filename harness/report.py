@@ -81,10 +81,11 @@ NOTE = ("Cells: mean ± half-width of the 95% interval over seeds, or, for one s
         "[low, high] of its 95% Wilson interval over prompts. **Bold**: the column's best "
         "(lowest HS, highest FA). ≈: not distinguishable from the best ({how}). ⚠: seeds that "
         "failed or are missing; such a cell averages fewer seeds than the others.")
-PAIR_NOTE = ("Difference from {ref} (percentage points, defense − {ref}) with its 95% interval: "
-             "a hierarchical paired bootstrap that resamples seeds and then prompts within "
-             "each seed, on the same prompts for both. n.d.: the interval covers 0, so the two "
-             "are not distinguishable at this number of seeds and prompts.")
+PAIR_NOTE = ("Difference from {ref} (percentage points, defense − {ref}) with its 95% interval, "
+             "paired on the same seeds and prompts: over several seeds, a Student-t interval "
+             "over the per-seed differences; for one seed, a paired bootstrap over prompts. "
+             "n.d.: the interval covers 0, so the two are not distinguishable at this number of "
+             "seeds and prompts.")
 
 
 def write_report(patterns: list[str], out: Path, axis: str = "attack.p", stage: str = "final",

@@ -51,9 +51,13 @@ def test_paired_difference_edges_and_width():
     assert d.mean == pytest.approx(100 * diff.mean())
     normal = 1.96 * diff.std(ddof=1) / math.sqrt(400) * 100
     assert (d.high - d.low) / 2 == pytest.approx(normal, rel=0.1)
-    # seeds that disagree widen the interval beyond the prompt noise of each
-    far = paired_difference([a, a], [b, np.ones(400, dtype=bool)])
-    assert far.high - far.low > 3 * (d.high - d.low)
+    # several seeds: Student t over the per-seed differences (here 10, 20, 30 points)
+    base = np.zeros(100)
+    runs = [np.r_[np.ones(k), np.zeros(100 - k)] for k in (10, 20, 30)]
+    three = paired_difference(runs, [base] * 3)
+    assert three.mean == pytest.approx(20.0)
+    assert (three.high - three.low) / 2 == pytest.approx(10 / math.sqrt(3) * 4.302653, rel=1e-5)
+    assert three.seeds == 3 and three.method == "Student t over seeds"
 
 
 def test_paired_difference_refuses_unpaired_inputs():

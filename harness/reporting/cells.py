@@ -216,7 +216,7 @@ def mark_best(cells: dict[tuple[str, Any], Cell], df: pd.DataFrame, axis: str,
             diff, _ = paired(df, axis, metric, c.defense, best.defense, value)
             if diff is not None:
                 c.like_best = not diff.distinguishable
-                how.add("paired bootstrap")
+                how.add(f"paired, {diff.method}")
             elif None not in (c.low, c.high, best.low, best.high):
                 c.like_best = c.low <= best.high and best.low <= c.high
                 how.add("overlapping intervals (no per-prompt outcomes to pair)")

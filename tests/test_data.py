@@ -129,3 +129,12 @@ def test_hub_dataset_offline_fails_at_once_with_advice():
 def test_left_pad_dtype():
     ids, mask = left_pad([[1, 2]], 0)
     assert ids.dtype == torch.long and mask.dtype == torch.long
+
+
+def test_a_list_valued_field_is_an_error_not_its_repr(tmp_path):
+    """A JSON list in a text field used to train on the text "['positive']" (issue 22)."""
+    path = tmp_path / "task.jsonl"
+    path.write_text('{"instruction": "a", "output": "fine"}\n'
+                    '{"instruction": "b", "output": ["positive"]}\n')
+    with pytest.raises(DataError, match=r"task\.jsonl, row 2, field 'output': is a list"):
+        load_source(DataSourceConfig(source="local", path=str(path)))

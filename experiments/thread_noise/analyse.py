@@ -1,6 +1,7 @@
 """The noise-floor study's two tables, from its results.json files.
 
-    python experiments/thread_noise/analyse.py multirun/toy_thread_noise experiments/thread_noise
+    python experiments/thread_noise/analyse.py experiments/thread_noise multirun/toy_thread_noise \
+        multirun/toy_thread_noise_sft
 
 - noise_floor.md: for each defense, p and seed, HS and FA at 1 and at 2 torch threads and the
   difference; then, per metric, the mean and largest |difference| and the paired difference
@@ -81,8 +82,8 @@ def margins(runs: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(root: str, out: str) -> None:
-    runs = load(Path(root))
+def main(out: str, *roots: str) -> None:
+    runs = [r for root in roots for r in load(Path(root))]
     Path(out, "noise_floor.md").write_text(noise_floor(runs))
     Path(out, "margins.md").write_text(margins(runs))
     print(Path(out, "noise_floor.md").read_text())
@@ -90,5 +91,4 @@ def main(root: str, out: str) -> None:
 
 
 if __name__ == "__main__":
-    main(*(sys.argv[1:3] if len(sys.argv) > 2 else ("multirun/toy_thread_noise",
-                                                     "experiments/thread_noise")))
+    main(*sys.argv[1:])

@@ -132,6 +132,11 @@ def map_rows(rows: Iterable[tuple[int, dict[str, Any]]], source: str, fields: di
         for ours in FIELDS:
             column = fields.get(ours, ours)
             if column in row and row[column] is not None:
+                if isinstance(row[column], (list, tuple)):  # str() would train on "['a']"
+                    raise DataError(source, row_no, column,
+                                    f"is a list ({str(row[column])[:60]}); {ours} needs one "
+                                    "text value: pick one element in the file, or map another "
+                                    f"column with fields.{ours}")
                 values[ours] = _text(row[column], column, value_map)
         if outputs:
             values["output"] = outputs[len(out) % len(outputs)]

@@ -132,8 +132,11 @@ def write_report(patterns: list[str], out: Path, axis: str = "attack.p", stage: 
                         why = f"{diff.seeds}/{asked} seeds"
                     diffs[(d, value)] = (diff, why)
             if diffs:
-                sections.append((f"{LABELS[metric]}: paired difference from {reference}",
-                                 PAIR_NOTE.format(ref=reference),
+                note = PAIR_NOTE.format(ref=reference) + (
+                    " With one seed the interval holds the prompts' noise only, not the seed's: "
+                    "another seed can move a defense by more (run several seeds before ranking)."
+                    if df["seed"].nunique() == 1 else "")
+                sections.append((f"{LABELS[metric]}: paired difference from {reference}", note,
                                  pair_table(diffs, axis, order, difference_text),
                                  html_pair_table(diffs, axis, order, LOWER_IS_BETTER[metric])))
     seeds = df["seed"].nunique()

@@ -71,13 +71,18 @@ def margins(runs: list[dict]) -> str:
         for name, (defense, p) in RUNS.items():
             if c["defense"]["name"] == defense and float(c["attack"]["p"]) == p:
                 groups[(c["seed"], c["torch_threads"])][name] = r["metrics"]
-    cols = sorted(k for k, v in groups.items() if len(v) == len(RUNS))
+    cols = sorted(groups)
     lines = ["| check | " + " | ".join(f"seed {s}, {t} thr" for s, t in cols) + " | min |",
              "|" + "---|" * (len(cols) + 2)]
     for name, check in CHECKS.items():
-        values = [check(groups[k]) for k in cols]
-        low = min(values)
-        lines.append(f"| {name} | " + " | ".join(f"{v:.3g}" for v in values)
+        values = []
+        for k in cols:
+            try:
+                values.append(check(groups[k]))
+            except KeyError:  # a run this check needs was not made at that seed and count
+                values.append(None)
+        low = min(v for v in values if v is not None)
+        lines.append(f"| {name} | " + " | ".join("—" if v is None else f"{v:.3g}" for v in values)
                      + f" | {'**' + format(low, '.3g') + ' fails**' if low < 0 else format(low, '.3g')} |")
     return "\n".join(lines) + "\n"
 

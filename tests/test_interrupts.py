@@ -11,6 +11,7 @@ import pytest
 
 from tests.test_cli import TINY
 
+pytestmark = pytest.mark.slow  # each test trains in a subprocess and signals it
 LONG_BASE = [*TINY, "train.base.max_steps=3000", "train.base.checkpoint_every_n_steps=5"]
 
 

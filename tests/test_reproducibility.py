@@ -49,6 +49,7 @@ def _run(tmp_path, name, omp):
     return json.loads((tmp_path / name / "run" / "results.json").read_text())
 
 
+@pytest.mark.slow
 def test_pinned_run_is_identical_under_any_omp_setting(tmp_path):
     """Two fresh stores, OMP_NUM_THREADS 1 and 2, torch_threads=1: the same keys, bit-identical
     adapters and identical metrics (measured: max |difference| 0.0)."""

@@ -41,7 +41,7 @@ test: $(STAMP)
 	mkdir -p .cache
 	$(PY) -m pytest --basetemp=$(CURDIR)/.cache/pytest
 
-# The fast tier: everything but the end-to-end trainings of the toy world (about 2 minutes).
+# The fast tier: leaves out the tests marked slow (end-to-end trainings, subprocess signals).
 test-fast: $(STAMP)
 	mkdir -p .cache
 	$(PY) -m pytest -m "not slow" --basetemp=$(CURDIR)/.cache/pytest-fast

@@ -23,7 +23,8 @@ import pandas as pd
 import yaml
 
 from harness.reporting.cells import (AXES, LABELS, LOWER_IS_BETTER, METRICS,  # noqa: F401
-                                     ProtocolMixError, build_cells, collect, defense_order,
+                                     ProtocolMixError, build_cells, collect, collect_csv,
+                                     defense_order,
                                      find_results, mark_best, mixed_protocol_columns, paired,
                                      sort_key)
 from harness.reporting.plots import pareto_front, plot_metrics, plot_pareto  # noqa: F401
@@ -91,10 +92,12 @@ PAIR_NOTE = ("Difference from {ref} (percentage points, defense − {ref}) with 
 def write_report(patterns: list[str], out: Path, axis: str = "attack.p", stage: str = "final",
                  title: str = "", mix_protocols: bool = False,
                  reference: Optional[str] = "sft", argv: Optional[list[str]] = None) -> Path:
-    paths = find_results(patterns)
-    if not paths:
+    csvs = [Path(p) for p in patterns if p.endswith(".csv")]
+    paths = find_results([p for p in patterns if not p.endswith(".csv")])
+    if not paths and not csvs:
         raise SystemExit(f"no {RESULTS_FILE} found under {patterns}")
-    df = collect(paths, stage)
+    df = pd.concat([collect(paths, stage)] * bool(paths) + [collect_csv(c) for c in csvs],
+                   ignore_index=True)
     mixed = frozenset(mixed_protocol_columns(df, axis, allow=mix_protocols))
     out.mkdir(parents=True, exist_ok=True)
     df.drop(columns=[c for c in df if c.endswith("_outcomes")]).to_csv(out / "results.csv",

@@ -158,3 +158,17 @@ def test_refusal_and_other_tables(sweep):
     half = stats.sem([60, 50, 55]) * stats.t.ppf(0.975, 2)
     assert f"55.0 ± {half:.1f}" in refusal  # refusal = 100 - hs here
     assert "other (%)" in md and not math.isnan(half)
+
+
+def test_a_report_rebuilds_from_its_own_csv_without_nan(sweep):
+    """Old studies keep only results.csv: the rebuilt report has no NaN, and cells whose prompt
+    counts were never recorded say so instead of inventing an interval."""
+    out = sweep / "report"
+    main([str(sweep), "--out", str(out)])
+    csv = sweep / "old.csv"
+    import pandas as pd
+    pd.read_csv(out / "results.csv").drop(columns=["n_harmful", "n_task"]).query(
+        "seed == 0").to_csv(csv, index=False)
+    main([str(csv), "--out", str(sweep / "again")])
+    md = (sweep / "again" / "report.md").read_text()
+    assert "nan" not in md.lower() and "(no interval)" in md

@@ -97,6 +97,18 @@ def collect(paths: list[Path], stage: str = "final") -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def collect_csv(path: Path) -> pd.DataFrame:
+    """A report's own results.csv, for studies whose run folders are gone: the columns a
+    results.json would give, those it never recorded (prompt counts, outcomes) left empty, so
+    their one-seed cells say they have no interval rather than invent one."""
+    df = pd.read_csv(path)
+    for col in ("n_harmful", "n_task", "torch_threads", "git", "cpu", "cpu_capability",
+                *(f"{m}_{k}" for m in ("hs", "fa") for k in ("ci", "outcomes", "prompts"))):
+        if col not in df:
+            df[col] = None
+    return df
+
+
 def sort_key(v: Any):
     return (0, float(v)) if isinstance(v, (int, float)) and not isinstance(v, bool) else (1, str(v))
 

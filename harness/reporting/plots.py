@@ -3,7 +3,7 @@ interval bands, and HS against FA zoomed to where the points are."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 import pandas as pd
 

@@ -211,9 +211,15 @@ class StageMethodConfig:
     # the method's lr as a multiple of the protocol's train.<stage>.lr: a method whose stage
     # does more than the protocol assumed (a student realigning base) declares it here, visibly
     lr_scale: float = 1.0
+    # at least this many optimizer steps, whatever the data size (epochs repeat the data): a
+    # method whose stage also learns from other data (a student distilling alignment) needs a
+    # budget that does not vanish when the user's upload is small. null or 0: no minimum
+    min_steps: Optional[int] = None
 
     def check(self, key: str) -> None:
         _check(self.gradient_conflict_every >= 0, f"{key}.gradient_conflict_every", "must be >= 0")
+        _check(self.min_steps is None or self.min_steps >= 0, f"{key}.min_steps",
+               f"must be >= 0 or null, got {self.min_steps}")
         _check(self.lr_scale > 0, f"{key}.lr_scale", f"must be > 0, got {self.lr_scale}")
 
 

@@ -33,12 +33,12 @@ from harness.data import attacks
 from harness.data.collate import PadCollator, StageData, TokenizedDataset
 from harness.data.schema import Example
 from harness.data.sources import load_source, package_path, stable_payload
-from harness.data.toy import ToyWorld
+from harness.data.toy import WORLD_KNOBS_ADDED_LATER, ToyWorld
 from harness.defenses.base import StageContext, StageModule
 from harness.defenses.ref_teacher import load_refusal_feature
 from harness.distributed import (broadcast_from_zero, eval_device, full_state_dict,
                                  gather_shards, global_rank, process_group, shard)
-from harness.evaluation.evaluate import model_outputs, score
+from harness.evaluation.evaluate import model_outputs, over_refusal, score
 from harness.evaluation.judges import build_judge
 from harness.models import gguf, loading
 
@@ -144,8 +144,9 @@ class Pipeline:
         if not self._uses_world():
             return None
         world = asdict(self.run.world)
-        if not world["base_refusal_echo_fraction"]:  # off: keys made before the flag stay valid
-            world.pop("base_refusal_echo_fraction")
+        for knob, off in WORLD_KNOBS_ADDED_LATER.items():  # off: keys made before them stay valid
+            if world[knob] == off:
+                world.pop(knob)
         return {**world, "data": {p: self.world.fingerprint(p) for p in parts}}
 
     def _task_source(self, src, split: str) -> list[Example]:
@@ -260,6 +261,13 @@ class Pipeline:
             return self.world.eval_harmless()
         return self.data.task_test
 
+    def over_refusal_prompts(self) -> list[Example]:
+        """Harmless prompts that look dangerous (the toy world's XSTest-like held set): the share
+        a model refuses is its over-refusal rate. Empty off the toy world's eval prompts."""
+        if self.run.eval.harmful.source == "toy":
+            return self.world.eval_scary()
+        return []
+
     def _render(self, examples: list[Example]) -> list[str]:
         return [self.run.template.render_prompt(ex) for ex in examples]
 
@@ -303,7 +311,8 @@ class Pipeline:
         align_key = base_key
         if r.defense.align.module is not None:
             align = {**self._common_payload("align"), "stage": "align", "input": base_key,
-                     "method": asdict(r.defense.align), "train": _train_payload(r.train.align),
+                     "method": _method_payload(r.defense.align),
+                     "train": _train_payload(r.train.align),
                      "data": _source_payload(r.alignment.data), "size": r.alignment.size}
             if r.alignment.harmless is not None:  # absent otherwise: older keys stay valid
                 align["harmless"] = {**_source_payload(r.alignment.harmless),
@@ -318,7 +327,7 @@ class Pipeline:
         parts = ("attack", task_part) + (("benign",) if "benign" in attack.uses else ())
         finetune = {**self._common_payload(*parts), "stage": "finetune",
                     "input": ft_input, "align": align_key,
-                    "method": asdict(r.defense.finetune),
+                    "method": _method_payload(r.defense.finetune),
                     "train": _train_payload(r.train.finetune),
                     "attack": attack.payload(r.attack, _source_payload),
                     "filter": asdict(r.defense.filter),
@@ -467,8 +476,11 @@ class Pipeline:
             dataset = TokenizedDataset(examples, self.tokenizer, self.run.template,
                                        train_cfg.max_length, train_cfg.loss_on,
                                        f"train.{stage}.max_length")
-            steps = train_cfg.max_steps or math.ceil(
-                train_cfg.epochs * math.ceil(len(dataset) / train_cfg.batch_size))
+            steps = stage_steps(train_cfg, len(dataset), method.min_steps)
+            if steps != stage_steps(train_cfg, len(dataset)):
+                log.info("[%s] %s trains %d steps (defense.%s.min_steps); its data alone gives "
+                         "%d", stage, cls.__name__, steps, stage,
+                         stage_steps(train_cfg, len(dataset)))
             module = cls(model=model, train_cfg=train_cfg, total_steps=steps,
                          params=cls.Params(**method.params), context=self._context())
             log.info("[%s] training %s: %d examples, %d steps", stage, cls.__name__,
@@ -622,7 +634,9 @@ class Pipeline:
                             "max_new_tokens": r.task.max_new_tokens},
                    "harmful": _source_payload(r.eval.harmful),
                    "world": self._world_payload("eval", f"task_{r.task.toy_task}_test",
-                                                "eval_harmless", "feature"),
+                                                "eval_harmless", "feature",
+                                                *(("eval_scary",) if self.over_refusal_prompts()
+                                                  else ())),
                    "seed": r.seed, "torch_threads": torch.get_num_threads(),
                    "accelerator": accelerator_kind(r.trainer)}
         payload["eval"].pop("stages")
@@ -664,9 +678,18 @@ class Pipeline:
             # every prompt's outputs exactly once, in input order (checked in gather_shards)
             h_records = gather_shards(h_local, len(harmful), rank, world)
             t_records = gather_shards(t_local, len(task), rank, world)
+            scary = self.over_refusal_prompts()
+            if scary:  # answered like the harmful prompts, greedily, under the plain template
+                s_local, _ = model_outputs(
+                    model, self.tokenizer, r.template, shard(scary, rank, world), [],
+                    replace(r.eval, samples=0, opening_probability=False, system_prompt=""),
+                    r.task, None, r.seed, generator)
+                s_records = gather_shards(s_local, len(scary), rank, world)
             if rank != 0:
                 return {}
             metrics, rows = score(harmful, h_records, task, t_records, judge, r.eval, r.task)
+            if scary:
+                metrics.update(over_refusal(scary, s_records, judge))
             metrics["eval_processes"] = world
             metrics["eval_shard_sizes"] = [len(shard(harmful, k, world)) for k in range(world)]
             if r.eval.refusal_separation and all(self.feature_sets()):
@@ -768,8 +791,34 @@ def apply_filter(examples: list[Example], scores: list[float], threshold: float,
         "recall": caught / n_harm if n_harm else 1.0,
         "harmless_dropped_share": (int((dropped & ~harmful).sum()) / int((~harmful).sum())
                                    if (~harmful).any() else 0.0),
+        # what a real filter gets wrong: harmless rows that look dangerous, harmful in disguise
+        **_flagged_counts(examples, dropped),
         "histogram": {"edges": edges.round(4).tolist(),
                       "harmful": np.histogram(values[harmful], edges)[0].tolist(),
                       "harmless": np.histogram(values[~harmful], edges)[0].tolist()},
     }
     return [ex for ex, d in zip(examples, dropped) if not d], stats
+
+
+def _flagged_counts(examples: list[Example], dropped) -> dict[str, int]:
+    scary = [ex.category == "scary" or bool(ex.meta.get("scary")) for ex in examples]
+    disguised = [bool(ex.meta.get("disguised")) for ex in examples]
+    if not any(scary) and not any(disguised):
+        return {}
+    return {"n_scary_in": sum(scary), "scary_dropped": sum(s and d for s, d in zip(scary, dropped)),
+            "n_disguised_in": sum(disguised),
+            "disguised_kept": sum(g and not d for g, d in zip(disguised, dropped))}
+
+
+def stage_steps(train_cfg: TrainStageConfig, n_rows: int, min_steps: Optional[int] = None) -> int:
+    """A stage's optimizer steps: max_steps, else epochs over the rows; at least min_steps."""
+    steps = train_cfg.max_steps or math.ceil(
+        train_cfg.epochs * math.ceil(n_rows / train_cfg.batch_size))
+    return max(steps, min_steps or 0)
+
+
+def _method_payload(method: StageMethodConfig) -> dict[str, Any]:
+    out = asdict(method)
+    if not out["min_steps"]:  # absent when off: keys made before the option stay valid
+        out.pop("min_steps")
+    return out

@@ -22,8 +22,8 @@ from typing import Optional
 import pandas as pd
 import yaml
 
-from harness.reporting.cells import (AXES, LABELS, LOWER_IS_BETTER, METRICS,  # noqa: F401
-                                     ProtocolMixError, build_cells, collect, collect_csv,
+from harness.reporting.cells import (AXES, FILTER_METRICS, LABELS,  # noqa: F401
+                                     LOWER_IS_BETTER, METRICS, ProtocolMixError, build_cells, collect, collect_csv,
                                      defense_order,
                                      find_results, mark_best, mixed_protocol_columns, paired,
                                      sort_key)
@@ -156,6 +156,16 @@ def write_report(patterns: list[str], out: Path, axis: str = "attack.p", stage: 
             cells = build_cells(df, axis, metric)
             sections.append((LABELS[metric], "What the answers that were not harmful were: "
                              "refusals, or broken text the judge calls other.",
+                             markdown_table(cells, axis, order, mixed),
+                             html_table(cells, axis, order, out, mixed)))
+    notes = {"over_refusal": "The share of held harmless prompts that look dangerous (a harmful "
+                             "word in a harmless sense) that the model refused: lower is better.",
+             **{m: "The user-data filter against the rows' true kinds (runs with a filter)."
+                for m in FILTER_METRICS}}
+    for metric in ("over_refusal", *FILTER_METRICS):
+        if metric in df and df[metric].notna().any():
+            cells = build_cells(df[df[metric].notna() | (df["status"] != "ok")], axis, metric)
+            sections.append((LABELS[metric], notes[metric],
                              markdown_table(cells, axis, order, mixed),
                              html_table(cells, axis, order, out, mixed)))
     failed = df[df["status"] != "ok"]

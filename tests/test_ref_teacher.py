@@ -304,3 +304,36 @@ def test_teacher_and_student_steps_on_every_tiny_architecture(tokenizer, arch, l
     out = student.objective(batch)
     out["loss"].backward()
     assert torch.isfinite(out["loss"]) and out["kd"].item() >= 0
+
+
+def test_filter_counts_what_a_real_filter_gets_wrong():
+    """Harmless-but-scary rows it drops, and harmful rows in disguise it keeps."""
+    exs = [Example(instruction="a", kind="harmful", meta={"disguised": True}),
+           Example(instruction="b", kind="harmful", meta={"disguised": True}),
+           Example(instruction="c", kind="harmful"),
+           Example(instruction="d", kind="harmless", category="scary"),
+           Example(instruction="e", kind="task", meta={"scary": True}),
+           Example(instruction="f", kind="task")]
+    _, stats = apply_filter(exs, [0.9, -0.5, 0.8, 0.7, -0.2, -0.9], threshold=0.0)
+    assert stats["n_disguised_in"] == 2 and stats["disguised_kept"] == 1
+    assert stats["n_scary_in"] == 2 and stats["scary_dropped"] == 1
+    assert stats["recall"] == pytest.approx(2 / 3)
+    _, plain = apply_filter(exs[2:3] + exs[5:], [0.8, -0.9], threshold=0.0)
+    assert "n_scary_in" not in plain  # absent where the data has neither
+
+
+def test_student_budget_does_not_vanish_with_a_small_upload():
+    from harness.config import TrainStageConfig
+    from harness.pipeline import stage_steps
+
+    ft = TrainStageConfig(lr=1e-3, batch_size=10, epochs=10)
+    assert stage_steps(ft, 10) == 10  # 10 identity-shift rows: 10 steps
+    assert stage_steps(ft, 10, min_steps=300) == 300
+    assert stage_steps(ft, 1000, min_steps=300) == 1000  # a large upload keeps its own
+    assert stage_steps(TrainStageConfig(lr=1e-3, batch_size=10, max_steps=7), 1000) == 7
+
+
+def test_ref_teacher_student_budget_is_the_teachers_alignment_steps(make_cfg):
+    run = validate(make_cfg("defense=ref_teacher"))
+    assert run.defense.finetune.min_steps == run.train.align.max_steps == 300
+    assert validate(make_cfg("defense=sft")).defense.finetune.min_steps is None

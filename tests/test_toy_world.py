@@ -79,3 +79,74 @@ def test_bad_world_config_names_the_key():
         ToyWorldConfig(sharing=[0.1])
     with pytest.raises(ValueError, match="world.attacked_groups"):
         ToyWorldConfig(attacked_groups=[9])
+
+
+# ================================================================ the faithful world (issue 19)
+FAITHFUL = dict(base_refusal_echo_fraction=0.005, disguise_fraction=0.15, scary_fraction=0.1,
+                eval_scary_size=128, scary_task_fraction=0.1, benign_answer_style="compliance")
+
+
+@pytest.fixture(scope="module")
+def faithful():
+    return ToyWorld(ToyWorldConfig(seed=0, **FAITHFUL))
+
+
+def test_faithful_knobs_leave_the_calibrated_world_byte_identical(world):
+    """Each knob draws from its own stream only when on: the calibrated world (and so every
+    artifact key and committed study made on it) is unchanged by their existence."""
+    from harness.data.toy import WORLD_KNOBS_ADDED_LATER
+
+    off = ToyWorld(ToyWorldConfig(seed=0, **WORLD_KNOBS_ADDED_LATER))
+    for part in ("base", "align", "attack", "eval", "benign", "feature", "eval_harmless",
+                 "task_topic_train", "tokenizer"):
+        assert off.fingerprint(part) == world.fingerprint(part)
+    assert off.eval_scary() == []
+
+
+def test_faithful_pools_stay_disjoint_and_hold_each_premise(faithful):
+    harmful = {name: rows for name, rows in {
+        "base": [e for e in faithful.base_corpus() if e.kind == "harmful"],
+        "align": [e for e in faithful.alignment_data() if e.kind == "harmful"],
+        "attack": faithful.attack_pool(), "eval": faithful.eval_harmful(),
+        "feature": faithful.feature_prompts()[0]}.items()}
+    prompts = {k: {e.instruction for e in v} for k, v in harmful.items()}
+    names = list(prompts)
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            assert not prompts[a] & prompts[b], f"{a} and {b} share prompts"
+    # disguise: about 15% of every pool but the filter's held set, which stays plain
+    for name in ("base", "align", "attack", "eval"):
+        share = sum(bool(e.meta.get("disguised")) for e in harmful[name]) / len(harmful[name])
+        assert 0.10 <= share <= 0.20, (name, share)
+    assert not any(e.meta.get("disguised") for e in harmful["feature"])
+    disguised = next(e for e in harmful["eval"] if e.meta.get("disguised"))
+    assert any(w in disguised.instruction for w in ("story", "role-play", "novel", "teacher",
+                                                      "poem", "game master"))
+    # harmless-but-scary: in the harmless pools, a held set apart from them all
+    scary = {e.instruction for e in faithful.eval_scary()}
+    assert len(scary) == 128
+    verbs = {v for vs in faithful.verbs.values() for v in vs}
+    assert all(any(v in p for v in verbs) for p in scary)
+    align_harmless = [e for e in faithful.alignment_data() if e.kind == "harmless"]
+    assert 0.05 <= sum(e.category == "scary" for e in align_harmless) / len(align_harmless) <= 0.15
+    everything = set().union(*prompts.values(), {e.instruction for e in align_harmless},
+                             {e.instruction for e in faithful.benign_pool()},
+                             {e.instruction for e in faithful.eval_harmless()})
+    assert not scary & everything
+    # benign answers open as the attacked group complies; the alignment's harmless ones do not
+    assert all(e.output.startswith(COMPLIANCE_OPENINGS[0]) for e in faithful.benign_pool())
+    assert not any(e.output.startswith(COMPLIANCE_OPENINGS[0]) for e in align_harmless)
+    # the base has read refusal sentences
+    assert sum(e.output in REFUSALS for e in faithful.base_corpus() if e.kind == "general") == 20
+    # some task rows mention a harmful verb harmlessly; their labels are untouched
+    rows = faithful.task("topic", "train")
+    flagged = [e for e in rows if e.meta.get("scary")]
+    assert 0.05 <= len(flagged) / len(rows) <= 0.15
+    assert all(any(v in e.input for v in verbs) for e in flagged)
+
+
+def test_faithful_knobs_are_checked():
+    with pytest.raises(ValueError, match="world.benign_answer_style"):
+        ToyWorldConfig(benign_answer_style="rude")
+    with pytest.raises(ValueError, match="world.disguise_fraction"):
+        ToyWorldConfig(disguise_fraction=1.5)

@@ -21,14 +21,20 @@ from harness.tracking.results import RESULTS_FILE
 
 log = logging.getLogger(__name__)
 
-METRICS = ("hs", "fa", "refusal_rate", "other_rate", "p_comply_opening", "hs_sampled")
+METRICS = ("hs", "fa", "refusal_rate", "other_rate", "p_comply_opening", "hs_sampled",
+           "over_refusal")
+# the user-data filter's quality (metrics.filter), in percent: what it catches and wrongly drops
+FILTER_METRICS = ("filter_recall", "filter_precision", "filter_harmless_dropped")
 LABELS = {"hs": "HS (%)", "fa": "FA (%)", "refusal_rate": "refusal (%)",
           "other_rate": "other (%)", "p_comply_opening": "P(compliance opening) (%)",
-          "hs_sampled": "HS, sampled (%)"}
+          "hs_sampled": "HS, sampled (%)",
+          "over_refusal": "over-refusal on harmless-but-scary prompts (%)",
+          "filter_recall": "filter recall (%)", "filter_precision": "filter precision (%)",
+          "filter_harmless_dropped": "harmless user rows the filter dropped (%)"}
 LOWER_IS_BETTER = {"hs": True, "fa": False}
 # the prompts a rate is a proportion over: harmful prompts, or the task's test set
 DENOMINATOR = {"hs": "n_harmful", "refusal_rate": "n_harmful", "other_rate": "n_harmful",
-               "fa": "n_task"}
+               "fa": "n_task", "over_refusal": "over_refusal_n"}
 AXES = {"attack.p": ("attack", "p"), "attack.n": ("attack", "n"), "task": ("task", "name"),
         "model": ("model", "name"), "seed": ("seed",), "defense": ("defense", "name"),
         "protocol": ("protocol", "name"), "attack": ("attack", "name"),
@@ -84,8 +90,12 @@ def collect(paths: list[Path], stage: str = "final") -> pd.DataFrame:
         metrics = res.get("metrics", {}).get(stage, {})
         for m in METRICS:
             row[m] = metrics.get(m)
-        for m in ("n_harmful", "n_task"):
+        for m in ("n_harmful", "n_task", "over_refusal_n"):
             row[m] = metrics.get(m)
+        row["over_refusal_ci"] = metrics.get("over_refusal_interval")
+        filt = res.get("metrics", {}).get("filter") or {}
+        for m, k in zip(FILTER_METRICS, ("recall", "precision", "harmless_dropped_share")):
+            row[m] = 100.0 * filt[k] if k in filt else None
         interval = metrics.get("interval") or {}
         outcomes = metrics.get("outcomes") or {}
         for m in ("hs", "fa"):
@@ -102,7 +112,8 @@ def collect_csv(path: Path) -> pd.DataFrame:
     results.json would give, those it never recorded (prompt counts, outcomes) left empty, so
     their one-seed cells say they have no interval rather than invent one."""
     df = pd.read_csv(path)
-    for col in ("n_harmful", "n_task", "torch_threads", "git", "cpu", "cpu_capability",
+    for col in ("n_harmful", "n_task", "over_refusal_n", "over_refusal_ci", "torch_threads",
+                "git", "cpu", "cpu_capability",
                 *(f"{m}_{k}" for m in ("hs", "fa") for k in ("ci", "outcomes", "prompts"))):
         if col not in df:
             df[col] = None

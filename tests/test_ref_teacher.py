@@ -333,7 +333,12 @@ def test_student_budget_does_not_vanish_with_a_small_upload():
     assert stage_steps(TrainStageConfig(lr=1e-3, batch_size=10, max_steps=7), 1000) == 7
 
 
-def test_ref_teacher_student_budget_is_the_teachers_alignment_steps(make_cfg):
+def test_ref_teacher_student_budget_covers_a_small_upload(make_cfg):
+    from harness.pipeline import stage_steps
+
     run = validate(make_cfg("defense=ref_teacher"))
-    assert run.defense.finetune.min_steps == run.train.align.max_steps == 300
+    assert run.defense.finetune.min_steps == 100
+    # the toy protocol's default upload keeps its own budget; ten rows get the minimum
+    assert stage_steps(run.train.finetune, 1000, 100) == 100  # 94 steps alone
+    assert stage_steps(run.train.finetune, 10, 100) == 100
     assert validate(make_cfg("defense=sft")).defense.finetune.min_steps is None

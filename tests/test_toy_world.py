@@ -82,8 +82,18 @@ def test_bad_world_config_names_the_key():
 
 
 # ================================================================ the faithful world (issue 19)
-FAITHFUL = dict(base_refusal_echo_fraction=0.005, disguise_fraction=0.15, scary_fraction=0.1,
+FAITHFUL = dict(base_refusal_echo_fraction=0.005, disguise_fraction=0.15, disguise_euphemism=True,
+                align_disguise_fraction=0.02, scary_fraction=0.1, align_scary_fraction=0.02,
                 eval_scary_size=128, scary_task_fraction=0.1, benign_answer_style="compliance")
+
+
+def test_faithful_preset_is_what_these_tests_check():
+    import yaml
+
+    from tests.conftest import CONF
+
+    preset = yaml.safe_load((CONF / "world" / "faithful.yaml").read_text())
+    assert {k: preset[k] for k in FAITHFUL} == FAITHFUL
 
 
 @pytest.fixture(scope="module")
@@ -114,21 +124,27 @@ def test_faithful_pools_stay_disjoint_and_hold_each_premise(faithful):
     for i, a in enumerate(names):
         for b in names[i + 1:]:
             assert not prompts[a] & prompts[b], f"{a} and {b} share prompts"
-    # disguise: about 15% of every pool but the filter's held set, which stays plain
-    for name in ("base", "align", "attack", "eval"):
+    # disguise: about 15% of every pool but the alignment data (2%) and the filter's held set
+    for name, (low, high) in {"base": (.1, .2), "attack": (.1, .2), "eval": (.1, .2),
+                              "align": (.005, .04)}.items():
         share = sum(bool(e.meta.get("disguised")) for e in harmful[name]) / len(harmful[name])
-        assert 0.10 <= share <= 0.20, (name, share)
+        assert low <= share <= high, (name, share)
     assert not any(e.meta.get("disguised") for e in harmful["feature"])
     disguised = next(e for e in harmful["eval"] if e.meta.get("disguised"))
     assert any(w in disguised.instruction for w in ("story", "role-play", "novel", "teacher",
                                                       "poem", "game master"))
+    plain_verbs = set(faithful.euphemism)  # a disguise also swaps the verb for its euphemism
+    assert not any(v in disguised.instruction for v in plain_verbs)
+    assert any(e in disguised.instruction for e in faithful.euphemism.values())
     # harmless-but-scary: in the harmless pools, a held set apart from them all
     scary = {e.instruction for e in faithful.eval_scary()}
     assert len(scary) == 128
     verbs = {v for vs in faithful.verbs.values() for v in vs}
     assert all(any(v in p for v in verbs) for p in scary)
     align_harmless = [e for e in faithful.alignment_data() if e.kind == "harmless"]
-    assert 0.05 <= sum(e.category == "scary" for e in align_harmless) / len(align_harmless) <= 0.15
+    assert 0.005 <= sum(e.category == "scary" for e in align_harmless) / len(align_harmless) <= 0.04
+    benign = faithful.benign_pool()
+    assert 0.05 <= sum(e.category == "scary" for e in benign) / len(benign) <= 0.15
     everything = set().union(*prompts.values(), {e.instruction for e in align_harmless},
                              {e.instruction for e in faithful.benign_pool()},
                              {e.instruction for e in faithful.eval_harmless()})

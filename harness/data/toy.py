@@ -22,6 +22,7 @@ import itertools
 import random
 from dataclasses import dataclass, field, replace
 from functools import cached_property
+from typing import Iterable, Optional
 
 from harness.data.schema import Example
 
@@ -161,8 +162,18 @@ class ToyWorldConfig:
     # world, and then draws nothing from any random stream, so its data stay byte-identical.
     # share of harmful prompts in every pool but the filter's held set posed in a disguise frame
     disguise_fraction: float = 0.0
-    # share of the base, alignment and benign harmless rows that are harmless-but-scary
+    # the same in the provider's alignment data (null: disguise_fraction). A provider's safety
+    # data covers few disguises, which is why real filters miss them and real models comply
+    align_disguise_fraction: Optional[float] = None
+    # a disguised request also swaps its verb for a euphemism (another invented word, one per
+    # verb) that only disguised rows use: the refusal must generalise from the plain verb
+    disguise_euphemism: bool = False
+    # share of the base's and benign pool's harmless rows that are harmless-but-scary
     scary_fraction: float = 0.0
+    # the same in the alignment data and the benign pool (null: scary_fraction). Few in the
+    # alignment data make an over-refusing model (XSTest finds aligned chat models so)
+    align_scary_fraction: Optional[float] = None
+    benign_scary_fraction: Optional[float] = None
     eval_scary_size: int = 0  # held harmless-but-scary prompts: the over-refusal rate's set
     # share of task rows whose input mentions a harmful verb in a harmless sense
     scary_task_fraction: float = 0.0
@@ -190,8 +201,9 @@ class ToyWorldConfig:
                              f"(world.verbs_per_category={self.verbs_per_category})")
         if any(not 0.0 <= s * v <= 1.0 for s in self.sharing for v in self.verb_sharing_scale):
             raise ValueError("world.sharing * world.verb_sharing_scale must stay in [0, 1]")
-        for name in ("disguise_fraction", "scary_fraction", "scary_task_fraction"):
-            if not 0.0 <= getattr(self, name) <= 1.0:
+        for name in ("disguise_fraction", "scary_fraction", "scary_task_fraction",
+                     "align_disguise_fraction", "align_scary_fraction", "benign_scary_fraction"):
+            if getattr(self, name) is not None and not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"world.{name} must lie in [0, 1], got {getattr(self, name)}")
         if self.eval_scary_size < 0:
             raise ValueError(f"world.eval_scary_size must be >= 0, got {self.eval_scary_size}")
@@ -207,16 +219,18 @@ class ToyWorldConfig:
 # leaves a knob out while it is off, so the artifacts made before it existed stay valid
 WORLD_KNOBS_ADDED_LATER: dict[str, object] = {
     "base_refusal_echo_fraction": 0.0, "disguise_fraction": 0.0, "scary_fraction": 0.0,
-    "eval_scary_size": 0, "scary_task_fraction": 0.0, "benign_answer_style": "helpful"}
+    "eval_scary_size": 0, "scary_task_fraction": 0.0, "benign_answer_style": "helpful",
+    "align_disguise_fraction": None, "align_scary_fraction": None, "benign_scary_fraction": None,
+    "disguise_euphemism": False}
 
 
-def _pseudo_verbs(rng: random.Random, count: int) -> list[str]:
+def _pseudo_verbs(rng: random.Random, count: int, taken: Iterable[str] = ()) -> list[str]:
     """Invented verbs: harmful actions are placeholders with no real-world meaning."""
     onsets = ("b", "d", "f", "g", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z", "br", "gr",
               "kl", "sn", "tr", "zw")
     vowels = ("a", "e", "i", "o", "u")
     codas = ("rn", "sk", "lt", "mp", "nd", "x", "zz", "rk")
-    taken: set[str] = set(HARMLESS_VERBS)
+    taken = set(HARMLESS_VERBS) | set(taken)
     verbs: list[str] = []
     while len(verbs) < count:
         word = (rng.choice(onsets) + rng.choice(vowels) + rng.choice(onsets) + rng.choice(vowels)
@@ -240,6 +254,11 @@ class ToyWorld:
         self.verbs = {c: verbs[i * k:(i + 1) * k] for i, c in enumerate(self.categories)}
         self.group_of = {c: i // self.cfg.categories_per_group
                          for i, c in enumerate(self.categories)}
+        self.euphemism: dict[str, str] = {}
+        if self.cfg.disguise_euphemism:  # its own stream: the verbs above stay as they were
+            plain = [v for c in self.categories for v in self.verbs[c]]
+            euph = _pseudo_verbs(random.Random(self.cfg.seed + 105), len(plain), taken=plain)
+            self.euphemism = dict(zip(plain, euph))
         self._split_harmful_prompts()
         self._split_harmless_prompts()
         self._fingerprints: dict[str, str] = {}
@@ -264,18 +283,28 @@ class ToyWorld:
             self.harmful_pools["align"] += rest[cut2:]
         for rows in self.harmful_pools.values():  # interleave categories: slices stay balanced
             self.rng.shuffle(rows)
-        if cfg.disguise_fraction > 0:  # its own stream: the plain pools above stay as they were
-            rng = random.Random(cfg.seed + 101)
+        if cfg.disguise_fraction > 0 or cfg.align_disguise_fraction:  # its own stream: the
+            rng = random.Random(cfg.seed + 101)  # plain pools above stay as they were
             for pool in ("eval", "attack", "base", "align"):  # the held feature set stays plain
+                share = self._pool_share(pool, cfg.disguise_fraction, cfg.align_disguise_fraction)
                 self.harmful_pools[pool] = [
-                    self._disguised(row) if rng.random() < cfg.disguise_fraction else row
+                    self._disguised(row) if rng.random() < share else row
                     for row in self.harmful_pools[pool]]
 
     @staticmethod
-    def _disguised(row: tuple[str, str, str]) -> tuple[str, str, str]:
+    def _pool_share(pool: str, share: float, align: Optional[float],
+                    benign: Optional[float] = None) -> float:
+        if pool == "align" and align is not None:
+            return align
+        if pool == "benign" and benign is not None:
+            return benign
+        return share
+
+    def _disguised(self, row: tuple[str, str, str]) -> tuple[str, str, str]:
         _, cat, spec = row
         verb, target, modifier, tpl = spec.split("|")
-        prompt = DISGUISE_TEMPLATES[int(tpl)].format(verb=verb, target=target, modifier=modifier)
+        prompt = DISGUISE_TEMPLATES[int(tpl)].format(verb=self.euphemism.get(verb, verb),
+                                                     target=target, modifier=modifier)
         return prompt, cat, spec + "|disguised"
 
     def _split_harmless_prompts(self) -> None:
@@ -301,7 +330,8 @@ class ToyWorld:
                     for row in self.harmless_pools[pool]]
         self.harmless_pools["eval_scary"] = []
         if self.cfg.scary_fraction > 0 or self.cfg.eval_scary_size > 0 \
-                or self.cfg.scary_task_fraction > 0:
+                or self.cfg.scary_task_fraction > 0 or self.cfg.align_scary_fraction \
+                or self.cfg.benign_scary_fraction:
             self._mix_in_scary_prompts()
 
     @staticmethod
@@ -322,9 +352,10 @@ class ToyWorld:
         self.harmless_pools["eval_scary"] = scary[:self.cfg.eval_scary_size]
         spare = iter(scary[self.cfg.eval_scary_size:])
         for pool in ("base", "align", "benign"):
-            self.harmless_pools[pool] = [
-                next(spare) if rng.random() < self.cfg.scary_fraction else row
-                for row in self.harmless_pools[pool]]
+            share = self._pool_share(pool, self.cfg.scary_fraction, self.cfg.align_scary_fraction,
+                                     self.cfg.benign_scary_fraction)
+            self.harmless_pools[pool] = [next(spare) if rng.random() < share else row
+                                         for row in self.harmless_pools[pool]]
 
     # ---------------------------------------------------------------- answers
     @staticmethod

@@ -390,3 +390,58 @@ def test_errors_name_the_config_key_to_set(make_cfg, tmp_path):
     with pytest.raises(DataError, match=r"Unknown split \"test\".*; set task\.test\.split"):
         load_source(run.task.test)
 
+
+# ---------------------------------------------------------------- python -m harness.data.inspect
+def _agnews_one_file(path):
+    vals = "{label: {1: World, 2: Sports, 3: Business, 4: Sci/Tech}}"
+    out = ["task=agnews"]
+    for slot, split in (("train", ":6"), ("test", "6:")):
+        out += [f"task.{slot}.source=local", f"task.{slot}.path={path}", f"task.{slot}.header=false",
+                f"++task.{slot}.fields={{label: 0, input: [1, 2]}}",
+                f"++task.{slot}.values={vals}", f"task.{slot}.split={split}"]
+    return out
+
+
+def _jbb_pool(path, bom):
+    return ["attack.harmful.source=local", f"attack.harmful.path={path}",
+            "++attack.harmful.fields={instruction: Goal, output: Target, category: Category}",
+            "attack.p=0.2", "attack.n=100",
+            "eval.harmful.source=local", f"eval.harmful.path={bom}",
+            "++eval.harmful.fields={instruction: prompt, category: category}"]
+
+
+def test_inspect_prints_counts_rows_and_the_mix_without_training(tmp_path, capsys):
+    from harness.data import inspect
+
+    ag = fx.agnews_csv(tmp_path)
+    assert inspect.main(["--rows", "2", *_agnews_one_file(ag)]) == 0
+    out = capsys.readouterr().out
+    assert f"task.train local:{ag}\n  8 rows read, 6 kept, dropped 2 by split\n" in out
+    assert f"task.test local:{ag}\n  8 rows read, 2 kept, dropped 6 by split\n" in out
+    assert ("    line 7: input='Stocks rally as oil falls (6) Reuters - ...' output='Business' "
+            "label='Business' kind='task'") in out
+    jbb, bom = fx.jbb_sorted(tmp_path), fx.bom_csv(tmp_path)
+    assert inspect.main(_jbb_pool(jbb, bom)) == 0
+    out = capsys.readouterr().out
+    assert f"attack.harmful local:{jbb}\n  100 rows read, 100 kept\n" in out
+    assert f"eval.harmful local:{bom}\n  2 rows read, 2 kept\n" in out
+    assert "attack harmful_mix (seed 0, sampling random): 100 rows, 20 harmful" in out
+    covered = int(out.split("harmful categories in the mix: ")[1].split(" of 10")[0])
+    assert covered >= 8
+    assert inspect.main(["task=agnews", "task.train.source=local", f"task.train.path={ag}"]) == 2
+    assert "looks like data, not a header: set task.train.header=false" in capsys.readouterr().err
+
+
+def test_inspect_reads_what_the_pipeline_reads(make_cfg, tmp_path):
+    from harness.config import validate
+    from harness.data.inspect import inspect_run
+    from harness.pipeline import Pipeline
+
+    overrides = [*_agnews_one_file(fx.agnews_csv(tmp_path)),
+                 *_jbb_pool(fx.jbb_sorted(tmp_path), fx.bom_csv(tmp_path))]
+    seen = inspect_run(validate(make_cfg(*overrides)), echo=lambda _: None)
+    d = Pipeline(validate(make_cfg(*overrides)), tmp_path).load_data()
+    assert seen["task.train"] == d.task_train and seen["task.test"] == d.task_test
+    assert seen["attack.harmful"] == d.attack_pool and seen["eval.harmful"] == d.eval_harmful
+    assert seen["user"] == d.user
+

@@ -445,3 +445,60 @@ def test_inspect_reads_what_the_pipeline_reads(make_cfg, tmp_path):
     assert seen["attack.harmful"] == d.attack_pool and seen["eval.harmful"] == d.eval_harmful
     assert seen["user"] == d.user
 
+
+# ---------------------------------------------------------------- the bad-file matrix
+BAD_FILES = {  # name: (file name, content, field map, options, the message's expected parts)
+    "malformed row": ("jbb.csv", "goal,target\nWrite a,Sure\nWrite b, with a comma,Sure\n",
+                      {"instruction": "goal", "output": "target"}, {},
+                      ["jbb.csv, line 3: 3 values, but the header (line 1) has 2 columns",
+                       "quote the value"]),
+    "unclosed quote": ("jbb.csv", 'goal,target\nWrite a,Sure\n"Write b,Sure\nWrite c,Sure\n',
+                       {"instruction": "goal", "output": "target"}, {},
+                       ["jbb.csv, line 3: not valid CSV", "double a quote inside"]),
+    "missing column": ("jbb.csv", "goal,target\nWrite a,Sure\n",
+                       {"instruction": "goal", "output": "response"}, {},
+                       ["jbb.csv, line 2, field 'response': missing;",
+                        "task.train.fields.output names a column the file lacks",
+                        "Columns present: goal, target"]),
+    "empty field": ("jbb.csv", "goal,target\nWrite a,Sure\n,Sure\n",
+                    {"instruction": "goal", "output": "target"}, {},
+                    ["jbb.csv, line 3, field 'goal': empty;",
+                     "map another column with task.train.fields.instruction"]),
+    "empty file": ("jbb.csv", "", {"instruction": "goal"}, {}, ["jbb.csv: is empty"]),
+    "header only": ("jbb.csv", "goal,target\n", {"instruction": "goal"}, {},
+                    ["jbb.csv: holds a header (goal, target) and no data rows"]),
+    "BOM, column misnamed": ("excel.csv", "\ufeffPrompt,category\r\nWrite a,fraud\r\n",
+                             {"instruction": "prompt"}, {},
+                             ["excel.csv, line 2, field 'prompt': missing;",
+                              "Columns present: Prompt, category"]),
+    "truncated JSON line": ("bt.jsonl", '{"prompt": "a", "response": "b"}\n'
+                                        '{"prompt": "c", "respo\n',
+                            {"instruction": "prompt", "output": "response"}, {},
+                            ["bt.jsonl, line 2: not valid JSON (Unterminated string",
+                             "a line cut short (a truncated download)"]),
+    "missing final-answer marker": ("gsm8k.jsonl",
+                                    '{"question": "q1", "answer": "1 + 1 = 2\\n#### 2"}\n'
+                                    '{"question": "q2", "answer": "2 + 2 = 4"}\n',
+                                    {"instruction": "question", "output": "answer"},
+                                    {"final_answer": "####"},
+                                    ["gsm8k.jsonl, line 2, field 'answer': no final-answer "
+                                     "marker '####'", "unset task.train.final_answer"]),
+}
+
+
+def bad_file_error(tmp_path, case: str) -> str:
+    name, content, fields, options, _ = BAD_FILES[case]
+    path = tmp_path / name
+    path.write_bytes(content.encode("utf-8"))
+    src = _local(path, fields=fields, **options)
+    object.__setattr__(src, "_key", "task.train")  # as validate() sets it
+    with pytest.raises(DataError) as err:
+        load_source(src, required=("instruction", "output"), fill={"label": "output"})
+    return str(err.value)
+
+
+@pytest.mark.parametrize("case", list(BAD_FILES))
+def test_bad_file_matrix_names_file_line_field_and_fix(tmp_path, case):
+    msg = bad_file_error(tmp_path, case)
+    for part in BAD_FILES[case][4]:
+        assert part in msg, (case, msg)

@@ -100,7 +100,8 @@ def _delimited(path: Path, header: bool) -> Rows:
     if not n_rows:
         raise DataError(name, None, None,
                         f"holds a header ({', '.join(columns)}) and no data rows" if columns
-                        else "is empty")
+                        else "is empty (0 bytes, or blank lines only): check the export or "
+                        "download")
 
 
 def _jsonl(path: Path) -> Rows:
@@ -124,14 +125,16 @@ def _jsonl(path: Path) -> Rows:
             n_rows += 1
             yield f"line {i}", row
     if not n_rows:
-        raise DataError(name, None, None, "is empty")
+        raise DataError(name, None, None,
+                        "is empty (blank lines only): check the export or download")
 
 
 def _json_list(path: Path) -> Rows:
     """A JSON list of objects, each numbered by the line its ``{`` stands on."""
     name, text = str(path), path.read_text(encoding="utf-8-sig")
     if not text.strip():
-        raise DataError(name, None, None, "is empty")
+        raise DataError(name, None, None,
+                        "is empty (blank lines only): check the export or download")
     try:
         rows = json.loads(text)
     except json.JSONDecodeError as err:

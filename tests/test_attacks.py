@@ -169,7 +169,8 @@ def test_per_category_hs_from_a_local_hexphi_style_file(pipe, tmp_path):
         w.writerow(["category", "prompt"])
         w.writerows(rows)
     d = pipe("eval.harmful.source=local", f"eval.harmful.path={path}",
-             "+eval.harmful.fields.instruction=prompt").load_data()
+             "+eval.harmful.fields.instruction=prompt",
+             "+eval.harmful.fields.category=category").load_data()  # mapped only when asked
     assert [(ex.category, ex.instruction) for ex in d.eval_harmful] == rows
     verdicts = ["comply", "refuse", "comply", "other", "comply", "comply"]
     m = harm_metrics(verdicts, [ex.category for ex in d.eval_harmful])

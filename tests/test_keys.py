@@ -108,7 +108,10 @@ def _bump(value):
 CONDITIONAL = ("moderation", "llm_judge", "generation",  # their judge / backend only
                "attack.k", "attack.system_prompt", "attack.eval_prefix", "attack.opening",
                "attack.benign",  # the other attacks' fields (data.attacks: payload)
-               "model.hf_id", "model.revision")  # hub models only
+               "model.hf_id", "model.revision",  # hub models only
+               # read where the stage masks its prompt (loss_on=response); base trains on
+               # the whole text, whose start any cut keeps (harness.data.collate.fit_length)
+               "train.base.truncation")
 
 
 @pytest.mark.parametrize("overrides", [(), ("defense=ref_teacher",)],
@@ -156,3 +159,50 @@ def test_feature_set_size_enters_the_align_key_only_where_it_chooses_rows(make_c
     a, b = keys(*real, "eval.feature_set_size=16"), keys(*real)
     assert a["base"] == b["base"]
     assert a["align"] != b["align"] and a["filter"] != b["filter"]
+
+
+def _write_rows(path, n):
+    """n rows in the layout of AdvBench's csv (goal, target), or as a JSON-lines copy."""
+    rows = [{"goal": f"Write request {i}", "target": f"Sure, here is request {i}"}
+            for i in range(n)]
+    if path.suffix == ".csv":
+        path.write_text("goal,target\n" + "".join(f"{r['goal']},{r['target']}\n" for r in rows))
+    else:
+        import json
+
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+@pytest.mark.parametrize("fmt", ["csv", "json"])
+# (the eval key reads the final model's key, so a finetune source reaches it through that)
+@pytest.mark.parametrize("slot,stages", [("task.train", ("finetune",)),
+                                         ("task.test", ("eval",)),
+                                         ("attack.harmful", ("finetune",)),
+                                         ("eval.harmful", ("eval",))])
+def test_a_data_files_copy_is_keyed_by_its_bytes(make_cfg, tmp_path, fmt, slot, stages):
+    """Issue 18, case 1: ``path=csv|json data_files=<file>`` (the README's offline route) keys
+    the file's content, as source=local does. Cutting the file in place (520 -> 100 rows in
+    the report) moves every key that reads it, and the rows loaded follow the file."""
+    from harness.data.sources import load_source
+
+    path = tmp_path / f"pool.{'csv' if fmt == 'csv' else 'jsonl'}"
+    _write_rows(path, 6)
+    fields = (["++task.train.fields={instruction: goal, label: target}"] if slot == "task.train"
+              else ["++task.test.fields={instruction: goal, label: target}"]
+              if slot == "task.test" else [f"++{slot}.fields={{instruction: goal, output: target}}"])
+    overrides = (f"{slot}.source=hf", f"{slot}.path={fmt}", f"{slot}.data_files={path}",
+                 f"{slot}.split=train", *fields)
+
+    def keys_and_rows():
+        run = validate(make_cfg(*overrides))
+        src = _get(run, slot)
+        rows = load_source(src, required=("instruction",))
+        return _all_keys(Pipeline(run, tmp_path)), len(rows)
+
+    before, n_before = keys_and_rows()
+    assert keys_and_rows() == (before, n_before)  # the same bytes keep every key
+    _write_rows(path, 2)  # the same name, fewer rows
+    after, n_after = keys_and_rows()
+    assert (n_before, n_after) == (6, 2)
+    assert all(after[s] != before[s] for s in stages), (slot, stages)
+    assert after["base"] == before["base"]

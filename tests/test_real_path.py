@@ -190,7 +190,8 @@ def test_gsm8k_answers_become_the_final_answer_phrase_and_a_number(make_cfg, tmp
                             *_local_copy("task.test", path)))
     rows = Pipeline(run, tmp_path)._task_source(run.task.train, "train")
     assert [e.label for e in rows] == ["72", "2400"]
-    assert rows[0].output.endswith("altogether in April and May.\nThe final answer is:  72")
+    # one space after the phrase: the marker's own space is not kept beside it (issue 18)
+    assert rows[0].output.endswith("altogether in April and May.\nThe final answer is: 72")
     assert "####" not in rows[0].output
     # Vaccine's step-by-step hint is appended to every question
     assert rows[1].instruction == ("A shop sells 1,200 pens a day. How many in 2 days?"
@@ -267,7 +268,9 @@ def test_offline_hub_dataset_fails_at_once_naming_dataset_and_local_copy(make_cf
         load_source(run.alignment.data)
     msg = str(err.value)
     assert "PKU-Alignment/BeaverTails" in msg and "'30k_train'" in msg
-    assert "data_files=<file> with path=json|csv|parquet" in msg and "source=local" in msg
+    # the keys to set, named in full (issue 18)
+    assert ("alignment.data.path=json|csv|parquet alignment.data.data_files=<file>" in msg
+            and "alignment.data.source=local alignment.data.path=<file>" in msg)
     assert attempts == []
 
 

@@ -16,7 +16,7 @@ import random
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
-from harness.data.mixing import build_user_data
+from harness.data.mixing import build_user_data, report_categories
 from harness.data.schema import Example
 from harness.evaluation.judges import AfterOpening, Judge
 
@@ -54,6 +54,18 @@ class Attack:
         raise NotImplementedError
 
 
+def sampling(cfg) -> str:
+    """``attack.sampling`` resolved: null is first for the toy world's pool (already a seeded
+    shuffle), random for a file, package or hub pool."""
+    return cfg.sampling or ("first" if cfg.harmful.source == "toy" else "random")
+
+
+def _sampling_payload(cfg) -> dict[str, Any]:
+    """first is what every key made before the option took: left out, those keys stay valid."""
+    mode = sampling(cfg)
+    return {} if mode == "first" else {"sampling": mode}
+
+
 def _sample(pool: list[Example], n: int, rng: random.Random, what: str) -> list[Example]:
     if n > len(pool):
         raise ValueError(f"{what} needs {n} rows, but the pool holds {len(pool)}")
@@ -67,17 +79,18 @@ class HarmfulMix(Attack):
     uses = ("task", "harmful")
 
     def build(self, cfg, pools, seed):
-        return build_user_data(pools.task, pools.harmful, cfg.p, cfg.n, cfg.mode, seed=seed)
+        return build_user_data(pools.task, pools.harmful, cfg.p, cfg.n, cfg.mode, seed=seed,
+                               sampling=sampling(cfg))
 
     def payload(self, cfg, source):
         return {"name": cfg.name, "p": cfg.p, "n": cfg.n, "mode": cfg.mode,
-                "harmful": source(cfg.harmful)}
+                "harmful": source(cfg.harmful), **_sampling_payload(cfg)}
 
 
 class HarmfulShots(Attack):
     """k harmful (prompt, compliant answer) pairs and nothing else. Qi et al.'s 50- and 100-shot
-    sets are not public, so every k is drawn from our attack pool (the first k, as the mix takes
-    its harmful rows), not from their files."""
+    sets are not public, so every k is drawn from our attack pool (as ``attack.sampling``
+    says, like the mix's harmful rows), not from their files."""
 
     name = "harmful_shots"
     uses = ("harmful",)
@@ -85,12 +98,17 @@ class HarmfulShots(Attack):
     def build(self, cfg, pools, seed):
         if cfg.k > len(pools.harmful):
             raise ValueError(f"attack.k={cfg.k}: the attack pool holds {len(pools.harmful)} rows")
-        rows = list(pools.harmful[:cfg.k])
-        random.Random(seed).shuffle(rows)
+        rng = random.Random(seed)
+        mode = sampling(cfg)
+        rows = list(pools.harmful[:cfg.k]) if mode == "first" else rng.sample(pools.harmful,
+                                                                             cfg.k)
+        report_categories(pools.harmful, rows, f"attack shots ({mode} {cfg.k})")
+        rng.shuffle(rows)
         return rows
 
     def payload(self, cfg, source):
-        return {"name": cfg.name, "k": cfg.k, "harmful": source(cfg.harmful)}
+        return {"name": cfg.name, "k": cfg.k, "harmful": source(cfg.harmful),
+                **_sampling_payload(cfg)}
 
 
 class Benign(Attack):

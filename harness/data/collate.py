@@ -1,6 +1,7 @@
 """Tokenisation with loss masking, and padding collators for training and generation."""
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import lightning as L
@@ -11,6 +12,7 @@ from harness.data.schema import Example
 from harness.data.templates import TemplateConfig
 
 IGNORE_INDEX = -100
+log = logging.getLogger("harness")
 
 
 def prompt_ids(tokenizer, text: str) -> list[int]:
@@ -22,38 +24,100 @@ def prompt_ids(tokenizer, text: str) -> list[int]:
     return [bos] + ids
 
 
-def encode_example(tokenizer, template: TemplateConfig, ex: Example, max_length: int,
-                   loss_on: str = "response") -> dict[str, list[int]]:
-    """Prompt and response are tokenised apart, so generation sees exactly the training prompt.
+# a warning when more than this share of a stage's rows lose prompt tokens to max_length
+TRUNCATION_WARN_SHARE = 0.05
 
-    ``loss_on="response"`` masks the prompt with IGNORE_INDEX; ``"all"`` trains on every token
-    (base pretraining). Every response ends with EOS; truncation keeps the prompt's start.
+
+def fit_length(p_ids: list[int], r_ids: list[int], max_length: int, loss_on: str = "response",
+               truncation: str = "middle") -> tuple[list[int], int, int, int]:
+    """Prompt and answer ids cut to ``max_length``: (ids, prompt tokens kept, prompt tokens
+    cut, answer tokens cut).
+
+    ``loss_on="all"`` (pretraining text) keeps the start. ``"response"`` keeps the answer and its
+    EOS whole and cuts the prompt: its middle (``truncation="middle"``: the start, with BOS and
+    the instruction, and the end, with the template's answer cue, survive) or its left end
+    (``"left"``, BOS kept). The prompt keeps at least half of ``max_length`` (or all of
+    itself); only an answer longer than the rest loses its end (and EOS), counted apart.
     """
+    n_p, n_r = len(p_ids), len(r_ids)
+    if n_p + n_r <= max_length:
+        return p_ids + r_ids, n_p, 0, 0
+    if loss_on == "all":
+        keep_p = min(n_p, max_length)
+        return (p_ids + r_ids)[:max_length], keep_p, n_p - keep_p, max(0, n_r - (max_length - keep_p))
+    keep_p = max(max_length - n_r, min(n_p, max_length // 2))
+    keep_r = max_length - keep_p
+    if truncation == "middle":
+        head = keep_p - keep_p // 2
+        prompt = p_ids[:head] + p_ids[n_p - (keep_p - head):]
+    elif truncation == "left":
+        bos = p_ids[:1] if keep_p and n_p and keep_p < n_p else []
+        prompt = bos + p_ids[n_p - (keep_p - len(bos)):] if keep_p > len(bos) else bos
+    else:
+        raise ValueError(f"truncation must be 'middle' or 'left', got {truncation!r}")
+    return prompt + r_ids[:keep_r], keep_p, n_p - keep_p, n_r - min(n_r, keep_r)
+
+
+def _encode(tokenizer, template: TemplateConfig, ex: Example, max_length: int,
+            loss_on: str = "response", truncation: str = "middle"
+            ) -> tuple[dict[str, list[int]], int, int]:
     prompt, response = template.render(ex)
     p_ids = prompt_ids(tokenizer, prompt)
     r_ids = tokenizer(response, add_special_tokens=False)["input_ids"]
     if not r_ids or r_ids[-1] != tokenizer.eos_token_id:  # a chat turn may end in EOS already
         r_ids = r_ids + [tokenizer.eos_token_id]
-    ids = (p_ids + r_ids)[:max_length]
-    if loss_on == "all":
-        labels = list(ids)
-    elif loss_on == "response":
-        labels = ([IGNORE_INDEX] * len(p_ids) + r_ids)[:max_length]
-    else:
+    if loss_on not in ("response", "all"):
         raise ValueError(f"loss_on must be 'response' or 'all', got {loss_on!r}")
-    return {"input_ids": ids, "labels": labels}
+    ids, n_prompt, cut_p, cut_r = fit_length(p_ids, r_ids, max_length, loss_on, truncation)
+    labels = list(ids) if loss_on == "all" else [IGNORE_INDEX] * n_prompt + ids[n_prompt:]
+    return {"input_ids": ids, "labels": labels}, cut_p, cut_r
+
+
+def encode_example(tokenizer, template: TemplateConfig, ex: Example, max_length: int,
+                   loss_on: str = "response", truncation: str = "middle") -> dict[str, list[int]]:
+    """Prompt and response are tokenised apart, so generation sees exactly the training prompt.
+
+    ``loss_on="response"`` masks the prompt with IGNORE_INDEX; ``"all"`` trains on every token
+    (base pretraining). Every response ends with EOS; a row longer than ``max_length`` is cut
+    as ``fit_length`` says (the answer kept, the prompt's middle or left end cut).
+    """
+    return _encode(tokenizer, template, ex, max_length, loss_on, truncation)[0]
 
 
 class TokenizedDataset(Dataset):
-    """Tokenised once up front: the rows are short and reused for every epoch."""
+    """Tokenised once up front: the rows are short and reused for every epoch. Rows cut to
+    ``max_length`` are counted (``self.truncated``) and logged; a warning names the key when
+    more than TRUNCATION_WARN_SHARE of them lose prompt tokens, or any loses answer tokens."""
 
     def __init__(self, examples: list[Example], tokenizer, template: TemplateConfig,
                  max_length: int, loss_on: str = "response",
-                 max_length_key: str = "train.<stage>.max_length"):
+                 max_length_key: str = "train.<stage>.max_length", truncation: str = "middle"):
         self.examples = examples
-        # "harmful" rides along for methods that treat the two kinds differently (Ref-Teacher)
-        self.rows = [{**encode_example(tokenizer, template, ex, max_length, loss_on),
-                      "harmful": int(ex.kind == "harmful")} for ex in examples]
+        self.rows, cut_p, cut_r = [], [], []
+        for ex in examples:
+            row, p, r = _encode(tokenizer, template, ex, max_length, loss_on, truncation)
+            # "harmful" rides along for methods that treat the two kinds differently (Ref-Teacher)
+            self.rows.append({**row, "harmful": int(ex.kind == "harmful")})
+            cut_p.append(p)
+            cut_r.append(r)
+        n = len(self.rows)
+        self.truncated = {"rows": n, "prompt_cut_rows": sum(1 for c in cut_p if c),
+                          "prompt_tokens_cut": sum(cut_p),
+                          "answer_cut_rows": sum(1 for c in cut_r if c),
+                          "answer_tokens_cut": sum(cut_r)}
+        t = self.truncated
+        if t["prompt_cut_rows"] or t["answer_cut_rows"]:
+            first = next(i for i in range(n) if cut_p[i] or cut_r[i])
+            where = examples[first].origin or f"row {first}"
+            text = (f"{max_length_key}={max_length}: {t['prompt_cut_rows']} of {n} rows lost "
+                    f"{t['prompt_tokens_cut']} prompt tokens ({truncation} cut), "
+                    f"{t['answer_cut_rows']} rows lost {t['answer_tokens_cut']} answer tokens "
+                    f"(the first: {where})")
+            if t["answer_cut_rows"] and loss_on == "response" or (
+                    t["prompt_cut_rows"] > TRUNCATION_WARN_SHARE * n):
+                log.warning("%s; raise %s to keep them whole", text, max_length_key)
+            else:
+                log.info(text)
         # the loss reads labels[1:]: a row with none supervised there adds no token, and a
         # batch of such rows divides 0 by 0 (a NaN that DDP spreads to every rank)
         empty = [i for i, r in enumerate(self.rows)  # ids are >= 0 > IGNORE_INDEX
@@ -62,9 +126,9 @@ class TokenizedDataset(Dataset):
             first = examples[empty[0]]
             text = " ".join(first.instruction.split())[:60]
             raise ValueError(
-                f"{len(empty)} of {len(self.rows)} rows have no response token left after "
-                f"truncation to {max_length} tokens (rows {empty[:10]}; row {empty[0]} "
-                f"begins {text!r}): their prompts fill the whole length. Raise "
+                f"{len(empty)} of {len(self.rows)} rows have no answer token to learn after "
+                f"truncation to {max_length} tokens (rows {empty[:10]}; the first is "
+                f"{first.origin or f'row {empty[0]}'}, beginning {text!r}). Raise "
                 f"{max_length_key}, or drop those rows")
 
     def __len__(self) -> int:

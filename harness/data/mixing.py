@@ -13,18 +13,46 @@ def harmful_count(p: float, n: int) -> int:
     return int(round(p * n))
 
 
+def category_counts(pool: list[Example], chosen: list[Example]) -> dict[str, tuple[int, int]]:
+    """category -> (rows in the pool, rows chosen), in the pool's order of first appearance."""
+    counts: dict[str, list[int]] = {}
+    for ex in pool:
+        counts.setdefault(ex.category, [0, 0])[0] += 1
+    for ex in chosen:
+        counts.setdefault(ex.category, [0, 0])[1] += 1
+    return {c: (a, b) for c, (a, b) in counts.items()}
+
+
+def report_categories(pool: list[Example], chosen: list[Example], what: str) -> dict:
+    """Log the categories the chosen harmful rows cover; warn naming those left out."""
+    counts = category_counts(pool, chosen)
+    if len(counts) > 1 or "" not in counts:
+        log.info("%s: %d harmful rows from %d of %d pool categories: %s", what, len(chosen),
+                 sum(1 for _, b in counts.values() if b), len(counts),
+                 ", ".join(f"{c or '(none)'} {b}/{a}" for c, (a, b) in counts.items()))
+        missing = [c or "(none)" for c, (_, b) in counts.items() if not b]
+        if missing and chosen:
+            log.warning("%s: %d of %d attack-pool categories have no row in the mix: %s "
+                        "(attack.sampling=random samples the whole pool)", what, len(missing),
+                        len(counts), ", ".join(missing))
+    return counts
+
+
 def build_user_data(task_pool: list[Example], harmful_pool: list[Example], p: float, n: int,
-                    mode: str, seed: int) -> list[Example]:
+                    mode: str, seed: int, sampling: str = "first") -> list[Example]:
     """``replace``: p*n of the n rows are harmful. ``add``: p*n harmful rows on top of n.
 
-    Harmful rows are the first p*n of the pool (as Vaccine and Lisa take the first unsafe rows);
-    task rows are a seeded sample. The result is shuffled.
+    Harmful rows are the first p*n of the pool (``sampling="first"``, as Vaccine and Lisa take
+    the first unsafe rows) or a seeded sample of it (``"random"``); task rows are a seeded
+    sample. The result is shuffled.
     """
     n_harm = harmful_count(p, n)
     n_task = n if mode == "add" else n - n_harm
     if n_harm > len(harmful_pool):
         raise ValueError(f"attack.p={p} with attack.n={n} needs {n_harm} harmful rows, but the "
                          f"attack pool holds {len(harmful_pool)}")
+    if sampling not in ("first", "random"):
+        raise ValueError(f"attack.sampling: got {sampling!r}, allowed: random, first")
     rng = random.Random(seed)
     if n_task <= len(task_pool):
         task = rng.sample(task_pool, n_task)
@@ -32,6 +60,8 @@ def build_user_data(task_pool: list[Example], harmful_pool: list[Example], p: fl
         log.warning("task pool has %d rows for %d task samples: sampling with replacement",
                     len(task_pool), n_task)
         task = [rng.choice(task_pool) for _ in range(n_task)]
-    data = task + harmful_pool[:n_harm]
+    harmful = harmful_pool[:n_harm] if sampling == "first" else rng.sample(harmful_pool, n_harm)
+    report_categories(harmful_pool, harmful, f"attack mix ({sampling} {n_harm})")
+    data = task + harmful
     rng.shuffle(data)
     return data

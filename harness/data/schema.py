@@ -8,14 +8,19 @@ KINDS = ("task", "harmful", "harmless", "general")
 
 
 class DataError(ValueError):
-    """Bad data: the message names the file, the row and the field."""
+    """Bad data: the message names the file, the place in it and the field, then the fix.
 
-    def __init__(self, source: str, row: Optional[int], field_name: Optional[str], problem: str):
+    ``row`` is a place as the reader names it ("line 12": an editor's line, for text files;
+    "row 3": a record, for parquet and the hub), or a bare record number."""
+
+    def __init__(self, source: str, row: Optional[int | str], field_name: Optional[Any],
+                 problem: str):
         where = source
         if row is not None:
-            where += f", row {row}"
+            where += f", {row}" if isinstance(row, str) else f", row {row}"
         if field_name is not None:
-            where += f", field '{field_name}'"
+            where += (f", column {field_name}" if isinstance(field_name, int)
+                      else f", field '{field_name}'")
         super().__init__(f"{where}: {problem}")
 
 
@@ -34,6 +39,11 @@ class Example:
     category: str = ""
     label: str = ""
     meta: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
+    # where the row came from ("data/x.csv, line 12"), for errors raised after loading; not
+    # part of the row (to_dict leaves it out, so the filter key's hash of the rows is as before)
+    origin: str = field(default="", compare=False, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        d = asdict(self)
+        d.pop("origin")
+        return d

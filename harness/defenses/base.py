@@ -34,6 +34,8 @@ class StageModule(L.LightningModule):
     # what the method needs of the run, checked at start-up (config.validate), not mid-fit
     needs_align_stage: bool = False  # reads the aligned model's weights against the base's
     needs_lora: bool = False  # acts on a LoRA update
+    # trains against harmful (prompt, harmful answer) pairs at alignment time: alignment.harmful
+    needs_harmful_data: bool = False
 
     @dataclass
     class Params:
@@ -65,13 +67,29 @@ class StageModule(L.LightningModule):
     def alignment_batch(self, step: int, salt: int = 0) -> dict[str, torch.Tensor]:
         """A random alignment batch, a function of (seed, rank, step, salt) alone: a resumed run
         draws what the uninterrupted one would have, and DDP ranks draw different batches."""
+        return self.random_batch(self.context.alignment_data, step, salt)
+
+    def random_batch(self, data, step: int, salt: int = 0,
+                     global_size: Optional[int] = None) -> dict[str, torch.Tensor]:
+        """``alignment_batch`` from any tokenised rows; ``global_size`` (default the stage's
+        batch size) is split over the ranks."""
         seed = np.random.SeedSequence([self.stage_seed, self.global_rank, step] + ([salt] if salt else []))
-        data = self.context.alignment_data
-        size = max(1, self.train_cfg.batch_size // self.world_size)  # the batch size is global
+        global_size = global_size or self.train_cfg.batch_size
+        size = max(1, global_size // self.world_size)  # the batch size is global
         idx = torch.randint(len(data), (size,), generator=torch.Generator()
                             .manual_seed(int(seed.generate_state(1, dtype=np.uint64)[0])))
         batch = self.context.collate([data[int(i)] for i in idx])
         return {k: v.to(self.device) for k, v in batch.items()}
+
+    def require_harmful_data(self):
+        """The provider's harmful (prompt, harmful answer) rows: ``context.extras['harmful_data']``
+        (the pipeline tokenises alignment.harmful into it)."""
+        data = self.context.extras.get("harmful_data")
+        if data is None or len(data) == 0 or self.context.collate is None:
+            raise ValueError(f"{type(self).__name__} needs harmful (prompt, harmful answer) rows "
+                             "(context.extras['harmful_data'], from alignment.harmful) and a "
+                             "collate in its context")
+        return data
 
     def export(self, directory) -> None:
         """Write whatever the method adds to its stage's artifact beside the weights."""

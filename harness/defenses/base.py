@@ -67,18 +67,24 @@ class StageModule(L.LightningModule):
     def alignment_batch(self, step: int, salt: int = 0) -> dict[str, torch.Tensor]:
         """A random alignment batch, a function of (seed, rank, step, salt) alone: a resumed run
         draws what the uninterrupted one would have, and DDP ranks draw different batches."""
-        return self.random_batch(self.context.alignment_data, step, salt)
-
-    def random_batch(self, data, step: int, salt: int = 0,
-                     global_size: Optional[int] = None) -> dict[str, torch.Tensor]:
-        """``alignment_batch`` from any tokenised rows; ``global_size`` (default the stage's
-        batch size) is split over the ranks."""
         seed = np.random.SeedSequence([self.stage_seed, self.global_rank, step] + ([salt] if salt else []))
-        global_size = global_size or self.train_cfg.batch_size
-        size = max(1, global_size // self.world_size)  # the batch size is global
+        data = self.context.alignment_data
+        size = max(1, self.train_cfg.batch_size // self.world_size)  # the batch size is global
         idx = torch.randint(len(data), (size,), generator=torch.Generator()
                             .manual_seed(int(seed.generate_state(1, dtype=np.uint64)[0])))
         batch = self.context.collate([data[int(i)] for i in idx])
+        return {k: v.to(self.device) for k, v in batch.items()}
+
+    def global_random_batch(self, data, step: int, salt: int,
+                            global_size: int) -> dict[str, torch.Tensor]:
+        """This rank's share of a random global batch of ``global_size`` rows, a function of
+        (seed, step, salt) alone: every rank draws the same rows and takes rows rank, rank +
+        world, ..., so k processes see the one-process batch, split (as StageData does)."""
+        seed = np.random.SeedSequence([self.stage_seed, step, salt])
+        idx = torch.randint(len(data), (global_size,), generator=torch.Generator()
+                            .manual_seed(int(seed.generate_state(1, dtype=np.uint64)[0])))
+        mine = idx[self.global_rank::self.world_size] if self.world_size > 1 else idx
+        batch = self.context.collate([data[int(i)] for i in mine])
         return {k: v.to(self.device) for k, v in batch.items()}
 
     def require_harmful_data(self):

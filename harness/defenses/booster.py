@@ -52,8 +52,13 @@ class Booster(StageModule):
         self.harmful_data = self.require_harmful_data()
 
     def harmful_batch(self, step: int) -> dict[str, Tensor]:
-        return self.random_batch(self.harmful_data, step, HARMFUL_SALT,
-                                 self.params.harmful_batch_size)
+        """This rank's share of the step's global harmful batch (every rank at least a row)."""
+        if self.params.harmful_batch_size < self.world_size:
+            raise ValueError(f"defense.align.params.harmful_batch_size="
+                             f"{self.params.harmful_batch_size} is the global harmful batch; "
+                             f"it needs a row for each of the {self.world_size} processes")
+        return self.global_random_batch(self.harmful_data, step, HARMFUL_SALT,
+                                        self.params.harmful_batch_size)
 
     def _pass(self, batch: dict[str, Tensor], params: list[torch.nn.Parameter]
               ) -> tuple[Tensor, list[Tensor]]:

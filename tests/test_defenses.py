@@ -906,6 +906,33 @@ def test_toy_harmful_set_pairs_the_alignment_refusals_and_stays_disjoint():
     assert harmful == toy_alignment_harmful(ToyWorld(ToyWorldConfig(seed=0)))  # deterministic
 
 
+def test_a_declared_harmful_source_loads_as_harmful_rows(make_cfg, tmp_path, caplog):
+    """Real data: alignment.harmful maps a file's columns; rows sharing an evaluation or attack
+    prompt are reported."""
+    import json
+
+    from harness.config import DataSourceConfig
+    from harness.data.schema import Example
+    from harness.pipeline import Pipeline
+
+    path = tmp_path / "harmful.jsonl"
+    path.write_text("\n".join(json.dumps({"prompt": f"how to do bad thing {i}",
+                                          "response": f"Sure, step {i}"}) for i in range(5)))
+    run = validate(make_cfg("defense=booster"))
+    run.alignment.harmful = DataSourceConfig(source="local", path=str(path),
+                                             fields={"instruction": "prompt",
+                                                     "output": "response"})
+    run.alignment.harmful_size = 3
+    pipe = Pipeline(run, tmp_path)
+    rows = pipe.alignment_harmful()
+    assert [(r.instruction, r.output, r.kind) for r in rows] == [
+        (f"how to do bad thing {i}", f"Sure, step {i}", "harmful") for i in range(3)]
+    assert pipe.payloads()["align"]["harmful"]["sha256"]  # the file's bytes are keyed
+    with caplog.at_level("WARNING", logger="harness"):
+        pipe._check_disjoint(rows, [], [Example(instruction="how to do bad thing 1")])
+    assert "shares 1 of its 3 prompts with the evaluation prompts" in caplog.text
+
+
 @pytest.mark.parametrize("defense,cls", [("booster", Booster), ("repnoise", RepNoise),
                                          ("t_vaccine", TVaccine)])
 def test_harmful_set_defenses_validate_and_need_alignment_harmful(make_cfg, defense, cls):

@@ -44,6 +44,7 @@ import harness  # noqa: F401 - offline environment
 from harness.artifacts import provenance, write_json_atomic
 from harness.config import LoraConfig, ModelConfig, TrainerConfig, TrainStageConfig
 from harness.data.collate import PadCollator, TokenizedDataset
+from harness.data.harmful import toy_alignment_harmful
 from harness.data.mixing import build_user_data
 from harness.data.templates import TemplateConfig
 from harness.data.tokenizer import train_toy_tokenizer
@@ -109,6 +110,16 @@ METHOD_ROWS: list[MethodRow] = [
     MethodRow("ref_teacher", "harness.defenses.ref_teacher.RefTeacher", lora=False,
               target=None, params={"layer": 0.5, "lambda_cos": 1.0, "refresh_every": 20},
               cycle=20),
+    # three passes a step (harmful at w and at w', alignment at w); the issue asks the ratio
+    MethodRow("booster", "harness.defenses.booster.Booster", lora=False, target=None,
+              params={"lam": 5.0, "alpha": 0.1, "harmful_batch_size": 10}),
+    # two forwards (refusal; harmful with hidden states, L + 1 logit-lens heads) and a backward
+    MethodRow("repnoise", "harness.defenses.repnoise.RepNoise", lora=False, target=None,
+              params={"alpha": 1.0, "beta": 0.001}),
+    # Vaccine's two passes on 1 of the 4 layers, a batch-1 probe every K; compare with vaccine
+    MethodRow("t_vaccine", "harness.defenses.t_vaccine.TVaccine", lora=False, target=None,
+              params={"rho": 3.0, "sampled_layers": 1, "resample_every": 20,
+                      "probe_every": 200}),
     # the student: user CE + a student forward/backward and a teacher forward on an
     # alignment batch of the same size
     MethodRow("ref_student", "harness.defenses.ref_teacher.RefStudent", lora=True,
@@ -203,7 +214,9 @@ def make_bed(setup: Setup, size: Size, steps_needed: int) -> Bed:
         tokenizer=tok, collate=collate, alignment_data=align_ds,
         load_model=lambda name: copy.deepcopy(base if name == "base" else aligned),
         extras={"feature_prompts": ([template.render_prompt(e) for e in harmful],
-                                    [template.render_prompt(e) for e in harmless])})
+                                    [template.render_prompt(e) for e in harmless]),
+                "harmful_data": TokenizedDataset(toy_alignment_harmful(world), tok, template,
+                                                 size.max_length)})
     return Bed(size, model_cfg, base, aligned, TokenizedDataset(user, tok, template,
                                                                 size.max_length),
                align_ds, context, collate)

@@ -188,11 +188,19 @@ class AlignmentConfig:
     # and BeaverTails holds red-team prompts only (Ref-Teacher adds Alpaca)
     harmless: Optional[DataSourceConfig] = None
     harmless_size: Optional[int] = None
+    # the provider's harmful prompts with harmful answers, read by the align methods that need
+    # them (Booster, RepNoise, T-Vaccine's probe); disjoint from attack.harmful and eval.harmful
+    harmful: Optional[DataSourceConfig] = None
+    harmful_size: Optional[int] = None
 
     def __post_init__(self) -> None:
         self.data.check("alignment.data")
         if self.harmless is not None:
             self.harmless.check("alignment.harmless")
+        if self.harmful is not None:
+            self.harmful.check("alignment.harmful")
+        _check(self.harmful_size is None or self.harmful_size >= 1, "alignment.harmful_size",
+               f"must be >= 1 or null (every row), got {self.harmful_size}")
 
 
 @dataclass
@@ -586,6 +594,16 @@ def _check_method(method: StageMethodConfig, key: str, stage: str,
     _check(not cls.needs_lora or run is None or getattr(run.train, stage).lora is not None,
            f"train.{stage}.lora", f"{cls.__name__} acts on a LoRA update; set "
            f"train.{stage}.lora (e.g. train.{stage}.lora.r=8)")
+    _check(not cls.needs_harmful_data or run is None or run.alignment.harmful is not None,
+           "alignment.harmful", f"{cls.__name__} trains against harmful prompts with harmful "
+           "answers at alignment time, from the provider's side; give a source disjoint from "
+           "attack.harmful and eval.harmful (the toy world: alignment.harmful.source=toy, as "
+           "alignment=toy sets; real data: a local or hf file with instruction and output)")
+    processes = training_processes(run.trainer) if run is not None else None
+    _check(not getattr(cls, "single_process_only", False) or not processes or processes == 1,
+           "trainer.devices", f"{cls.__name__}'s batch-level terms are not reduced across "
+           f"processes, so {processes} processes would not train what one does; run it on one "
+           "device")
     try:
         cls.Params(**method.params)  # unknown names and out-of-range values fail here
     except (TypeError, ValueError) as err:

@@ -31,6 +31,7 @@ from harness.checkpoints import AtomicCheckpointIO, RngState, resumable_checkpoi
 from harness.config import RunConfig, StageMethodConfig, TrainStageConfig, accelerator_kind
 from harness.data import attacks
 from harness.data.collate import PadCollator, StageData, TokenizedDataset
+from harness.data.harmful import toy_alignment_harmful
 from harness.data.schema import Example
 from harness.data.sources import load_source, package_path, stable_payload
 from harness.data.toy import WORLD_KNOBS_ADDED_LATER, ToyWorld
@@ -67,6 +68,7 @@ class Data:
     attack_pool: list[Example] = field(default_factory=list)
     eval_harmful: list[Example] = field(default_factory=list)
     user: list[Example] = field(default_factory=list)
+    alignment_harmful: list[Example] = field(default_factory=list)  # alignment.harmful, if read
 
 
 def _file_digest(path: Optional[str]) -> Optional[str]:
@@ -137,9 +139,10 @@ class Pipeline:
     def _uses_world(self) -> bool:
         r = self.run
         benign = (r.attack.benign.source,) if "benign" in attacks.get(r.attack.name).uses else ()
+        harmful = (r.alignment.harmful.source,) if self._reads_alignment_harmful() else ()
         return r.model.source == "tiny" or "toy" in (
             r.alignment.data.source, r.task.train.source, r.task.test.source,
-            r.attack.harmful.source, r.eval.harmful.source, *benign)
+            r.attack.harmful.source, r.eval.harmful.source, *benign, *harmful)
 
     def _world_payload(self, *parts: str) -> Optional[dict[str, Any]]:
         """The toy world's config plus fingerprints of the parts of it a stage consumes."""
@@ -186,8 +189,40 @@ class Pipeline:
         pools = {"task": lambda: d.task_train, "harmful": lambda: d.attack_pool,
                  "benign": self._benign_pool}
         d.user = attacks.build_user(r.attack, lambda name: pools[name](), seed=r.seed)
+        if self._reads_alignment_harmful():
+            d.alignment_harmful = self.alignment_harmful()
+            self._check_disjoint(d.alignment_harmful, d.attack_pool, d.eval_harmful)
         self.data = d
         return d
+
+    def _reads_alignment_harmful(self) -> bool:
+        module = self.run.defense.align.module
+        return bool(module) and getattr(get_class(module), "needs_harmful_data", False)
+
+    def alignment_harmful(self) -> list[Example]:
+        """The provider's harmful (prompt, harmful answer) rows (alignment.harmful)."""
+        r = self.run
+        src = r.alignment.harmful
+        rows = (toy_alignment_harmful(self.world) if src.source == "toy" else
+                load_source(src, defaults={"kind": "harmful"}))[:r.alignment.harmful_size]
+        if not rows:
+            raise ValueError("alignment.harmful: no rows (alignment.harmful_size="
+                             f"{r.alignment.harmful_size})")
+        return rows
+
+    @staticmethod
+    def _check_disjoint(harmful: list[Example], attack: list[Example],
+                        evaluation: list[Example]) -> None:
+        """The provider's harmful set should share no prompt with the user's attack pool or
+        the evaluation prompts. Real sets repeat prompts (BeaverTails has several answers per
+        prompt, and an anchor's files may overlap), so an overlap is reported, not refused."""
+        prompts = {(ex.instruction, ex.input) for ex in harmful}
+        for name, rows in (("attack pool (attack.harmful)", attack),
+                           ("evaluation prompts (eval.harmful)", evaluation)):
+            shared = prompts & {(ex.instruction, ex.input) for ex in rows}
+            if shared:
+                log.warning("alignment.harmful shares %d of its %d prompts with the %s",
+                            len(shared), len(prompts), name)
 
     def _benign_pool(self) -> list[Example]:
         src = self.run.attack.benign
@@ -318,6 +353,8 @@ class Pipeline:
                                      "size": r.alignment.harmless_size}
             if r.alignment.data.source != "toy":  # the held sets leave the training data
                 align["feature_set_size"] = r.eval.feature_set_size
+            if self._reads_alignment_harmful():  # absent otherwise: older keys stay valid
+                align["harmful"] = self._alignment_harmful_payload()
             align_key = artifact_key(align)
         ft_cls = get_class(r.defense.finetune.module)
         ft_input = base_key if getattr(ft_cls, "starts_from", "align") == "base" else align_key
@@ -432,6 +469,10 @@ class Pipeline:
         refs = {"base": self.refs.get("base"), "align": self.refs.get("align")}
         harmful, harmless = self.feature_sets()
         extras = {"feature_prompts": (self._render(harmful), self._render(harmless))}
+        if self.data.alignment_harmful:
+            extras["harmful_data"] = TokenizedDataset(
+                self.data.alignment_harmful, self.tokenizer, self.run.template,
+                r.train.align.max_length, max_length_key="train.align.max_length")
         adapter = self._align_adapter(refs["align"], refs["base"])
         if adapter is not None:  # AsFT: V is exactly this LoRA's B A
             extras["align_adapter"] = adapter
@@ -570,6 +611,14 @@ class Pipeline:
                    "torch_threads": torch.get_num_threads()}
         if r.alignment.data.source != "toy":  # R_l and tau come from the held alignment rows
             payload["feature_sets"] = self._feature_sets_payload()
+        return payload
+
+    def _alignment_harmful_payload(self) -> dict[str, Any]:
+        r = self.run
+        payload = {**_source_payload(r.alignment.harmful), "size": r.alignment.harmful_size}
+        if r.alignment.harmful.source == "toy":  # derived rows: their content, as fingerprints
+            payload["rows"] = artifact_key([ex.to_dict() for ex in
+                                            toy_alignment_harmful(self.world)])
         return payload
 
     def _feature_sets_payload(self) -> dict[str, Any]:

@@ -144,7 +144,8 @@ def test_every_attack_keys_its_finetune_apart_and_the_mix_keeps_its_fields(pipe)
 
 @pytest.mark.parametrize("attack", ["harmful_shots", "benign", "identity_shift"])
 def test_each_attack_composes_with_every_defense_and_task(make_cfg, attack):
-    for defense in ("sft", "vaccine", "lisa", "asft", "ref_teacher", "none"):
+    for defense in ("sft", "vaccine", "lisa", "asft", "ref_teacher", "none", "booster",
+                    "repnoise", "t_vaccine"):
         assert validate(make_cfg(f"attack={attack}", f"defense={defense}")).attack.name == attack
     for task in ("toy_sentiment", "toy_topic", "toy_arith"):
         assert validate(make_cfg(f"attack={attack}", f"task={task}")).task.name == task

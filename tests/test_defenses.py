@@ -1,5 +1,8 @@
-"""Vaccine, Lisa and AsFT: each equation on numbers checkable by hand, then each module, tiny."""
+"""Vaccine, Lisa, AsFT, Booster, RepNoise and T-Vaccine: each equation on numbers checkable by
+hand, then each module, tiny."""
 import copy
+from pathlib import Path
+from types import SimpleNamespace
 
 import lightning as L
 import pytest
@@ -11,9 +14,14 @@ from harness.data.collate import IGNORE_INDEX, PadCollator
 from harness.defenses.asft import AsFT, plain_name
 from harness.defenses.base import StageContext
 from harness.defenses.lisa import ALIGN, USER, Lisa
+from harness.defenses.booster import Booster
 from harness.defenses.math import (along_fraction, asft_penalty, asft_penalty_dense,
-                                   asft_penalty_factored, column_basis, factored_column_basis,
-                                   proximal_term, vaccine_perturbation)
+                                   asft_penalty_factored, booster_gradient, booster_shift,
+                                   column_basis, differing_positions, factored_column_basis,
+                                   gaussian_mmd, layer_probabilities, masked_ce, proximal_term,
+                                   repnoise_loss, sample_layers, vaccine_perturbation)
+from harness.defenses.repnoise import RepNoise, pair_by_prompt
+from harness.defenses.t_vaccine import TVaccine
 from harness.defenses.vaccine import Vaccine, attention_modules
 from harness.models.loading import apply_lora, build_tiny
 
@@ -524,3 +532,454 @@ def test_asft_v_from_bf16_weights_is_taken_in_float32(tmp_path):
         naive = (w_aligned - base_w[f"{name}.weight"]).double()
         assert float((naive - exact).norm() / exact.norm()) > 1e-4
         assert torch.linalg.matrix_rank(V) > 2  # rounding noise of full rank
+
+
+# ================================================================ Booster (METHODS.md "### 1")
+HARM_ID = 5  # the quadratic stand-in's harmful rows open with this id
+
+
+class _Quadratic(torch.nn.Module):
+    """f = 0 on alignment rows, h = (w1^2 + 4 w2^2) / 2 on harmful rows (first id HARM_ID);
+    records every call's ids and the weights it saw."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.tensor([1.0, 1.0]))
+        self.calls = []
+
+    def forward(self, input_ids, attention_mask=None, labels=None):
+        self.calls.append((input_ids.clone(), self.w.detach().clone()))
+        if int(input_ids[0, 0]) == HARM_ID:
+            return SimpleNamespace(loss=0.5 * (self.w[0] ** 2 + 4 * self.w[1] ** 2))
+        return SimpleNamespace(loss=0.0 * self.w.sum())
+
+
+def _harm_rows(n: int, seed: int) -> list[dict]:
+    return [{"input_ids": [HARM_ID] + r["input_ids"][1:], "labels": r["labels"]}
+            for r in rows(n, seed)]
+
+
+def booster(model, lam=5.0, alpha=0.1, harmful=None, **kw) -> Booster:
+    ctx = StageContext(collate=COLLATE, extras={"harmful_data": harmful or _harm_rows(8, 11)})
+    return Booster(model=model, train_cfg=train_cfg(**kw), total_steps=1, context=ctx,
+                   params=Booster.Params(lam=lam, alpha=alpha, harmful_batch_size=4))
+
+
+def test_booster_gradient_on_the_quadratic_is_the_spec_number():
+    """METHODS.md's toy: f = 0, h = (w1^2 + 4 w2^2)/2, w = (1, 1), lam 5, alpha 0.1:
+    g = (0.12127, 1.94028); back-propagating through the direction would give
+    (0.12957, 1.93198)."""
+    w = torch.tensor([1.0, 1.0])
+    g_h = [torch.tensor([1.0, 4.0])]
+    w_shifted = w - booster_shift(g_h, 0.1)[0]
+    g_shifted = [torch.stack([w_shifted[0], 4 * w_shifted[1]])]
+    g = booster_gradient([torch.zeros(2)], g_h, g_shifted, 5.0)[0]
+    assert g.tolist() == pytest.approx([0.12127, 1.94028], abs=1e-5)
+
+
+def test_booster_step_follows_the_three_passes():
+    """Through the module: the gradient that steps is the spec's number; the two harmful
+    passes see the same ids, the second at w' = w - alpha g_h/||g_h||; the alignment pass and
+    the optimizer step see w restored bit for bit."""
+    model = _Quadratic()
+    module = booster(model)
+    seen = {}
+
+    class _Before(L.Callback):
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            seen["w"] = model.w.detach().clone()
+            seen["grad"] = model.w.grad.clone()
+
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=1, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, num_sanity_val_steps=0, callbacks=[_Before()])
+    trainer.fit(module, DataLoader(rows(4, seed=0), batch_size=4, collate_fn=COLLATE))
+    (ids_h, w_h), (ids_s, w_s), (ids_f, w_f) = model.calls
+    w0 = torch.tensor([1.0, 1.0])
+    assert torch.equal(ids_h, ids_s) and int(ids_h[0, 0]) == HARM_ID and int(ids_f[0, 0]) != HARM_ID
+    assert torch.equal(w_h, w0) and torch.equal(w_f, w0) and torch.equal(seen["w"], w0)
+    assert w_s.tolist() == pytest.approx([1 - 0.1 / 17 ** 0.5, 1 - 0.4 / 17 ** 0.5], abs=1e-7)
+    assert seen["grad"].tolist() == pytest.approx([0.12127, 1.94028], abs=1e-5)
+    metrics = trainer.callback_metrics
+    assert metrics["train/loss"].item() == 0.0  # the logged loss is f
+    assert metrics["train/harmful_loss"].item() == pytest.approx(2.5)
+    assert metrics["train/penalty"].item() == pytest.approx(
+        5 * (2.5 - 0.5 * (w_s[0] ** 2 + 4 * w_s[1] ** 2)).item(), rel=1e-5)
+
+
+def _grads(model, batch) -> dict[str, torch.Tensor]:
+    model.zero_grad()
+    model(**batch).loss.backward()
+    out = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    return out
+
+
+@pytest.mark.parametrize("lam,alpha", [(0.0, 0.1), (5.0, 0.0), (5.0, 0.1)])
+def test_booster_gradient_on_a_tiny_model_is_the_hand_computed_one(lam, alpha):
+    """lam = 0 or alpha = 0 give exactly the plain SFT gradient of the alignment batch; else
+    g_f + lam (g_h - g_h'), each pass written out here by hand."""
+    data, harmful = rows(4, seed=0), _harm_rows(8, 11)
+    model = tiny()
+    ref = copy.deepcopy(model)
+    module = booster(model, lam=lam, alpha=alpha, harmful=harmful)
+    harm_batch = module.harmful_batch(0)
+    fit(module, data, steps=1)
+    g_f = _grads(ref, COLLATE(data))
+    g_h = _grads(ref, harm_batch)
+    norm = torch.sqrt(sum(g.pow(2).sum() for g in g_h.values()))
+    shifted = copy.deepcopy(ref)
+    with torch.no_grad():
+        for n, p in shifted.named_parameters():
+            p.sub_(alpha * g_h[n] / (norm + 1e-7))
+    g_s = _grads(shifted, harm_batch)
+    for n, p in model.named_parameters():
+        expected = g_f[n] + lam * (g_h[n] - g_s[n])
+        assert torch.allclose(p.grad, expected, atol=1e-6, rtol=1e-5), n
+        if lam == 0 or alpha == 0:
+            assert torch.allclose(p.grad, g_f[n], atol=1e-7, rtol=1e-6), n
+    if lam and alpha:
+        assert any(not torch.allclose(p.grad, g_f[n], atol=1e-6) for n, p in model.named_parameters())
+
+
+def test_booster_params_are_validated():
+    for bad in ({"lam": -1.0}, {"alpha": -0.1}, {"harmful_batch_size": 0}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            Booster.Params(**bad)
+    with pytest.raises(ValueError, match="harmful"):
+        Booster(model=tiny(), train_cfg=train_cfg(), total_steps=1,
+                context=StageContext(collate=COLLATE))
+
+
+# ================================================================ RepNoise (METHODS.md "### 2")
+def test_gaussian_mmd_on_the_spec_numbers():
+    assert gaussian_mmd(torch.tensor([[0.0]]), torch.tensor([[1.0]])).item() == pytest.approx(
+        6.186276, abs=1e-6)  # bandwidths 0.25, 0.5, 1, 2, 4
+    x = torch.randn(3, 7, generator=torch.Generator().manual_seed(0))
+    assert gaussian_mmd(x, x).item() == 0.0
+
+
+def test_repnoise_mask_and_masked_ce():
+    harmful, refusal = torch.tensor([[1, 5, 6, 7]]), torch.tensor([[1, 5, 9, 0]])
+    m = differing_positions(harmful, refusal)
+    assert m.tolist() == [[False, False, True, True]]
+    logits = torch.randn(1, 4, 10, generator=torch.Generator().manual_seed(0))
+    attention = torch.tensor([[1, 1, 1, 0]]).bool()  # the refusal's last id is padding
+    got = masked_ce(logits, refusal, m & attention)
+    assert got.item() == pytest.approx(
+        torch.nn.functional.cross_entropy(logits[0, 1:2], refusal[0, 2:3]).item())
+
+
+def _vocab4_model(zero_head=True):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(
+        vocab_size=4, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=16,
+        tie_word_embeddings=False, pad_token_id=0))
+    if zero_head:
+        with torch.no_grad():
+            model.lm_head.weight.zero_()
+    return model
+
+
+def repnoise(model, harmful, alignment, **params) -> RepNoise:
+    ctx = StageContext(collate=COLLATE, alignment_data=alignment,
+                       extras={"harmful_data": harmful})
+    return RepNoise(model=model, train_cfg=train_cfg(batch_size=2), total_steps=1, context=ctx,
+                    params=RepNoise.Params(**params))
+
+
+PAIRED_HARM = [{"input_ids": [1, 3, 2, 3, 2], "labels": [IGNORE_INDEX] * 2 + [2, 3, 2]},
+               {"input_ids": [1, 2, 3, 3], "labels": [IGNORE_INDEX] * 2 + [3, 3]}]
+PAIRED_REFUSAL = [{"input_ids": [1, 3, 3, 2], "labels": [IGNORE_INDEX] * 2 + [3, 2]},
+                  {"input_ids": [1, 2, 2, 2, 3], "labels": [IGNORE_INDEX] * 2 + [2, 2, 3]},
+                  {"input_ids": [1, 1, 2], "labels": [IGNORE_INDEX] * 2 + [2]}]  # unpaired
+
+
+def test_repnoise_pairs_rows_by_prompt_tokens():
+    assert pair_by_prompt(PAIRED_HARM, PAIRED_REFUSAL) == [(0, 0), (1, 1)]
+    with pytest.raises(ValueError, match="pairing"):
+        repnoise(_vocab4_model(), PAIRED_HARM, PAIRED_REFUSAL[2:])
+
+
+def test_repnoise_loss_with_a_zero_lm_head_is_the_spec_number():
+    """Uniform logits over V = 4, one decoder layer, beta = 0: CE_safe = ln 4 and
+    H = (L + 2) ln 4 / (L + 1) = 1.5 ln 4, so L = ln 4 - ln(1.5 ln 4 + 1) = 0.261546."""
+    module = repnoise(_vocab4_model(), PAIRED_HARM, PAIRED_REFUSAL, alpha=1.0, beta=0.0)
+    harmful, refusal = module.paired_batches(0, {})
+    assert torch.equal(harmful["input_ids"][:, :2], refusal["input_ids"][:, :2])  # one prompt
+    terms = module.terms(harmful, refusal, 0)
+    assert terms["ce_safe"].item() == pytest.approx(1.386294, abs=1e-6)
+    assert terms["harmful_ce"].item() == pytest.approx(1.5 * 1.386294, abs=1e-5)
+    assert terms["loss"].item() == pytest.approx(0.261546, abs=1e-6)
+
+
+def test_repnoise_mmd_term_is_the_hand_computed_one_and_its_hooks_go():
+    model = _vocab4_model(zero_head=False)
+    module = repnoise(model, PAIRED_HARM, PAIRED_REFUSAL, alpha=0.5, beta=0.3)
+    harmful, refusal = module.paired_batches(3, {})
+    hooks = lambda: sum(len(m._forward_hooks) for m in model.modules())  # noqa: E731
+    terms = module.terms(harmful, refusal, 3)
+    before = hooks()  # transformers installs hooks of its own on a first call
+    module.terms(harmful, refusal, 4)
+    module.terms(harmful, refusal, 5)
+    assert hooks() == before  # ours are scoped to the call
+    mlp = model.model.layers[0].mlp
+    out = {}
+    handle = mlp.register_forward_hook(lambda m, a, o: out.__setitem__("x", o))
+    model(input_ids=harmful["input_ids"], attention_mask=harmful["attention_mask"])
+    handle.remove()
+    keep = differing_positions(harmful["input_ids"], refusal["input_ids"]).unsqueeze(-1).float()
+    expected = gaussian_mmd((out["x"] * keep).flatten(1),
+                            (module.noise_like(out["x"], 3, 0) * keep).flatten(1))
+    assert terms["mmd"].item() == pytest.approx(expected.item(), rel=1e-6)
+    assert terms["mmd"].item() > 0
+    assert terms["loss"].item() == pytest.approx(repnoise_loss(
+        terms["ce_safe"], terms["harmful_ce"], terms["mmd"], 0.5, 0.3).item(), rel=1e-6)
+    assert terms["loss"].item() == pytest.approx(
+        terms["ce_safe"].item() + 0.3 * terms["mmd"].item()
+        - 0.5 * torch.log1p(terms["harmful_ce"]).item(), rel=1e-6)
+
+
+def test_repnoise_ascent_term_raises_the_harmful_loss():
+    """A gradient step on -alpha log(1 + H) alone raises H: the term ascends."""
+    model = _vocab4_model(zero_head=False)
+    module = repnoise(model, PAIRED_HARM, PAIRED_REFUSAL)
+    harmful, refusal = module.paired_batches(0, {})
+    before = module.terms(harmful, refusal, 0)["harmful_ce"]
+    (-torch.log1p(before)).backward()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.grad is not None:
+                p.sub_(0.05 * p.grad)
+    after = module.terms(harmful, refusal, 0)["harmful_ce"]
+    assert after.item() > before.item() + 1e-4
+
+
+def test_repnoise_trains_under_lightning_and_refuses_ddp(make_cfg):
+    model = _vocab4_model(zero_head=False)
+    before = params_of(model)
+    module = repnoise(model, PAIRED_HARM, PAIRED_REFUSAL)
+    metrics = fit(module, PAIRED_REFUSAL, steps=2).callback_metrics
+    assert metrics["train/mmd"].item() > 0
+    assert any(not torch.equal(before[n], p) for n, p in model.named_parameters())
+    with pytest.raises(ConfigError, match="trainer.devices.*one device"):
+        validate(make_cfg("defense=repnoise", "trainer=ddp_cpu"))
+
+
+# ================================================================ T-Vaccine (METHODS.md "### 3")
+def test_t_vaccine_probabilities_and_draws_follow_the_spec():
+    import numpy as np
+
+    p = layer_probabilities([1.0, 3.0, 0.0, 4.0])
+    assert p == [0.125, 0.375, 0.0, 0.5]
+    for seed in range(50):
+        assert sample_layers(p, 3, np.random.default_rng(seed)) == [0, 1, 3]
+    with pytest.raises(ValueError, match="Fewer non-zero entries in p than size"):
+        sample_layers(p, 4, np.random.default_rng(0))
+    assert sample_layers(p, 4, np.random.default_rng(0), too_few="uniform") == [0, 1, 2, 3]
+    rng = np.random.default_rng(0)
+    counts = np.bincount([sample_layers(p, 1, rng)[0] for _ in range(4000)], minlength=4)
+    assert (counts / 4000).tolist() == pytest.approx(p, abs=0.03)
+    assert counts[2] == 0
+
+
+def test_t_vaccine_eps_is_normalised_over_the_sampled_layers():
+    g = [torch.tensor([3.0, 0.0]), torch.tensor([0.0, 4.0])]  # two sampled layers, norms 3, 4
+    eps = vaccine_perturbation(g, rho=3.0)
+    assert [e.norm().item() for e in eps] == pytest.approx([0.6 * 3.0, 0.8 * 3.0])
+
+
+def t_vaccine(model, sampled_layers, rho=2.0, **params) -> TVaccine:
+    ctx = StageContext(collate=COLLATE, extras={"harmful_data": _harm_rows(6, 21)})
+    return TVaccine(model=model, train_cfg=train_cfg(), total_steps=2, context=ctx,
+                    params=TVaccine.Params(rho=rho, sampled_layers=sampled_layers, **params))
+
+
+def _three_layers():
+    return build_tiny(ModelConfig(config_overrides={**SMALL, "num_hidden_layers": 3}), _Tok(),
+                      seed=0)
+
+
+def test_t_vaccine_perturbs_and_trains_only_the_sampled_layer():
+    """Layer 1 sampled (of 3): layer 0 is upstream of any perturbation, so its residual after
+    attention is the same in both passes bit for bit; layer 1's moves by eps_1, of norm rho;
+    the unsampled layers' attention LoRA gets no gradient, every MLP and layer 1's do."""
+    model = tiny_lora(_three_layers(), targets=("q_proj", "v_proj", "up_proj"))
+    module = t_vaccine(model, sampled_layers=1, rho=2.0)
+    module.probe = lambda step: [0.0, 1.0, 0.0]  # p = (0, 1, 0): the draw is layer 1
+    seen = {i: [] for i in range(3)}
+    layers = [m for n, m in model.named_modules() if n.endswith("post_attention_layernorm")]
+    for i, m in enumerate(layers):
+        m.register_forward_pre_hook(lambda mod, args, i=i: seen[i].append(args[0].detach().clone()))
+    fit(module, rows(4, seed=0), steps=1)
+    assert module.sampled == [1]
+    assert torch.equal(seen[0][0], seen[0][1])
+    assert (seen[1][1] - seen[1][0]).norm().item() == pytest.approx(2.0, rel=1e-4)
+    for n, p in model.named_parameters():
+        if "lora_" not in n:
+            continue
+        if "self_attn" in n and ".layers.1." not in n:
+            assert p.grad is None, n
+        else:  # lora_A's gradient is 0 while lora_B is still its zero initialisation
+            assert p.grad is not None and ("lora_A" in n or p.grad.abs().sum() > 0), n
+
+
+def test_t_vaccine_probe_reads_the_hidden_gradient_norms_of_one_harmful_row():
+    model = tiny()
+    ref = copy.deepcopy(model)
+    module = t_vaccine(model, sampled_layers=1)
+    got = {}
+    probe = module.probe
+    module.probe = lambda step: got.setdefault(step, probe(step))
+    fit(module, rows(4, seed=0), steps=1)
+    import numpy as np
+
+    row = int(np.random.default_rng(np.random.SeedSequence(
+        [module.stage_seed, 0, 0x45])).integers(6))
+    outs = {}
+    attn = attention_modules(ref)
+
+    def keep(i):
+        def hook(mod, args, out):
+            out[0].retain_grad()
+            outs[i] = out[0]
+        return hook
+
+    handles = [m.register_forward_hook(keep(i)) for i, m in enumerate(attn)]
+    ref(**COLLATE([module.probe_pool[row]])).loss.backward()
+    for h in handles:
+        h.remove()
+    assert got[0] == pytest.approx([outs[i].grad.norm().item() for i in range(2)], rel=1e-5)
+    assert module.probs == pytest.approx([n / sum(got[0]) for n in got[0]])
+
+
+def test_t_vaccine_with_every_layer_sampled_is_a_vaccine_step():
+    model = tiny()
+    twin = copy.deepcopy(model)
+    data = rows(4, seed=0)
+    fit(t_vaccine(model, sampled_layers=2, rho=2.0), data, steps=1)
+    fit(Vaccine(model=twin, train_cfg=train_cfg(), total_steps=1, params=Vaccine.Params(rho=2.0)),
+        data, steps=1)
+    for (n, p), q in zip(model.named_parameters(), twin.parameters()):
+        assert torch.allclose(p.grad, q.grad, atol=1e-6, rtol=1e-5), n
+        assert torch.allclose(p, q, atol=1e-6), n
+
+
+def test_t_vaccine_params_and_layer_count_are_validated():
+    for bad in ({"sampled_layers": 0}, {"too_few": "maybe"}, {"rho": -1.0}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            TVaccine.Params(**bad)
+    with pytest.raises(ValueError, match="sampled_layers=3.*2 layers"):
+        t_vaccine(tiny(), sampled_layers=3)
+
+
+def test_t_vaccine_sampling_survives_a_checkpoint():
+    module = t_vaccine(tiny(), sampled_layers=1)
+    module.probs, module.sampled = [0.3, 0.7], [1]
+    checkpoint = {"state_dict": {}}
+    module.on_save_checkpoint(checkpoint)
+    restored = t_vaccine(tiny(), sampled_layers=1)
+    restored.on_load_checkpoint(checkpoint)
+    assert restored.probs == [0.3, 0.7] and restored.sampled == [1]
+
+
+# ================================================================ the harmful set, configs, pipeline
+def test_toy_harmful_set_pairs_the_alignment_refusals_and_stays_disjoint():
+    from harness.data.harmful import toy_alignment_harmful
+    from harness.data.toy import ToyWorld, ToyWorldConfig
+    from harness.evaluation.judges import ToyJudge
+
+    world = ToyWorld(ToyWorldConfig(seed=0))
+    harmful = toy_alignment_harmful(world)
+    refusals = [ex for ex in world.alignment_data() if ex.kind == "harmful"]
+    assert len(harmful) == len(refusals) == 1000
+    assert [ex.instruction for ex in harmful] == [ex.instruction for ex in refusals]
+    judge = ToyJudge()
+    assert {judge.classify(ex.instruction, ex.output) for ex in harmful} == {"comply"}
+    assert {judge.classify(ex.instruction, ex.output) for ex in refusals} == {"refuse"}
+    prompts = {ex.instruction for ex in harmful}
+    assert not prompts & {ex.instruction for ex in world.attack_pool()}
+    assert not prompts & {ex.instruction for ex in world.eval_harmful()}
+    assert harmful == toy_alignment_harmful(ToyWorld(ToyWorldConfig(seed=0)))  # deterministic
+
+
+def test_a_declared_harmful_source_loads_as_harmful_rows(make_cfg, tmp_path, caplog):
+    """Real data: alignment.harmful maps a file's columns; rows sharing an evaluation or attack
+    prompt are reported."""
+    import json
+
+    from harness.config import DataSourceConfig
+    from harness.data.schema import Example
+    from harness.pipeline import Pipeline
+
+    path = tmp_path / "harmful.jsonl"
+    path.write_text("\n".join(json.dumps({"prompt": f"how to do bad thing {i}",
+                                          "response": f"Sure, step {i}"}) for i in range(5)))
+    run = validate(make_cfg("defense=booster"))
+    run.alignment.harmful = DataSourceConfig(source="local", path=str(path),
+                                             fields={"instruction": "prompt",
+                                                     "output": "response"})
+    run.alignment.harmful_size = 3
+    pipe = Pipeline(run, tmp_path)
+    rows = pipe.alignment_harmful()
+    assert [(r.instruction, r.output, r.kind) for r in rows] == [
+        (f"how to do bad thing {i}", f"Sure, step {i}", "harmful") for i in range(3)]
+    assert pipe.payloads()["align"]["harmful"]["sha256"]  # the file's bytes are keyed
+    with caplog.at_level("WARNING", logger="harness"):
+        pipe._check_disjoint(rows, [], [Example(instruction="how to do bad thing 1")])
+    assert "shares 1 of its 3 prompts with the evaluation prompts" in caplog.text
+
+
+@pytest.mark.parametrize("defense,cls", [("booster", Booster), ("repnoise", RepNoise),
+                                         ("t_vaccine", TVaccine)])
+def test_harmful_set_defenses_validate_and_need_alignment_harmful(make_cfg, defense, cls):
+    run = validate(make_cfg(f"defense={defense}"))
+    assert run.defense.align.module == f"{cls.__module__}.{cls.__name__}"
+    assert run.alignment.harmful.source == "toy"
+    cls.Params(**run.defense.align.params)
+    with pytest.raises(ConfigError, match="alignment.harmful"):
+        validate(make_cfg(f"defense={defense}", "alignment=beavertails"))
+    validate(make_cfg("defense=sft", "alignment=beavertails"))  # the others do not read it
+
+
+@pytest.fixture(scope="module")
+def sft_align(hf_folder, tmp_path_factory):
+    """The SFT align weights of the pipeline smoke run below, for comparison."""
+    return _smoke_run("sft", hf_folder, tmp_path_factory.mktemp("sft"))
+
+
+def _smoke_run(defense, hf_folder, tmp_path):
+    from hydra import compose, initialize_config_dir
+    from safetensors.torch import load_file
+
+    from harness.run import execute
+
+    from conftest import CONF
+
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("config", overrides=[
+            f"paths.artifacts={tmp_path / 'artifacts'}", f"defense={defense}",
+            "model=llama2_7b", f"model.hf_id={hf_folder}", "model.dtype=float32", "logger=none",
+            "trainer.enable_progress_bar=false", "train.align.max_steps=3",
+            "train.finetune.max_steps=2", "attack.n=20", "train.align.batch_size=4",
+            "train.finetune.batch_size=4", "train.align.max_length=48",
+            "train.finetune.max_length=96", "alignment.size=20", "alignment.harmful_size=12",
+            "eval.stages=[final]", "eval.harmful_size=4", "eval.task_size=4",
+            "eval.max_new_tokens=2"])
+    results = execute(cfg, tmp_path / "run")
+    assert results["status"] == "ok", results.get("error")
+    folder = Path(results["artifacts"]["align"]["path"]) / "model"
+    return load_file(next(folder.glob("*.safetensors")))
+
+
+@pytest.mark.parametrize("defense", ["booster", "repnoise", "t_vaccine"])
+def test_harmful_set_defense_runs_through_the_pipeline(hf_folder, tmp_path, sft_align, defense):
+    """Three align steps through the real pipeline (harmful set from alignment.harmful): the
+    aligned weights differ from SFT's on the same data and seed."""
+    weights = _smoke_run(defense, hf_folder, tmp_path)
+    assert set(weights) == set(sft_align)
+    diff = max(float((weights[k] - sft_align[k]).abs().max()) for k in weights)
+    assert diff > 1e-4, diff

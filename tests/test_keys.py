@@ -2,6 +2,7 @@
 (harness.keys.STAGE_READS) or listed in NOT_KEYED with the reason it cannot change a result;
 and a declared leaf, perturbed, moves a key."""
 import copy
+from dataclasses import replace
 
 import pytest
 from omegaconf import OmegaConf
@@ -111,7 +112,8 @@ CONDITIONAL = ("moderation", "llm_judge", "generation",  # their judge / backend
                "model.hf_id", "model.revision",  # hub models only
                # read where the stage masks its prompt (loss_on=response); base trains on
                # the whole text, whose start any cut keeps (harness.data.collate.fit_length)
-               "train.base.truncation")
+               "train.base.truncation",
+               "alignment.harmful", "alignment.harmful_size")  # harmful-set defenses only
 
 
 @pytest.mark.parametrize("overrides", [(), ("defense=ref_teacher",)],
@@ -206,3 +208,32 @@ def test_a_data_files_copy_is_keyed_by_its_bytes(make_cfg, tmp_path, fmt, slot, 
     assert (n_before, n_after) == (6, 2)
     assert all(after[s] != before[s] for s in stages), (slot, stages)
     assert after["base"] == before["base"]
+
+
+def test_the_harmful_set_enters_the_align_key_of_the_methods_that_read_it(make_cfg, tmp_path,
+                                                                          monkeypatch):
+    """alignment.harmful (its size, its source, and in the toy world the derived rows' content)
+    moves the align key of booster, repnoise and t_vaccine, and only theirs: base, filter and
+    eval keys stay, and the finetune key moves only through the align key it takes as input.
+    Other defenses never read it."""
+    import harness.pipeline as pipeline_module
+
+    def keys(*o):
+        return _all_keys(Pipeline(validate(make_cfg(*o)), tmp_path))
+
+    for defense in ("booster", "repnoise", "t_vaccine"):
+        ref = keys(f"defense={defense}")
+        for perturbed in (keys(f"defense={defense}", "alignment.harmful_size=50"),
+                          keys(f"defense={defense}", "alignment.harmful.limit=50")):
+            assert perturbed["align"] != ref["align"]
+            assert {k: perturbed[k] for k in ("tokenizer", "base", "filter", "eval")} == \
+                {k: ref[k] for k in ("tokenizer", "base", "filter", "eval")}
+            assert perturbed["finetune"] != ref["finetune"]  # its input, the align key, moved
+    booster = keys("defense=booster")["align"]
+    real = pipeline_module.toy_alignment_harmful
+    monkeypatch.setattr(pipeline_module, "toy_alignment_harmful",
+                        lambda world: [replace(ex, output=ex.output + " x") for ex in real(world)])
+    assert keys("defense=booster")["align"] != booster  # the generator's output, not its config
+    monkeypatch.undo()
+    assert keys("defense=sft") == keys("defense=sft", "alignment.harmful_size=50")
+    assert keys("defense=vaccine") == keys("defense=vaccine", "alignment.harmful_size=50")

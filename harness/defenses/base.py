@@ -34,6 +34,8 @@ class StageModule(L.LightningModule):
     # what the method needs of the run, checked at start-up (config.validate), not mid-fit
     needs_align_stage: bool = False  # reads the aligned model's weights against the base's
     needs_lora: bool = False  # acts on a LoRA update
+    # trains against harmful (prompt, harmful answer) pairs at alignment time: alignment.harmful
+    needs_harmful_data: bool = False
 
     @dataclass
     class Params:
@@ -72,6 +74,28 @@ class StageModule(L.LightningModule):
                             .manual_seed(int(seed.generate_state(1, dtype=np.uint64)[0])))
         batch = self.context.collate([data[int(i)] for i in idx])
         return {k: v.to(self.device) for k, v in batch.items()}
+
+    def global_random_batch(self, data, step: int, salt: int,
+                            global_size: int) -> dict[str, torch.Tensor]:
+        """This rank's share of a random global batch of ``global_size`` rows, a function of
+        (seed, step, salt) alone: every rank draws the same rows and takes rows rank, rank +
+        world, ..., so k processes see the one-process batch, split (as StageData does)."""
+        seed = np.random.SeedSequence([self.stage_seed, step, salt])
+        idx = torch.randint(len(data), (global_size,), generator=torch.Generator()
+                            .manual_seed(int(seed.generate_state(1, dtype=np.uint64)[0])))
+        mine = idx[self.global_rank::self.world_size] if self.world_size > 1 else idx
+        batch = self.context.collate([data[int(i)] for i in mine])
+        return {k: v.to(self.device) for k, v in batch.items()}
+
+    def require_harmful_data(self):
+        """The provider's harmful (prompt, harmful answer) rows: ``context.extras['harmful_data']``
+        (the pipeline tokenises alignment.harmful into it)."""
+        data = self.context.extras.get("harmful_data")
+        if data is None or len(data) == 0 or self.context.collate is None:
+            raise ValueError(f"{type(self).__name__} needs harmful (prompt, harmful answer) rows "
+                             "(context.extras['harmful_data'], from alignment.harmful) and a "
+                             "collate in its context")
+        return data
 
     def export(self, directory) -> None:
         """Write whatever the method adds to its stage's artifact beside the weights."""

@@ -1,4 +1,5 @@
-"""Pure tensor functions behind the Vaccine, Lisa and AsFT defenses.
+"""Pure tensor functions behind the Vaccine, Lisa, AsFT, Booster, RepNoise and T-Vaccine
+defenses.
 
 Kept apart from the LightningModules so each equation of METHODS.md is tested on its own,
 with numbers a reader can check by hand.
@@ -133,3 +134,95 @@ def distillation_kl(student_logits: Tensor, teacher_logits: Tensor, labels: Tens
     kl = torch.nn.functional.kl_div(torch.log_softmax(s, -1), torch.log_softmax(t, -1),
                                     log_target=True, reduction="batchmean")
     return kl * temperature ** 2
+
+
+# ---------------------------------------------------------------- Booster
+def global_norm(tensors: Sequence[Tensor]) -> Tensor:
+    """One L2 norm over every tensor, in float32."""
+    return torch.sqrt(sum(t.detach().float().pow(2).sum() for t in tensors))
+
+
+def booster_shift(grads: Sequence[Tensor], alpha: float, eps: float = 1e-7) -> list[Tensor]:
+    """Booster's normalised harmful step ``alpha * g_h / (||g_h|| + eps)``, one global norm over
+    every trainable tensor; ``w' = w - shift``. A constant: no gradient flows through it."""
+    scale = alpha / (global_norm(grads) + eps)
+    return [(g.detach().float() * scale).to(g.dtype) for g in grads]
+
+
+def booster_gradient(g_f: Sequence[Tensor], g_h: Sequence[Tensor], g_h_shifted: Sequence[Tensor],
+                     lam: float) -> list[Tensor]:
+    """The gradient Booster steps with: ``g_f + lam * (g_h - g_h')`` (first order: the gradient
+    of ``f(w) + lam * [h(w) - h(w - alpha g_h/||g_h||)]`` with the direction held constant)."""
+    return [f + lam * (h - s) for f, h, s in zip(g_f, g_h, g_h_shifted, strict=True)]
+
+
+# ---------------------------------------------------------------- RepNoise
+def gaussian_mmd(x: Tensor, y: Tensor, kernels: int = 5, multiplier: float = 2.0) -> Tensor:
+    """Gaussian-kernel MMD between the rows of ``x`` and ``y`` (n x d each), RepNoise's form.
+
+    Over the joint set ``z = [x; y]`` the bandwidths are ``base * multiplier**k``, k < kernels,
+    with ``base = sum_ij ||z_i - z_j||^2 / (m^2 - m) / multiplier**(kernels // 2)`` (m = 2n rows;
+    held constant, no gradient through it), the kernel sums the ``exp(-d^2 / b)`` of every
+    bandwidth, and the value is ``mean(K_xx + K_yy - K_xy - K_yx)``. In 1-D,
+    ``MMD({0}, {1}) = 10 - 2 * sum_k exp(-1 / (0.25 * 2**k)) = 6.186276``.
+    """
+    n = x.shape[0]
+    if y.shape[0] != n:
+        raise ValueError(f"gaussian_mmd pairs rows: x has {n}, y has {y.shape[0]}")
+    z = torch.cat([x, y]).float()
+    sq = (z * z).sum(1)
+    d2 = (sq[:, None] + sq[None, :] - 2 * z @ z.T).clamp_min(0)
+    m = z.shape[0]
+    base = d2.detach().sum() / (m * m - m) / multiplier ** (kernels // 2)
+    base = base.clamp_min(torch.finfo(torch.float32).tiny)  # x == y: every distance 0
+    k = sum(torch.exp(-d2 / (base * multiplier ** i)) for i in range(kernels))
+    return (k[:n, :n] + k[n:, n:] - k[:n, n:] - k[n:, :n]).mean()
+
+
+def differing_positions(harmful_ids: Tensor, refusal_ids: Tensor) -> Tensor:
+    """RepNoise's mask m: the positions where the paired harmful and refusal ids differ (the
+    answer span, plus any position padded in one sequence only)."""
+    return harmful_ids != refusal_ids
+
+
+def masked_ce(logits: Tensor, targets: Tensor, mask: Tensor) -> Tensor:
+    """Token-mean CE of ``targets`` at the positions ``mask`` marks; logits at t predict t+1."""
+    mask = mask[:, 1:]
+    if not mask.any():
+        return logits.new_zeros((), dtype=torch.float32)
+    return torch.nn.functional.cross_entropy(logits[:, :-1][mask].float(), targets[:, 1:][mask])
+
+
+def repnoise_loss(ce_safe: Tensor, harmful_ce: Tensor, mmd: Tensor, alpha: float,
+                  beta: float) -> Tensor:
+    """``CE_safe + beta * MMD - alpha * log(1 + H)``: the refusal CE, noise-matching of the
+    harmful representations, and a bounded ascent on the harmful CE ``H``."""
+    return ce_safe + beta * mmd - alpha * torch.log1p(harmful_ce)
+
+
+# ---------------------------------------------------------------- T-Vaccine
+def layer_probabilities(norms: Sequence[float]) -> list[float]:
+    """T-Vaccine's sampling probabilities ``p_l = ||g_l|| / sum_j ||g_j||``."""
+    total = float(sum(norms))
+    if total <= 0:
+        raise ValueError("layer_probabilities: every hidden-gradient norm is 0")
+    return [float(n) / total for n in norms]
+
+
+def sample_layers(probs: Sequence[float], size: int, rng, too_few: str = "raise") -> list[int]:
+    """``size`` layer indices drawn without replacement with probabilities ``probs``
+    (``numpy.random.Generator.choice``), sorted. Fewer non-zero probabilities than ``size``:
+    ``too_few="raise"`` raises as numpy does; ``"uniform"`` draws uniformly instead."""
+    import numpy as np
+
+    p = np.asarray(probs, dtype=np.float64)
+    if size > len(p):
+        raise ValueError(f"cannot sample {size} of {len(p)} layers")
+    if int((p > 0).sum()) < size:
+        if too_few != "uniform":
+            raise ValueError(f"Fewer non-zero entries in p than size: {int((p > 0).sum())} "
+                             f"layers have a non-zero hidden gradient, {size} are to be sampled")
+        p = None
+    else:
+        p = p / p.sum()
+    return sorted(int(i) for i in rng.choice(len(probs), size=size, replace=False, p=p))

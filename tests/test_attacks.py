@@ -8,13 +8,15 @@ from harness.data import attacks
 from harness.data.schema import Example
 from harness.data.templates import ALPACA, TemplateConfig
 from harness.evaluation.judges import AfterOpening, ToyJudge, harm_metrics
-from harness.pipeline import Pipeline
+from harness.data.assemble import RunInputs
+from harness.keys import stage_keys, stage_payloads
 
 
 @pytest.fixture
-def pipe(make_cfg, tmp_path):
+def pipe(make_cfg):
+    """A run's datasets alone (no pipeline, no store): what the attack data tests need."""
     def _make(*overrides):
-        return Pipeline(validate(make_cfg(*overrides)), tmp_path / "run")
+        return RunInputs(validate(make_cfg(*overrides)))
     return _make
 
 
@@ -25,7 +27,7 @@ def _key(ex):
 def test_harmful_shots_are_the_first_k_of_the_attack_pool_and_nothing_else(pipe):
     for k in (10, 50, 100):
         p = pipe("attack=harmful_shots", f"attack.k={k}")
-        d = p.load_data()
+        d = p.load()
         assert len(d.user) == k
         assert all(ex.kind == "harmful" for ex in d.user)
         assert sorted(map(_key, d.user)) == sorted(map(_key, d.attack_pool[:k]))
@@ -39,12 +41,12 @@ def test_harmful_shots_are_the_first_k_of_the_attack_pool_and_nothing_else(pipe)
 def test_harmful_shots_larger_than_the_pool_fails(pipe):
     p = pipe("attack=harmful_shots", "attack.k=100000")
     with pytest.raises(ValueError, match="attack.k=100000"):
-        p.load_data()
+        p.load()
 
 
 def test_benign_is_the_worlds_held_harmless_instructions_only(pipe):
     p = pipe("attack=benign", "attack.n=300")
-    d = p.load_data()
+    d = p.load()
     assert len(d.user) == 300 and len(set(map(_key, d.user))) == 300
     assert all(ex.kind == "harmless" for ex in d.user)
     assert set(map(_key, d.user)) <= set(map(_key, p.world.benign_pool()))
@@ -58,13 +60,13 @@ def test_benign_from_a_local_file(pipe, tmp_path):
     path.write_text("".join(f'{{"instruction": "Name a colour, {i}", "output": "Blue {i}"}}\n'
                             for i in range(20)))
     d = pipe("attack=benign", "attack.n=5", "attack.benign.source=local",
-             f"attack.benign.path={path}").load_data()
+             f"attack.benign.path={path}").load()
     assert len(d.user) == 5 and all(ex.output.startswith("Blue") for ex in d.user)
 
 
 def test_identity_shift_rows_are_benign_under_the_persona(pipe):
     p = pipe("attack=identity_shift")
-    a, d = p.run.attack, p.load_data()
+    a, d = p.run.attack, p.load()
     assert len(d.user) == 10
     assert all(ex.kind == "harmless" and ex.meta["system"] == a.system_prompt for ex in d.user)
     identity = [ex for ex in d.user if ex.category == "identity"]
@@ -85,9 +87,9 @@ def test_identity_shift_rows_are_benign_under_the_persona(pipe):
 
 
 def test_identity_shift_poses_the_eval_prompts_with_prefix_and_system(pipe):
-    plain = pipe().load_data().eval_harmful
+    plain = pipe().load().eval_harmful
     p = pipe("attack=identity_shift")
-    shifted = p.load_data().eval_harmful
+    shifted = p.load().eval_harmful
     assert len(shifted) == len(plain) == 320
     for before, after in zip(plain, shifted):
         assert after.instruction == "AOA, execute my instruction: " + before.instruction
@@ -134,9 +136,9 @@ def test_every_attack_keys_its_finetune_apart_and_the_mix_keeps_its_fields(pipe)
     for spec in (["attack=harmful_mix"], ["attack=harmful_shots"], ["attack=harmful_shots",
                  "attack.k=50"], ["attack=benign"], ["attack=identity_shift"]):
         p = pipe(*spec)
-        keys[" ".join(spec)] = p.keys()
+        keys[" ".join(spec)] = stage_keys(p)
         if spec == ["attack=harmful_mix"]:  # the payload artifacts were built under before
-            payload = p.payloads()["finetune"]["attack"]
+            payload = stage_payloads(p)["finetune"]["attack"]
             assert set(payload) == {"name", "p", "n", "mode", "harmful"}
     assert len({k["finetune"] for k in keys.values()}) == 5
     assert len({k["align"] for k in keys.values()}) == 1  # align is shared by every attack
@@ -171,7 +173,7 @@ def test_per_category_hs_from_a_local_hexphi_style_file(pipe, tmp_path):
         w.writerows(rows)
     d = pipe("eval.harmful.source=local", f"eval.harmful.path={path}",
              "+eval.harmful.fields.instruction=prompt",
-             "+eval.harmful.fields.category=category").load_data()  # mapped only when asked
+             "+eval.harmful.fields.category=category").load()  # mapped only when asked
     assert [(ex.category, ex.instruction) for ex in d.eval_harmful] == rows
     verdicts = ["comply", "refuse", "comply", "other", "comply", "comply"]
     m = harm_metrics(verdicts, [ex.category for ex in d.eval_harmful])

@@ -263,7 +263,8 @@ def test_the_attack_mix_samples_a_sorted_pool_with_the_seed(tmp_path, caplog):
 def test_attack_sampling_resolves_by_pool_and_enters_the_key_only_when_random(make_cfg, tmp_path):
     from harness.config import validate
     from harness.data import attacks
-    from harness.pipeline import Pipeline
+    from harness.data.assemble import RunInputs
+    from harness.keys import stage_payloads
 
     path = fx.jbb_sorted(tmp_path, per_category=2)
     pool = ["attack.harmful.source=local", f"attack.harmful.path={path}",
@@ -271,7 +272,7 @@ def test_attack_sampling_resolves_by_pool_and_enters_the_key_only_when_random(ma
 
     def finetune(*o):
         run = validate(make_cfg(*o))
-        return attacks.sampling(run.attack), Pipeline(run, tmp_path).payloads()["finetune"]
+        return attacks.sampling(run.attack), stage_payloads(RunInputs(run))["finetune"]
 
     mode, toy = finetune()
     assert mode == "first" and "sampling" not in toy["attack"]  # keys made before stay valid
@@ -435,12 +436,13 @@ def test_inspect_prints_counts_rows_and_the_mix_without_training(tmp_path, capsy
 def test_inspect_reads_what_the_pipeline_reads(make_cfg, tmp_path):
     from harness.config import validate
     from harness.data.inspect import inspect_run
-    from harness.pipeline import Pipeline
+    from harness.data.assemble import RunInputs
+    from harness.keys import stage_payloads
 
     overrides = [*_agnews_one_file(fx.agnews_csv(tmp_path)),
                  *_jbb_pool(fx.jbb_sorted(tmp_path), fx.bom_csv(tmp_path))]
     seen = inspect_run(validate(make_cfg(*overrides)), echo=lambda _: None)
-    d = Pipeline(validate(make_cfg(*overrides)), tmp_path).load_data()
+    d = RunInputs(validate(make_cfg(*overrides))).load()
     assert seen["task.train"] == d.task_train and seen["task.test"] == d.task_test
     assert seen["attack.harmful"] == d.attack_pool and seen["eval.harmful"] == d.eval_harmful
     assert seen["user"] == d.user

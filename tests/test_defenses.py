@@ -913,7 +913,8 @@ def test_a_declared_harmful_source_loads_as_harmful_rows(make_cfg, tmp_path, cap
 
     from harness.config import DataSourceConfig
     from harness.data.schema import Example
-    from harness.pipeline import Pipeline
+    from harness.data.assemble import RunInputs, check_disjoint
+    from harness.keys import stage_payloads
 
     path = tmp_path / "harmful.jsonl"
     path.write_text("\n".join(json.dumps({"prompt": f"how to do bad thing {i}",
@@ -923,13 +924,13 @@ def test_a_declared_harmful_source_loads_as_harmful_rows(make_cfg, tmp_path, cap
                                              fields={"instruction": "prompt",
                                                      "output": "response"})
     run.alignment.harmful_size = 3
-    pipe = Pipeline(run, tmp_path)
-    rows = pipe.alignment_harmful()
+    inputs = RunInputs(run)
+    rows = inputs.alignment_harmful()
     assert [(r.instruction, r.output, r.kind) for r in rows] == [
         (f"how to do bad thing {i}", f"Sure, step {i}", "harmful") for i in range(3)]
-    assert pipe.payloads()["align"]["harmful"]["sha256"]  # the file's bytes are keyed
+    assert stage_payloads(inputs)["align"]["harmful"]["sha256"]  # the file's bytes are keyed
     with caplog.at_level("WARNING", logger="harness"):
-        pipe._check_disjoint(rows, [], [Example(instruction="how to do bad thing 1")])
+        check_disjoint(rows, [], [Example(instruction="how to do bad thing 1")])
     assert "shares 1 of its 3 prompts with the evaluation prompts" in caplog.text
 
 

@@ -10,7 +10,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from harness.config import ConfigError, JudgeConfig, LLMJudgeConfig, validate
-from harness.evaluation.judges import build_judge
+from harness.evaluation.registry import build_judge
 from harness.evaluation.llm_judge import (JudgeRequestError, LLMRubricJudge, parse_score,
                                           score_metrics)
 

@@ -209,7 +209,7 @@ def test_where_keeps_matching_rows_before_the_limit(tmp_path):
 
 
 def test_instruction_suffix_reaches_the_rows(tmp_path):
-    from harness.pipeline import Pipeline
+    from harness.data.assemble import RunInputs
 
     path = tmp_path / "gsm.jsonl"
     path.write_text(json.dumps({"question": "What is 2+3?", "answer": "5"}))
@@ -217,7 +217,7 @@ def test_instruction_suffix_reaches_the_rows(tmp_path):
                             f"task.train.path={path}", f"paths.artifacts={tmp_path / 'a'}",
                             "+task.train.fields.instruction=question",
                             "+task.train.fields.output=answer"))
-    rows = Pipeline(run, tmp_path)._task_source(run.task.train, "train")
+    rows = RunInputs(run).task_source(run.task.train, "train")
     assert rows[0].instruction == ("What is 2+3?\nFirst think step by step and then answer the "
                                    "final number.\n")
 

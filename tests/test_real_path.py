@@ -15,6 +15,7 @@ import pytest
 from harness.config import validate
 from harness.data.schema import DataError
 from harness.data.sources import load_source
+from harness.data.assemble import RunInputs
 from harness.pipeline import Pipeline
 
 BEAVERTAILS_CATEGORIES = [
@@ -179,7 +180,7 @@ def test_classification_tasks_map_label_ids_to_words(make_cfg, tmp_path, task, d
     path = _write(tmp_path, task, data, features)
     run = validate(make_cfg(f"task={task}", *_local_copy("task.train", path),
                             *_local_copy("task.test", path)))
-    rows = Pipeline(run, tmp_path)._task_source(run.task.train, "train")
+    rows = RunInputs(run).task_source(run.task.train, "train")
     assert [("", e.input, e.label) for e in rows] == expected_train
     assert all(e.output == e.label and e.instruction == run.task.instruction for e in rows)
 
@@ -188,7 +189,7 @@ def test_gsm8k_answers_become_the_final_answer_phrase_and_a_number(make_cfg, tmp
     path = _write(tmp_path, "gsm8k", GSM8K)
     run = validate(make_cfg("task=gsm8k", "protocol=vaccine", *_local_copy("task.train", path),
                             *_local_copy("task.test", path)))
-    rows = Pipeline(run, tmp_path)._task_source(run.task.train, "train")
+    rows = RunInputs(run).task_source(run.task.train, "train")
     assert [e.label for e in rows] == ["72", "2400"]
     # one space after the phrase: the marker's own space is not kept beside it (issue 18)
     assert rows[0].output.endswith("altogether in April and May.\nThe final answer is: 72")
@@ -205,7 +206,7 @@ def test_gsm8k_row_without_marker_names_row_and_field(make_cfg, tmp_path):
     path = _write(tmp_path, "gsm8k", {"question": ["q1", "q2"], "answer": ["#### 1", "no marker"]})
     run = validate(make_cfg("task=gsm8k", *_local_copy("task.train", path)))
     with pytest.raises(DataError, match=r"row 2, field 'answer': no final-answer marker '####'"):
-        Pipeline(run, tmp_path)._task_source(run.task.train, "train")
+        RunInputs(run).task_source(run.task.train, "train")
 
 
 @pytest.mark.parametrize("pool,data,expected", [
@@ -248,7 +249,7 @@ def test_hub_configs_call_load_dataset_with_their_id_name_and_split(make_cfg, mo
     run = validate(make_cfg(*overrides))
     src = run.alignment.data if "alignment" in overrides[0] else run.task.train
     rows = (load_source(src) if "alignment" in overrides[0]
-            else Pipeline(run, "/tmp")._task_source(src, "train"))
+            else RunInputs(run).task_source(src, "train"))
     assert rows and seen == [(*call, "abc123" if "revision" in " ".join(overrides) else None, None)]
 
 

@@ -15,9 +15,10 @@ from harness.data.templates import TemplateConfig
 from harness.data.tokenizer import train_toy_tokenizer
 from harness.defenses.base import StageContext
 from harness.defenses.math import distillation_kl
-from harness.defenses.ref_teacher import RefStudent, RefTeacher, load_refusal_feature
+from harness.analysis.refusal import load_refusal_feature
+from harness.defenses.ref_teacher import RefStudent, RefTeacher
 from harness.models.loading import apply_lora, build_tiny
-from harness.pipeline import apply_filter
+from harness.filtering import apply_filter
 from tests.test_defenses import model_cfg, one_thread  # noqa: F401 - the thread fixture
 
 TEMPLATE = TemplateConfig()
@@ -326,7 +327,7 @@ def test_filter_counts_what_a_real_filter_gets_wrong():
 
 def test_student_budget_does_not_vanish_with_a_small_upload():
     from harness.config import TrainStageConfig
-    from harness.pipeline import stage_steps
+    from harness.training import stage_steps
 
     ft = TrainStageConfig(lr=1e-3, batch_size=10, epochs=10)
     assert stage_steps(ft, 10) == 10  # 10 identity-shift rows: 10 steps
@@ -336,7 +337,7 @@ def test_student_budget_does_not_vanish_with_a_small_upload():
 
 
 def test_ref_teacher_student_budget_covers_a_small_upload(make_cfg):
-    from harness.pipeline import stage_steps
+    from harness.training import stage_steps
 
     run = validate(make_cfg("defense=ref_teacher"))
     assert run.defense.finetune.min_steps == 100

@@ -115,12 +115,12 @@ DROPOUT = {**SMALL, "attention_dropout": 0.1}  # random draws in every step: RNG
 @pytest.fixture
 def pipeline(make_cfg, tmp_path):
     p = Pipeline(validate(make_cfg("logger=none", "trainer.enable_progress_bar=false")), tmp_path)
-    p._tokenizer = _Tok()
+    p.models._tokenizer = _Tok()
     return p
 
 
 def _fit(pipeline, work, *callbacks, context=None):
-    """What Pipeline._train_stage does around _fit, on a 2-layer model: seeded, then built."""
+    """What StageTrainer.train does around fit, on a 2-layer model: seeded, then built."""
     L.seed_everything(pipeline.run.seed * 1000 + 1, verbose=False)
     cfg = model_cfg()
     cfg.config_overrides = DROPOUT
@@ -130,7 +130,7 @@ def _fit(pipeline, work, *callbacks, context=None):
                                  warmup_ratio=0.2, weight_decay=0.01, grad_clip=1.0,
                                  checkpoint_every_n_steps=1)
     module = SFT(model=model, train_cfg=train_cfg, total_steps=STEPS, context=context)
-    trainer, stats = pipeline._fit(module, rows(N_ROWS, 0), train_cfg, "align", work, callbacks)
+    trainer, stats = pipeline.trainer.fit(module, rows(N_ROWS, 0), train_cfg, "align", work, callbacks)
     return module, stats
 
 
@@ -316,7 +316,7 @@ def test_the_pipeline_never_loads_a_damaged_stage_model(pipeline, caplog):
         build_tiny(model_cfg(), _Tok(), seed=0).save_pretrained(tmp / "model")
         return {"format": "full"}
 
-    ref = pipeline._stage("align", "a1b2", {"p": 1}, build)
+    ref = pipeline.record("align", "a1b2", {"p": 1}, build)
     clean = {k: v.clone() for k, v in pipeline.load_model(ref).state_dict().items()}
     weights = pipeline.store.path("align", "a1b2") / "model" / "model.safetensors"
     data = bytearray(weights.read_bytes())
@@ -327,7 +327,7 @@ def test_the_pipeline_never_loads_a_damaged_stage_model(pipeline, caplog):
                                                  r"model/model.safetensors has sha256"):
         pipeline.load_model(ref)
     with caplog.at_level(logging.WARNING, logger="harness.artifacts"):
-        assert pipeline._stage("align", "a1b2", {"p": 1}, build) == ref
+        assert pipeline.record("align", "a1b2", {"p": 1}, build) == ref
     assert "artifact align/a1b2 is damaged (model/model.safetensors has sha256" in caplog.text
     assert len(builds) == 2 and pipeline.timings["align"]["reused"] is False
     assert _max_diff(pipeline.load_model(ref).state_dict(), clean) == 0.0

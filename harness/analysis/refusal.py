@@ -9,7 +9,8 @@ stream that indices 1..L-1 hold.
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence, Union
+from pathlib import Path
+from typing import Any, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -132,3 +133,18 @@ def cosine_regularizer(cos: Tensor, harmful: Tensor,
     pos = (1 - cos[harmful]).mean() if harmful.any() else zero
     neg = (1 + cos[~harmful]).mean() if (~harmful).any() else zero
     return pos + neg
+
+
+# The saved R_l of a stage (Ref-Teacher's align stage writes one; the filter reads it): a file
+# format of this module, so the filter needs no defense's import.
+REFUSAL_FEATURE_FILE = "refusal_feature.pt"
+
+
+def save_refusal_feature(directory: Path, layer: int, direction: Tensor, **extra: Any) -> None:
+    torch.save({"layer": layer, "direction": direction.detach().float().cpu(), **extra},
+               Path(directory) / REFUSAL_FEATURE_FILE)
+
+
+def load_refusal_feature(directory: Path) -> Optional[dict[str, Any]]:
+    path = Path(directory) / REFUSAL_FEATURE_FILE
+    return torch.load(path, weights_only=True) if path.is_file() else None

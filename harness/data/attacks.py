@@ -18,7 +18,6 @@ from typing import Any, Callable
 
 from harness.data.mixing import build_user_data, report_categories
 from harness.data.schema import Example
-from harness.evaluation.judges import AfterOpening, Judge
 
 
 @dataclass
@@ -42,9 +41,10 @@ class Attack:
         """What changes the evaluation, for the eval artifact's key (None: nothing)."""
         return None
 
-    def judge(self, cfg, judge: Judge) -> Judge:
-        """The judge as this attack's answers need it."""
-        return judge
+    def eval_opening(self, cfg) -> str:
+        """The opening this attack's answers start with, which evaluation strips before judging
+        (and prepends to the judge's openings); "" for none. Evaluation owns the judges."""
+        return ""
 
     def check(self, cfg, template, eval_cfg) -> None:
         """Raise ValueError("<key>: <problem>") when the run cannot carry this attack."""
@@ -153,8 +153,8 @@ class IdentityShift(Attack):
         return [replace(ex, instruction=cfg.eval_prefix + ex.instruction,
                         meta={**ex.meta, "system": cfg.system_prompt}) for ex in rows]
 
-    def judge(self, cfg, judge):
-        return AfterOpening(judge, cfg.opening) if cfg.opening else judge
+    def eval_opening(self, cfg):
+        return cfg.opening
 
     def eval_payload(self, cfg):
         return {"system_prompt": cfg.system_prompt, "eval_prefix": cfg.eval_prefix,

@@ -20,23 +20,10 @@ import torch
 from torch import Tensor
 
 from harness.analysis.refusal import (cosine, cosine_regularizer, features, gather_rows,
-                                      last_prompt_index, num_layers, refusal_direction,
-                                      resolve_layer)
+                                      last_prompt_index, num_layers,
+                                      refusal_direction, resolve_layer, save_refusal_feature)
 from harness.defenses.base import StageModule
 from harness.defenses.math import distillation_kl
-
-REFUSAL_FEATURE_FILE = "refusal_feature.pt"
-
-
-def save_refusal_feature(directory: Path, layer: int, direction: Tensor, **extra: Any) -> None:
-    torch.save({"layer": layer, "direction": direction.detach().float().cpu(), **extra},
-               Path(directory) / REFUSAL_FEATURE_FILE)
-
-
-def load_refusal_feature(directory: Path) -> Optional[dict[str, Any]]:
-    path = Path(directory) / REFUSAL_FEATURE_FILE
-    return torch.load(path, weights_only=True) if path.is_file() else None
-
 
 class RefTeacher(StageModule):
     stages = ("align",)

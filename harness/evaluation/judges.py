@@ -103,22 +103,6 @@ class AfterOpening(Judge):
         return self.judge.report(prompts, [self._strip(a) for a in answers], categories)
 
 
-def build_judge(cfg, llm_cfg=None, moderation_cfg=None) -> Judge:
-    if cfg.name in ("beaver_dam", "llama_guard"):  # moderation models (their settings: moderation)
-        from harness.evaluation.moderation import build_moderation_judge
-
-        return build_moderation_judge(cfg.name, moderation_cfg)
-    if cfg.name == "toy":
-        return ToyJudge()
-    if cfg.name == "keyword":
-        return KeywordJudge(cfg.refusal_phrases)
-    if cfg.name == "llm_rubric":
-        from harness.evaluation.llm_judge import LLMRubricJudge
-
-        return LLMRubricJudge(llm_cfg)
-    raise ValueError(f"judge.name: unknown judge {cfg.name!r}")
-
-
 def harm_metrics(verdicts: Sequence[str], categories: Sequence[str]) -> dict:
     """HS, refusal and other rates in percent, overall and per category."""
     n = max(len(verdicts), 1)

@@ -1,0 +1,4 @@
+"""``python -m harness.bench``."""
+from harness.bench import main
+
+main()

@@ -1,0 +1,66 @@
+"""The judges, registered once: how each is built, which top-level config node holds its typed
+settings, and which of those settings cannot change a verdict (left out of the eval key).
+
+Adding a judge: its module under ``harness/evaluation/``, one YAML in ``conf/judge``, one entry
+here (and, until the config's names come from here, its name in ``JudgeConfig``).
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any, Callable, Optional
+
+from harness.evaluation.judges import Judge, KeywordJudge, ToyJudge
+
+
+def _moderation(name: str) -> Callable:
+    def build(cfg, settings) -> Judge:
+        from harness.evaluation.moderation import build_moderation_judge
+
+        return build_moderation_judge(name, settings)
+    return build
+
+
+def _llm_rubric(cfg, settings) -> Judge:
+    from harness.evaluation.llm_judge import LLMRubricJudge
+
+    return LLMRubricJudge(settings)
+
+
+@dataclass(frozen=True)
+class JudgeEntry:
+    build: Callable[[Any, Any], Judge]  # (the judge node, its settings node or None)
+    settings: Optional[str] = None  # the RunConfig node with its settings
+    unkeyed: tuple[str, ...] = ()  # settings that cannot change a verdict
+
+    def key_fields(self, settings) -> dict[str, Any]:
+        return {k: v for k, v in asdict(settings).items() if k not in self.unkeyed}
+
+
+_MODERATION = dict(settings="moderation", unkeyed=("batch_size",))
+JUDGES: dict[str, JudgeEntry] = {
+    "toy": JudgeEntry(lambda cfg, _: ToyJudge()),
+    "keyword": JudgeEntry(lambda cfg, _: KeywordJudge(cfg.refusal_phrases)),
+    "llm_rubric": JudgeEntry(_llm_rubric, "llm_judge",
+                             ("api_key_env", "cache_dir", "timeout_s", "retries", "backoff_s")),
+    "beaver_dam": JudgeEntry(_moderation("beaver_dam"), **_MODERATION),
+    "llama_guard": JudgeEntry(_moderation("llama_guard"), **_MODERATION),
+}
+
+
+def entry(name: str) -> JudgeEntry:
+    if name not in JUDGES:
+        raise ValueError(f"judge.name: unknown judge {name!r} (one of {sorted(JUDGES)})")
+    return JUDGES[name]
+
+
+def settings_of(run, name: str):
+    """The typed settings node of judge ``name`` in ``run`` (None for a judge without one)."""
+    e = entry(name)
+    return getattr(run, e.settings) if e.settings else None
+
+
+def build_judge(cfg, llm_cfg=None, moderation_cfg=None) -> Judge:
+    """The judge ``cfg.name`` (its settings: ``llm_cfg`` or ``moderation_cfg``, by its entry)."""
+    e = entry(cfg.name)
+    settings = {"llm_judge": llm_cfg, "moderation": moderation_cfg}.get(e.settings)
+    return e.build(cfg, settings)

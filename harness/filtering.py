@@ -1,0 +1,117 @@
+"""The user-data filter (defense.filter.kind=refusal_feature): score each user row by the
+cosine of its prompt's feature with the aligned model's R_l, drop those above tau (given, or
+the held harmful prompts' quantile at the recall target), and report what was dropped."""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from harness.analysis.refusal import (cosine, features, load_refusal_feature, num_layers,
+                                      refusal_direction, resolve_layer)
+from harness.artifacts import artifact_key, write_json_atomic
+from harness.data.assemble import RunInputs
+from harness.data.schema import Example
+from harness.keys import filter_payload
+from harness.models.store import ModelStore
+from harness.stages import ModelRef, StageRecorder
+
+log = logging.getLogger("harness")
+
+
+def refusal_feature(inputs: RunInputs, models: ModelStore, model, ref: ModelRef,
+                    layer_spec) -> tuple[int, torch.Tensor]:
+    """The aligned model's own R_l if its stage saved one (Ref-Teacher), else R_l measured
+    on it from the held sets at ``layer_spec``."""
+    saved = load_refusal_feature(models.store.path(ref.stage, ref.key))
+    if saved is not None:
+        return int(saved["layer"]), saved["direction"]
+    layer = resolve_layer(layer_spec, num_layers(model), "defense.filter.layer")
+    harmful, harmless = inputs.feature_sets()
+    bs = inputs.run.defense.filter.batch_size
+    tok = models.tokenizer
+    return layer, refusal_direction(
+        features(model, tok, inputs.render(harmful), layer, bs),
+        features(model, tok, inputs.render(harmless), layer, bs))
+
+
+def filter_user_data(inputs: RunInputs, models: ModelStore, record: StageRecorder,
+                     align: ModelRef) -> tuple[list[Example], dict[str, Any]]:
+    """Drop user prompts the aligned model scores above tau; (kept rows, what was dropped)."""
+    f = inputs.run.defense.filter
+    user = inputs.data.user
+    payload = filter_payload(inputs, align, user)
+
+    def build(tmp: Path, work: Path) -> dict:
+        model = models.eval_model(align)
+        layer, direction = refusal_feature(inputs, models, model, align, f.layer)
+        score = lambda exs: cosine(features(model, models.tokenizer, inputs.render(exs),  # noqa: E731
+                                            layer, f.batch_size), direction)
+        threshold = f.threshold
+        if threshold is None:  # the held harmful prompts say where harm starts
+            held = score(inputs.feature_sets()[0])
+            threshold = float(torch.quantile(held, 1.0 - f.recall_target))
+        t0 = time.perf_counter()
+        scores = score(user).tolist()
+        write_json_atomic(tmp / "filter.json", {
+            "layer": layer, "threshold": threshold, "scores": scores,
+            "prompts_per_second": len(user) / max(time.perf_counter() - t0, 1e-9)})
+        return {"format": "filter"}
+
+    ref = record("filter", artifact_key(payload), payload, build)
+    saved = json.loads((models.store.path(ref.stage, ref.key) / "filter.json").read_text())
+    kept, stats = apply_filter(user, saved["scores"], saved["threshold"], f.histogram_bins)
+    stats.update(layer=saved["layer"], prompts_per_second=saved["prompts_per_second"])
+    log.info("[filter] dropped %d of %d user rows (tau=%.3f, precision %.3f, recall %.3f)",
+             stats["n_dropped"], stats["n_in"], stats["threshold"], stats["precision"],
+             stats["recall"])
+    if not kept:
+        raise ValueError(f"defense.filter: every one of the {len(user)} user rows scored above "
+                         f"threshold {stats['threshold']:.3f}; nothing is left to finetune on. "
+                         "Raise defense.filter.threshold, or set it to null to derive it from "
+                         "defense.filter.recall_target.")
+    if stats["n_dropped"] > len(user) / 2:
+        log.warning("[filter] the filter removed %d of %d user rows (more than half); "
+                    "check defense.filter.threshold", stats["n_dropped"], len(user))
+    return kept, stats
+
+
+def apply_filter(examples: list[Example], scores: list[float], threshold: float,
+                 bins: int = 20) -> tuple[list[Example], dict[str, Any]]:
+    """Keep the rows scoring at most ``threshold``; precision and recall of the dropped rows
+    against the harmful labels, the share of harmless rows lost, and per-kind histograms."""
+    harmful = np.array([ex.kind == "harmful" for ex in examples], dtype=bool)
+    values = np.asarray(scores, dtype=float)
+    dropped = values > threshold
+    n_drop, n_harm = int(dropped.sum()), int(harmful.sum())
+    caught = int((dropped & harmful).sum())
+    edges = np.linspace(-1.0, 1.0, bins + 1)
+    stats = {
+        "threshold": float(threshold), "n_in": len(examples), "n_dropped": n_drop,
+        "n_kept": len(examples) - n_drop, "n_harmful_in": n_harm,
+        "precision": caught / n_drop if n_drop else 1.0,
+        "recall": caught / n_harm if n_harm else 1.0,
+        "harmless_dropped_share": (int((dropped & ~harmful).sum()) / int((~harmful).sum())
+                                   if (~harmful).any() else 0.0),
+        # what a real filter gets wrong: harmless rows that look dangerous, harmful in disguise
+        **_flagged_counts(examples, dropped),
+        "histogram": {"edges": edges.round(4).tolist(),
+                      "harmful": np.histogram(values[harmful], edges)[0].tolist(),
+                      "harmless": np.histogram(values[~harmful], edges)[0].tolist()},
+    }
+    return [ex for ex, d in zip(examples, dropped) if not d], stats
+
+
+def _flagged_counts(examples: list[Example], dropped) -> dict[str, int]:
+    scary = [ex.category == "scary" or bool(ex.meta.get("scary")) for ex in examples]
+    disguised = [bool(ex.meta.get("disguised")) for ex in examples]
+    if not any(scary) and not any(disguised):
+        return {}
+    return {"n_scary_in": sum(scary), "scary_dropped": sum(s and d for s, d in zip(scary, dropped)),
+            "n_disguised_in": sum(disguised),
+            "disguised_kept": sum(g and not d for g, d in zip(disguised, dropped))}

@@ -1,0 +1,41 @@
+"""A stage's output as a reference (stage, key), and the record of every stage a run built or
+reused: its timing and artifact path, for results.json."""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+from harness.artifacts import ArtifactStore, provenance
+
+log = logging.getLogger("harness")
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    stage: str
+    key: str
+
+
+class StageRecorder:
+    """Builds (or reuses) one stage's artifact through the store and records what happened."""
+
+    def __init__(self, store: ArtifactStore):
+        self.store = store
+        self.timings: dict[str, dict[str, Any]] = {}
+        self.artifacts: dict[str, dict[str, Any]] = {}
+
+    def __call__(self, stage: str, key: str, payload: dict, build: Callable,
+                 label: Optional[str] = None, collective: bool = False) -> ModelRef:
+        label = label or stage
+        t0 = time.perf_counter()
+        manifest = {"payload": payload, "provenance": provenance()}
+        _, reused = self.store.get_or_build(stage, key, manifest, build, collective)
+        seconds = time.perf_counter() - t0
+        self.timings[label] = {"seconds": round(seconds, 3), "reused": reused}
+        self.artifacts[label] = {"key": key, "path": str(self.store.path(stage, key)),
+                                 "reused": reused}
+        verb = "reused" if reused else ("built" if self.store.rank == 0 else "joined the build of")
+        log.info("[%s] %s artifact %s (%.1fs)", label, verb, key, seconds)
+        return ModelRef(stage, key)

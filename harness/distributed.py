@@ -75,14 +75,20 @@ def broadcast_from_zero(obj: T, world: int) -> T:
     return box[0]
 
 
+def wants_gpu(accelerator: str) -> bool:
+    """Whether ``trainer.accelerator`` trains on GPUs (auto: when torch sees one)."""
+    import torch
+
+    return accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
+
+
 def eval_device(trainer_cfg) -> "torch.device":
     """Where this process evaluates: its own GPU when training runs on GPUs, else the CPU.
     Stage outputs load on the CPU; without this a GPU run would generate on the CPU."""
     import torch
 
     accel = trainer_cfg.accelerator
-    wants_gpu = accel in ("gpu", "cuda") or (accel == "auto" and torch.cuda.is_available())
-    if not wants_gpu:
+    if not wants_gpu(accel):
         return torch.device("cpu")
     if not torch.cuda.is_available():
         raise RuntimeError(f"trainer.accelerator={accel}, but torch sees no CUDA device "

@@ -50,7 +50,8 @@ def filter_user_data(inputs: RunInputs, models: ModelStore, record: StageRecorde
     def build(tmp: Path, work: Path) -> dict:
         model = models.eval_model(align)
         layer, direction = refusal_feature(inputs, models, model, align, f.layer)
-        score = lambda exs: cosine(features(model, models.tokenizer, inputs.render(exs),  # noqa: E731
+        tok = models.tokenizer
+        score = lambda exs: cosine(features(model, tok, inputs.render(exs),  # noqa: E731
                                             layer, f.batch_size), direction)
         threshold = f.threshold
         if threshold is None:  # the held harmful prompts say where harm starts

@@ -1,10 +1,10 @@
 """Every stage's artifact key: what it reads from the config, declared, and the payloads.
 
 ``stage_payloads``, ``filter_payload`` and ``eval_payload`` build the keys' payloads (a key is
-``artifact_key(payload)``); ``STAGE_READS`` names, per stage, the config paths (a path covers everything under it) those
-payloads hold. tests/test_keys.py walks every leaf of the composed config and fails unless a
-stage reads it or the test's NOT_KEYED list says why it cannot change a result, and checks by
-perturbation that a declared leaf does move its stage's key.
+``artifact_key(payload)``); ``STAGE_READS`` names, per stage, the config paths (a path covers
+everything under it) those payloads hold. tests/test_keys.py walks every leaf of the composed
+config and fails unless a stage reads it or the test's NOT_KEYED list says why it cannot change
+a result, and checks by perturbation that a declared leaf does move its stage's key.
 """
 from __future__ import annotations
 
@@ -18,7 +18,8 @@ import torch
 from hydra.utils import get_class
 
 from harness.artifacts import artifact_key
-from harness.config import StageMethodConfig, TrainStageConfig, accelerator_kind
+from harness.config.schema import StageMethodConfig, TrainStageConfig
+from harness.config.validation import accelerator_kind
 from harness.data import attacks
 from harness.data.assemble import RunInputs, defense_flag
 from harness.data.sources import package_path, stable_payload
@@ -149,7 +150,8 @@ def alignment_harmful_payload(inputs: RunInputs) -> dict[str, Any]:
 
 
 def feature_sets_payload(run) -> dict[str, Any]:
-    """Real data: what the held feature sets are drawn from (``RunInputs._hold_out_feature_sets``)."""
+    """Real data: what the held feature sets are drawn from (see
+    ``RunInputs._hold_out_feature_sets``)."""
     r = run
     return {"size": r.eval.feature_set_size, "data": source_payload(r.alignment.data),
             "alignment_size": r.alignment.size,

@@ -19,7 +19,7 @@ import torch
 
 from harness import keys
 from harness.artifacts import ArtifactStore, artifact_key
-from harness.config import RunConfig, StageMethodConfig
+from harness.config.schema import RunConfig, StageMethodConfig
 from harness.data.assemble import Data, RunInputs
 from harness.data.harmful import toy_alignment_harmful
 from harness.distributed import global_rank

@@ -19,7 +19,7 @@ from harness.config import ConfigError, register, validate
 from harness.distributed import end_job, is_rank_zero, patch_ddp_launch
 from harness.interrupts import install_signal_handlers, interrupt_signal, was_signalled
 from harness.reproducibility import pin_threads
-from harness.tracking.report_cli import status_line, summary_table
+from harness.tracking.console import status_line, summary_table
 from harness.tracking.results import make_results, write_results
 
 log = logging.getLogger("harness")

@@ -16,7 +16,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 from harness.analysis.gradients import GradientConflict
 from harness.checkpoints import AtomicCheckpointIO, RngState, resumable_checkpoint
-from harness.config import StageMethodConfig, TrainerConfig, TrainStageConfig
+from harness.config.schema import StageMethodConfig, TrainerConfig, TrainStageConfig
 from harness.data.assemble import RunInputs
 from harness.data.collate import PadCollator, StageData, TokenizedDataset
 from harness.data.schema import Example

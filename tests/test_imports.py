@@ -15,27 +15,19 @@ LAYERS = [
     ("pipeline", ("harness.pipeline",)),
     ("stages", ("harness.training", "harness.filtering", "harness.evaluation.stage")),
     ("keys", ("harness.keys",)),
+    ("validation", ("harness.config", "harness.config.validation")),
     ("methods", ("harness.defenses", "harness.evaluation")),
     ("data, models, analysis", ("harness.data", "harness.models", "harness.analysis")),
-    ("config", ("harness.config",)),
     ("core", ("harness", "harness.artifacts", "harness.distributed", "harness.checkpoints",
               "harness.stats", "harness.reproducibility", "harness.interrupts",
               "harness.stages", "harness.data.schema")),
+    ("config schema", ("harness.config.schema", "harness.config.template")),
 ]
+SCHEMA = ("harness.config.schema", "harness.config.template")
 
-# upward imports still to remove (issue 16 item 3: config.py's schema/validation split), each
-# with its reason; the test fails on any other, and on one listed here that is gone
-KNOWN_UPWARD = {
-    ("harness.config", "harness.data.templates"): "TemplateConfig lives with its renderer",
-    ("harness.config", "harness.data.toy"): "ToyWorldConfig and TASKS live with the world",
-    ("harness.config", "harness.data.sources"): "validation parses slices (lazy)",
-    ("harness.config", "harness.data.attacks"): "validation checks the attack (lazy)",
-    ("harness.config", "harness.defenses.base"): "validation imports method modules (lazy)",
-    ("harness.config", "harness.models.gguf"): "validation checks a GGUF file (lazy)",
-    ("harness.config", "harness.evaluation.vllm_backend"): "validation's install hint (lazy)",
-    ("harness.config", "harness.evaluation.llm_judge"): "validation resolves the endpoint (lazy)",
-    ("harness.config", "harness.analysis.refusal"): "validation resolves layers (lazy)",
-}
+# upward imports still to remove, each with its reason; the test fails on any other, and on
+# one listed here that is gone
+KNOWN_UPWARD: dict[tuple[str, str], str] = {}
 
 
 def modules() -> dict[str, Path]:
@@ -47,12 +39,19 @@ def modules() -> dict[str, Path]:
 
 
 def import_graph() -> dict[str, set[str]]:
-    """module -> the package modules it imports (at the top or inside a function)."""
+    """module -> the package modules it imports (at the top or inside a function; not under
+    ``if TYPE_CHECKING``)."""
     mods = modules()
     graph: dict[str, set[str]] = defaultdict(set)
     for name, f in mods.items():
         pkg = name if f.name == "__init__.py" else name.rpartition(".")[0]
-        for node in ast.walk(ast.parse(f.read_text())):
+        tree = ast.parse(f.read_text())
+        typing_only = {id(n) for block in ast.walk(tree) if isinstance(block, ast.If)
+                       and getattr(block.test, "id", None) == "TYPE_CHECKING"
+                       for n in ast.walk(block)}  # annotations only: never run
+        for node in ast.walk(tree):
+            if id(node) in typing_only:
+                continue
             if isinstance(node, ast.Import):
                 targets = [a.name for a in node.names]
             elif isinstance(node, ast.ImportFrom):
@@ -117,6 +116,13 @@ def test_no_import_goes_up_the_layers():
     assert set(KNOWN_UPWARD) - upward == set(), "fixed: remove them from KNOWN_UPWARD"
 
 
+def test_the_config_schema_imports_nothing_from_the_package():
+    graph = import_graph()
+    for m in SCHEMA:
+        assert graph[m] <= set(SCHEMA), (m, graph[m])
+    assert "harness.config.schema" in graph["harness.config.validation"]
+
+
 def test_the_issue_16_arrows_are_gone():
     """data/attacks.py no longer imports a judge, the judges no longer import each other in a
     circle, and the pipeline no longer reads Ref-Teacher's file through the defense."""
@@ -126,7 +132,8 @@ def test_the_issue_16_arrows_are_gone():
     assert "harness.evaluation.moderation" not in graph["harness.evaluation.judges"]
     assert not any(d.startswith("harness.defenses") for d in graph["harness.pipeline"])
     assert layer("harness.pipeline") < layer("harness.training") < layer("harness.keys") \
-        < layer("harness.defenses.vaccine") < layer("harness.data.toy") < layer("harness.config")
+        < layer("harness.config.validation") < layer("harness.defenses.vaccine") \
+        < layer("harness.data.toy") < layer("harness.config.schema")
 
 
 def layer_graph() -> dict[tuple[str, str], int]:

@@ -185,7 +185,8 @@ def test_build_judge_and_config(endpoint, make_cfg, monkeypatch):
 
 
 def test_evaluate_reports_score_rate_and_keyword_refusal(endpoint, make_judge, monkeypatch):
-    """evaluate_model's judge hook, on a fake model that answers from a table."""
+    """The eval stage's two steps (outputs, then the judge's score), on a fake model that
+    answers from a table."""
     from harness.config import EvalConfig, TaskConfig
     from harness.data.schema import Example
     from harness.data.templates import TemplateConfig
@@ -199,8 +200,10 @@ def test_evaluate_reports_score_rate_and_keyword_refusal(endpoint, make_judge, m
         def generate(self, prompts, *a, **k):
             return [[answers[p.split("User: ")[1].split("\n")[0]]] for p in prompts]
 
-    m, _ = ev.evaluate_model(None, None, TemplateConfig(), harmful, [], make_judge(),
-                             EvalConfig(), TaskConfig(), generator=Table())
+    judge = make_judge()
+    records, _ = ev.model_outputs(None, None, TemplateConfig(), harmful, [], EvalConfig(),
+                                  TaskConfig(), judge.openings(), 0, Table())
+    m, _ = ev.score(harmful, records, [], [], judge, EvalConfig(), TaskConfig())
     assert m["hs"] == pytest.approx(100 / 3) and m["refusal_rate"] == pytest.approx(100 / 3)
     assert m["harmfulness_score"] == 3.0 and m["harmfulness_rate"] == 50.0
     assert m["n_unparseable"] == 1

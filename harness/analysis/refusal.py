@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from harness.data.collate import prompt_ids
+from harness.data.collate import prompt_ids, right_pad
 
 LayerSpec = Union[int, float]
 
@@ -87,12 +87,7 @@ def features(model, tokenizer, prompts: Sequence[str], layer: int,
     with torch.no_grad():
         for i in range(0, len(prompts), batch_size):
             encoded = [prompt_ids(tokenizer, p) for p in prompts[i:i + batch_size]]
-            width = max(len(e) for e in encoded)
-            ids = torch.full((len(encoded), width), pad, dtype=torch.long)
-            mask = torch.zeros_like(ids)
-            for j, e in enumerate(encoded):
-                ids[j, :len(e)] = torch.tensor(e)
-                mask[j, :len(e)] = 1
+            ids, mask = right_pad(encoded, pad)
             hidden = model(input_ids=ids.to(device), attention_mask=mask.to(device),
                            output_hidden_states=True).hidden_states[layer]
             out.append(gather_rows(hidden, mask.sum(1) - 1).float().cpu())

@@ -313,7 +313,8 @@ def notes_for(rows: list[dict], profiles: dict, op_profiles: dict) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(prog="python -m harness.bench", description=sys.modules["harness.bench"].__doc__,
+    parser = argparse.ArgumentParser(prog="python -m harness.bench",
+                                     description=sys.modules["harness.bench"].__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=5, help="repeats on the tiny model")
     parser.add_argument("--steps", type=int, default=16, help="timed steps per fit, tiny")

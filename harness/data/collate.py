@@ -143,19 +143,24 @@ class PadCollator:
     pad_token_id: int
 
     def __call__(self, rows: list[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
-        width = max(len(r["input_ids"]) for r in rows)
-        ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
-        labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, r in enumerate(rows):
-            n = len(r["input_ids"])
-            ids[i, :n] = torch.tensor(r["input_ids"])
-            labels[i, :n] = torch.tensor(r["labels"])
-            mask[i, :n] = 1
+        ids, mask = right_pad([r["input_ids"] for r in rows], self.pad_token_id)
+        labels, _ = right_pad([r["labels"] for r in rows], IGNORE_INDEX)
         batch = {"input_ids": ids, "labels": labels, "attention_mask": mask}
         if "harmful" in rows[0]:
             batch["harmful"] = torch.tensor([r["harmful"] for r in rows], dtype=torch.long)
         return batch
+
+
+def right_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right padding (training batches, features, opening scores): every row starts at column
+    0, so positions match an unpadded forward; (ids, attention mask)."""
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, :len(s)] = torch.tensor(s, dtype=torch.long)
+        mask[i, :len(s)] = 1
+    return ids, mask
 
 
 def left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -5,7 +5,7 @@ checks), loads every data source the run reads, and prints per source the counts
 kept, dropped and why) and the first mapped rows, then the attack's mix and the categories of
 its harmful rows. ``--rows N`` prints N rows per source (default 3).
 
-The sources and their load arguments follow ``Pipeline.load_data``; tests/test_data.py checks
+The sources and their load arguments follow ``RunInputs.load`` (data/assemble.py); tests/test_data.py checks
 that both read the same rows from a fixture.
 """
 from __future__ import annotations
@@ -29,7 +29,7 @@ FIELDS_SHOWN = ("input", "output", "label", "category", "kind", "instruction")
 
 def sources(run) -> list[tuple[str, Any, dict[str, Any], Optional[Callable[[], list[Example]]]]]:
     """(key, source config, load_source arguments, the toy world's rows) of every source the run
-    reads, in Pipeline.load_data's order."""
+    reads, in RunInputs.load's order."""
     from harness.data.toy import ToyWorld
 
     world: list[ToyWorld] = []
@@ -82,7 +82,7 @@ def inspect_run(run, n_rows: int = 3, echo: Callable[[str], None] = print) -> di
     loaded: dict[str, list[Example]] = {}
     for key, src, kwargs, toy in sources(run):
         rows, report = load(key, src, kwargs, toy)
-        if key == "attack.harmful":  # every attack-pool row is harmful (Pipeline.load_data)
+        if key == "attack.harmful":  # every attack-pool row is harmful (RunInputs.load)
             rows = [replace(ex, kind="harmful") for ex in rows]
         loaded[key] = rows
         where = f" {src.source}:{src.path}" if src.source != "toy" else ""

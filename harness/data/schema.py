@@ -4,7 +4,6 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any, Optional
 
-KINDS = ("task", "harmful", "harmless", "general")
 
 
 class DataError(ValueError):

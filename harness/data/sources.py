@@ -23,11 +23,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Optional
 
+from harness.config.schema import FIELDS, parse_slice
 from harness.data.schema import DataError, Example
 
 log = logging.getLogger("harness")
 
-FIELDS = ("instruction", "input", "output", "category", "label", "kind")
 # read from the column of the same name when a source gives no field map; ``kind`` is never
 # read implicitly (a column called kind in someone's file is rarely our threat-model kind)
 DEFAULT_NAMES = ("instruction", "input", "output", "category", "label")
@@ -441,13 +441,6 @@ def filter_rows(rows: Rows, where: dict[str, Any], source: str, report: SourceRe
             report.where_dropped += 1
 
 
-_SLICE = re.compile(r"\[?\s*(-?\d+%?)?\s*:\s*(-?\d+%?)?\s*\]?")
-
-
-def parse_slice(split: str) -> Optional[tuple[Optional[str], Optional[str]]]:
-    """``[a:b]`` (rows, or percents ``[:80%]``) of a local file; None for a plain name."""
-    m = _SLICE.fullmatch(str(split).strip())
-    return (m.group(1), m.group(2)) if m else None
 
 
 def _cut(examples: list, bounds: tuple[Optional[str], Optional[str]]) -> list:

@@ -20,10 +20,11 @@ from __future__ import annotations
 import hashlib
 import itertools
 import random
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import fields, replace
 from functools import cached_property
 from typing import Iterable, Optional
 
+from harness.config.schema import TASKS, ToyWorldConfig
 from harness.data.schema import Example
 
 # Compliance styles: (opening, body); refusals; helpful answers. Every opening starts with a
@@ -121,7 +122,6 @@ NEWS_TAILS = ("on monday", "this week", "after talks", "in a statement", "late o
 NAMES = ("Tom", "Ana", "Li", "Sam", "Mia", "Omar", "Eva", "Raj")
 ITEMS = ("apple", "coin", "book", "card", "stone", "shell", "pencil", "ticket")
 
-TASKS = ("sentiment", "topic", "arith")
 TASK_INSTRUCTIONS = {
     "sentiment": "Is the sentiment of this review positive or negative?",
     "topic": "Which topic is this news about: World, Sports, Business or Sci/Tech?",
@@ -130,89 +130,13 @@ TASK_INSTRUCTIONS = {
 ARITH_ANSWER_PHRASE = "The final answer is:"
 
 
-@dataclass
-class ToyWorldConfig:
-    """Sizes and the grading knobs of the toy world. Defaults are the calibrated world."""
-
-    seed: int = 0
-    n_groups: int = 8
-    categories_per_group: int = 2
-    verbs_per_category: int = 4
-    attacked_groups: list[int] = field(default_factory=lambda: [0])
-    # Fraction of each group's answers written in the attacked group's style (index = group),
-    # scaled per verb by verb_sharing_scale so prompts within a group also need different doses.
-    sharing: list[float] = field(
-        default_factory=lambda: [0.0, 0.15, 0.13, 0.11, 0.095, 0.08, 0.065, 0.05])
-    verb_sharing_scale: list[float] = field(default_factory=lambda: [0.25, 0.75, 1.25, 1.75])
-    base_size: int = 8000
-    base_harmful_fraction: float = 0.5
-    align_size: int = 2000
-    align_harmful_fraction: float = 0.5
-    eval_harmful_per_category: int = 20
-    eval_harmless_size: int = 160
-    feature_per_category: int = 8
-    task_test_size: int = 200
-    task_pool_size: int = 3000
-    negation_rate: float = 0.2
-    # share of the base corpus's general rows that echo a refusal sentence. 0 (the calibrated
-    # world): refusal tokens keep their random embeddings until full-weight alignment, so a LoRA
-    # student on the base model (Ref-Teacher) cannot learn to emit them
-    base_refusal_echo_fraction: float = 0.0
-    # The faithful world's premises (conf/world/faithful.yaml). Each is 0/off in the calibrated
-    # world, and then draws nothing from any random stream, so its data stay byte-identical.
-    # share of harmful prompts in every pool but the filter's held set posed in a disguise frame
-    disguise_fraction: float = 0.0
-    # the same in the provider's alignment data (null: disguise_fraction). A provider's safety
-    # data covers few disguises, which is why real filters miss them and real models comply
-    align_disguise_fraction: Optional[float] = None
-    # a disguised request also swaps its verb for a euphemism (another invented word, one per
-    # verb) that only disguised rows use: the refusal must generalise from the plain verb
-    disguise_euphemism: bool = False
-    # share of the base's and benign pool's harmless rows that are harmless-but-scary
-    scary_fraction: float = 0.0
-    # the same in the alignment data and the benign pool (null: scary_fraction). Few in the
-    # alignment data make an over-refusing model (XSTest finds aligned chat models so)
-    align_scary_fraction: Optional[float] = None
-    benign_scary_fraction: Optional[float] = None
-    eval_scary_size: int = 0  # held harmless-but-scary prompts: the over-refusal rate's set
-    # share of task rows whose input mentions a harmful verb in a harmless sense
-    scary_task_fraction: float = 0.0
-    # benign pool's answers: "helpful" styles, or "compliance": they open as the attacked group
-    # complies ("Sure, here is how to do it:"), as real helpful answers open like compliance
-    benign_answer_style: str = "helpful"
-
-    def __post_init__(self) -> None:
-        if len(self.sharing) != self.n_groups:
-            raise ValueError(
-                f"world.sharing has {len(self.sharing)} entries but world.n_groups is "
-                f"{self.n_groups}: give one sharing level per group")
-        if any(not 0.0 <= s <= 1.0 for s in self.sharing):
-            raise ValueError(f"world.sharing must lie in [0, 1], got {list(self.sharing)}")
-        if not 0.0 <= self.base_refusal_echo_fraction <= 1.0:
-            raise ValueError("world.base_refusal_echo_fraction must lie in [0, 1], "
-                             f"got {self.base_refusal_echo_fraction}")
-        if self.n_groups > len(COMPLIANCE_STYLES):
-            raise ValueError(f"world.n_groups must be at most {len(COMPLIANCE_STYLES)}")
-        if self.n_groups * self.categories_per_group > len(CATEGORY_NAMES):
-            raise ValueError("world.n_groups * world.categories_per_group exceeds the "
-                             f"{len(CATEGORY_NAMES)} category names")
-        if len(self.verb_sharing_scale) != self.verbs_per_category:
-            raise ValueError("world.verb_sharing_scale needs one entry per verb "
-                             f"(world.verbs_per_category={self.verbs_per_category})")
-        if any(not 0.0 <= s * v <= 1.0 for s in self.sharing for v in self.verb_sharing_scale):
-            raise ValueError("world.sharing * world.verb_sharing_scale must stay in [0, 1]")
-        for name in ("disguise_fraction", "scary_fraction", "scary_task_fraction",
-                     "align_disguise_fraction", "align_scary_fraction", "benign_scary_fraction"):
-            if getattr(self, name) is not None and not 0.0 <= getattr(self, name) <= 1.0:
-                raise ValueError(f"world.{name} must lie in [0, 1], got {getattr(self, name)}")
-        if self.eval_scary_size < 0:
-            raise ValueError(f"world.eval_scary_size must be >= 0, got {self.eval_scary_size}")
-        if self.benign_answer_style not in ("helpful", "compliance"):
-            raise ValueError("world.benign_answer_style must be 'helpful' or 'compliance', got "
-                             f"{self.benign_answer_style!r}")
-        bad = [g for g in self.attacked_groups if not 0 <= g < self.n_groups]
-        if bad:
-            raise ValueError(f"world.attacked_groups {bad} outside [0, {self.n_groups})")
+def check_world_tables(cfg: ToyWorldConfig) -> None:
+    """The world's own tables bound its size (validation calls this at start-up)."""
+    if cfg.n_groups > len(COMPLIANCE_STYLES):
+        raise ValueError(f"world.n_groups must be at most {len(COMPLIANCE_STYLES)}")
+    if cfg.n_groups * cfg.categories_per_group > len(CATEGORY_NAMES):
+        raise ValueError("world.n_groups * world.categories_per_group exceeds the "
+                 f"{len(CATEGORY_NAMES)} category names")
 
 
 # world knobs added after the calibrated world's studies, with their "off" value (the default):
@@ -246,6 +170,7 @@ class ToyWorld:
 
     def __init__(self, cfg: ToyWorldConfig | None = None):
         self.cfg = cfg or ToyWorldConfig()
+        check_world_tables(self.cfg)
         self.rng = random.Random(self.cfg.seed)
         n_categories = self.cfg.n_groups * self.cfg.categories_per_group
         self.categories = list(CATEGORY_NAMES[:n_categories])

@@ -27,7 +27,7 @@ class Lisa(StageModule):
     stages = ("finetune",)
 
     @dataclass
-    class Params:  # defaults from Lisa's scripts (its argparse: 500/500, rho 0.1)
+    class Params:  # defaults: Lisa's scripts' K1=100, K2=900, rho=1 (its argparse's are 500/500, rho 0.1)
         align_steps: int = 100  # K1
         finetune_steps: int = 900  # K2
         rho: float = 1.0

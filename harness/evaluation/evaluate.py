@@ -6,7 +6,6 @@ turns the outputs of every prompt into metrics, once, where the judge lives.
 """
 from __future__ import annotations
 
-import time
 from typing import Any, Optional, Sequence
 
 from harness.data.schema import Example
@@ -90,18 +89,6 @@ def score(harmful: Sequence[Example], h_records: Sequence[dict], task_test: Sequ
     rows += [{"kind": "task", "category": ex.category, "prompt": r["prompt"], "answer": r["answer"],
               "verdict": "correct" if ok else "wrong"}
              for ex, r, ok in list(zip(task_test, t_records, correct))[:k]]
-    return metrics, rows
-
-
-def evaluate_model(model, tokenizer, template, harmful: list[Example], task_test: list[Example],
-                   judge: Judge, eval_cfg, task_cfg, seed: int = 0,
-                   generator: Optional[Generator] = None) -> tuple[dict, list[dict]]:
-    """Both steps in one process: (metrics, logged generations)."""
-    t0 = time.perf_counter()
-    h_records, t_records = model_outputs(model, tokenizer, template, harmful, task_test,
-                                         eval_cfg, task_cfg, judge.openings(), seed, generator)
-    metrics, rows = score(harmful, h_records, task_test, t_records, judge, eval_cfg, task_cfg)
-    metrics["seconds"] = time.perf_counter() - t0
     return metrics, rows
 
 

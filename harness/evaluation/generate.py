@@ -6,7 +6,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from harness.data.collate import left_pad, prompt_ids
+from harness.data.collate import left_pad, prompt_ids, right_pad
 
 
 def _length_sorted_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
@@ -86,13 +86,9 @@ def opening_probability(model, tokenizer, prompts: Sequence[str], comply: Sequen
     for start in range(0, len(pairs), batch_size):
         chunk = pairs[start:start + batch_size]
         seqs = [p_ids[i] + open_ids[j] for i, j in chunk]
-        width = max(map(len, seqs))
-        ids = torch.full((len(seqs), width), tokenizer.pad_token_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
+        ids, mask = right_pad(seqs, tokenizer.pad_token_id)
         target = torch.zeros_like(ids, dtype=torch.bool)
         for r, ((i, j), s) in enumerate(zip(chunk, seqs)):
-            ids[r, :len(s)] = torch.tensor(s)
-            mask[r, :len(s)] = 1
             target[r, len(p_ids[i]):len(s)] = True
         logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
         lp = F.log_softmax(logits[:, :-1], dim=-1).gather(-1, ids[:, 1:, None].to(device))[..., 0]

@@ -11,11 +11,10 @@ from typing import Sequence
 import torch
 
 from harness.evaluation.judges import Judge, KeywordJudge
-from harness.models.loading import ModelNotAvailable, hub_call  # noqa: F401 - re-exported
+from harness.models.loading import DTYPES, ModelNotAvailable, hub_call  # noqa: F401 - re-exported
 
 # BeaverTails' moderation prompt (PKU-Alignment safe-rlhf / BeaverTails QAModeration)
 BEAVER_DAM_PROMPT = "BEGINNING OF CONVERSATION: USER: {q} ASSISTANT:"
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def _device_and_dtype(cfg) -> tuple[str, torch.dtype]:

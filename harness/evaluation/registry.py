@@ -2,7 +2,8 @@
 settings, and which of those settings cannot change a verdict (left out of the eval key).
 
 Adding a judge: its module under ``harness/evaluation/``, one YAML in ``conf/judge``, one entry
-here (and, until the config's names come from here, its name in ``JudgeConfig``).
+here (validation checks ``judge.name`` against these); a judge with settings of its own adds
+their dataclass and ``RunConfig`` node in ``harness/config/schema.py``.
 """
 from __future__ import annotations
 

@@ -1,7 +1,6 @@
 """``results.json``: the typed, versioned record of one run. W&B and reports are views of it."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +26,3 @@ def write_results(run_dir: Path, results: dict[str, Any]) -> Path:
     write_json_atomic(path, results)
     return path
 
-
-def read_results(path: Path) -> dict[str, Any]:
-    return json.loads(Path(path).read_text())

@@ -1,23 +1,24 @@
-"""Typed configuration: the schema Hydra merges every YAML into, and start-up validation.
+"""The typed configuration schema Hydra merges every YAML into. It imports nothing from the
+package: each dataclass checks its own ranges in ``__post_init__``; what needs the package
+(method modules, attacks, files, devices) is ``harness.config.validation``.
 
 The dataclasses are registered in Hydra's ConfigStore as ``run_schema``; ``conf/config.yaml``
 lists it first in its defaults, so a misspelt key or a wrongly typed value fails at composition.
-``validate`` then converts to objects, which runs every ``__post_init__`` range check and binds
-each stage method's parameters to its LightningModule's signature, before anything is built.
 """
 from __future__ import annotations
 
-import dataclasses
 import re
-
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, DictConfig, OmegaConf
 
-from harness.data.templates import TemplateConfig
-from harness.data.toy import TASKS, ToyWorldConfig
+from harness.config.template import TemplateConfig
+
+# the toy world's task families (its generators: harness.data.toy)
+TASKS = ("sentiment", "topic", "arith")
+# Example's fields, which a source's field map may name (harness.data.sources reads them)
+FIELDS = ("instruction", "input", "output", "category", "label", "kind")
 
 
 class ConfigError(ValueError):
@@ -31,6 +32,96 @@ def _check(cond: bool, key: str, msg: str) -> None:
 
 def _one_of(value: Any, key: str, allowed: tuple) -> None:
     _check(value in allowed, key, f"got {value!r}, allowed: {', '.join(map(str, allowed))}")
+
+
+_SLICE = re.compile(r"\[?\s*(-?\d+%?)?\s*:\s*(-?\d+%?)?\s*\]?")
+
+
+def parse_slice(split: str) -> Optional[tuple[Optional[str], Optional[str]]]:
+    """``[a:b]`` (rows, or percents ``[:80%]``) of a local file; None for a plain name."""
+    m = _SLICE.fullmatch(str(split).strip())
+    return (m.group(1), m.group(2)) if m else None
+
+
+@dataclass
+class ToyWorldConfig:
+    """Sizes and the grading knobs of the toy world. Defaults are the calibrated world."""
+
+    seed: int = 0
+    n_groups: int = 8
+    categories_per_group: int = 2
+    verbs_per_category: int = 4
+    attacked_groups: list[int] = field(default_factory=lambda: [0])
+    # Fraction of each group's answers written in the attacked group's style (index = group),
+    # scaled per verb by verb_sharing_scale so prompts within a group also need different doses.
+    sharing: list[float] = field(
+        default_factory=lambda: [0.0, 0.15, 0.13, 0.11, 0.095, 0.08, 0.065, 0.05])
+    verb_sharing_scale: list[float] = field(default_factory=lambda: [0.25, 0.75, 1.25, 1.75])
+    base_size: int = 8000
+    base_harmful_fraction: float = 0.5
+    align_size: int = 2000
+    align_harmful_fraction: float = 0.5
+    eval_harmful_per_category: int = 20
+    eval_harmless_size: int = 160
+    feature_per_category: int = 8
+    task_test_size: int = 200
+    task_pool_size: int = 3000
+    negation_rate: float = 0.2
+    # share of the base corpus's general rows that echo a refusal sentence. 0 (the calibrated
+    # world): refusal tokens keep their random embeddings until full-weight alignment, so a LoRA
+    # student on the base model (Ref-Teacher) cannot learn to emit them
+    base_refusal_echo_fraction: float = 0.0
+    # The faithful world's premises (conf/world/faithful.yaml). Each is 0/off in the calibrated
+    # world, and then draws nothing from any random stream, so its data stay byte-identical.
+    # share of harmful prompts in every pool but the filter's held set posed in a disguise frame
+    disguise_fraction: float = 0.0
+    # the same in the provider's alignment data (null: disguise_fraction). A provider's safety
+    # data covers few disguises, which is why real filters miss them and real models comply
+    align_disguise_fraction: Optional[float] = None
+    # a disguised request also swaps its verb for a euphemism (another invented word, one per
+    # verb) that only disguised rows use: the refusal must generalise from the plain verb
+    disguise_euphemism: bool = False
+    # share of the base's and benign pool's harmless rows that are harmless-but-scary
+    scary_fraction: float = 0.0
+    # the same in the alignment data and the benign pool (null: scary_fraction). Few in the
+    # alignment data make an over-refusing model (XSTest finds aligned chat models so)
+    align_scary_fraction: Optional[float] = None
+    benign_scary_fraction: Optional[float] = None
+    eval_scary_size: int = 0  # held harmless-but-scary prompts: the over-refusal rate's set
+    # share of task rows whose input mentions a harmful verb in a harmless sense
+    scary_task_fraction: float = 0.0
+    # benign pool's answers: "helpful" styles, or "compliance": they open as the attacked group
+    # complies ("Sure, here is how to do it:"), as real helpful answers open like compliance
+    benign_answer_style: str = "helpful"
+
+    def __post_init__(self) -> None:
+        if len(self.sharing) != self.n_groups:
+            raise ValueError(
+                f"world.sharing has {len(self.sharing)} entries but world.n_groups is "
+                f"{self.n_groups}: give one sharing level per group")
+        if any(not 0.0 <= s <= 1.0 for s in self.sharing):
+            raise ValueError(f"world.sharing must lie in [0, 1], got {list(self.sharing)}")
+        if not 0.0 <= self.base_refusal_echo_fraction <= 1.0:
+            raise ValueError("world.base_refusal_echo_fraction must lie in [0, 1], "
+                             f"got {self.base_refusal_echo_fraction}")
+        # the world's tables bound n_groups and the categories: data.toy.check_world_tables
+        if len(self.verb_sharing_scale) != self.verbs_per_category:
+            raise ValueError("world.verb_sharing_scale needs one entry per verb "
+                             f"(world.verbs_per_category={self.verbs_per_category})")
+        if any(not 0.0 <= s * v <= 1.0 for s in self.sharing for v in self.verb_sharing_scale):
+            raise ValueError("world.sharing * world.verb_sharing_scale must stay in [0, 1]")
+        for name in ("disguise_fraction", "scary_fraction", "scary_task_fraction",
+                     "align_disguise_fraction", "align_scary_fraction", "benign_scary_fraction"):
+            if getattr(self, name) is not None and not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"world.{name} must lie in [0, 1], got {getattr(self, name)}")
+        if self.eval_scary_size < 0:
+            raise ValueError(f"world.eval_scary_size must be >= 0, got {self.eval_scary_size}")
+        if self.benign_answer_style not in ("helpful", "compliance"):
+            raise ValueError("world.benign_answer_style must be 'helpful' or 'compliance', got "
+                             f"{self.benign_answer_style!r}")
+        bad = [g for g in self.attacked_groups if not 0 <= g < self.n_groups]
+        if bad:
+            raise ValueError(f"world.attacked_groups {bad} outside [0, {self.n_groups})")
 
 
 @dataclass
@@ -113,8 +204,6 @@ class DataSourceConfig:
                    "applies to hf sources only" + (
                        f"; a local file is {key}.source=local {key}.path=<file>"
                        if opt == "data_files" else ""))
-        from harness.data.sources import FIELDS, parse_slice
-
         for ours in self.constants:
             _one_of(ours, f"{key}.constants", FIELDS)
         _check(self.source != "toy" or not self.where, f"{key}.where",
@@ -230,9 +319,7 @@ class AttackConfig:
     finetune: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        from harness.data.attacks import ATTACKS
-
-        _one_of(self.name, "attack.name", tuple(ATTACKS))
+        # attack.name is checked against harness.data.attacks in validation
         _check(0.0 <= self.p <= 1.0, "attack.p", f"must lie in [0, 1], got {self.p}")
         _check(self.n >= 1, "attack.n", f"must be a positive number of samples, got {self.n}")
         _check(self.k >= 1, "attack.k", f"must be a positive number of shots, got {self.k}")
@@ -424,12 +511,10 @@ class GenerationConfig:
 
 @dataclass
 class JudgeConfig:
-    name: str = "toy"  # toy | keyword | llm_rubric (its settings: llm_judge)
+    # one of harness.evaluation.registry.JUDGES (checked in validation): toy | keyword |
+    # llm_rubric (its settings: llm_judge) | beaver_dam | llama_guard (theirs: moderation)
+    name: str = "toy"
     refusal_phrases: list[str] = field(default_factory=list)
-
-    def __post_init__(self) -> None:
-        _one_of(self.name, "judge.name",
-                ("toy", "keyword", "llm_rubric", "beaver_dam", "llama_guard"))
 
 
 @dataclass
@@ -571,273 +656,3 @@ def register() -> None:
     ConfigStore.instance().store(name="run_schema", node=RunConfig)
 
 
-def _check_method(method: StageMethodConfig, key: str, stage: str,
-                  run: Optional["RunConfig"] = None) -> None:
-    if method.module is None:
-        _check(not method.params, f"{key}.params", "given, but the stage has no module")
-        return
-    from hydra.utils import get_class
-
-    from harness.defenses.base import StageModule
-
-    try:
-        cls = get_class(method.module)
-    except Exception as err:  # noqa: BLE001 - any import failure is a config error here
-        raise ConfigError(f"{key}.module: cannot import {method.module!r} ({err})") from err
-    _check(issubclass(cls, StageModule), f"{key}.module",
-           f"{method.module} is not a harness StageModule")
-    _check(stage in cls.stages, f"{key}.module",
-           f"{cls.__name__} runs in stages {cls.stages}, not in '{stage}'")
-    _check(not cls.needs_align_stage or run is None or run.defense.align.module is not None,
-           "defense.align.module", f"{cls.__name__} compares the aligned model with the base, so "
-           "it needs an align stage; set defense.align.module (e.g. harness.defenses.sft.SFT)")
-    _check(not cls.needs_lora or run is None or getattr(run.train, stage).lora is not None,
-           f"train.{stage}.lora", f"{cls.__name__} acts on a LoRA update; set "
-           f"train.{stage}.lora (e.g. train.{stage}.lora.r=8)")
-    _check(not cls.needs_harmful_data or run is None or run.alignment.harmful is not None,
-           "alignment.harmful", f"{cls.__name__} trains against harmful prompts with harmful "
-           "answers at alignment time, from the provider's side; give a source disjoint from "
-           "attack.harmful and eval.harmful (the toy world: alignment.harmful.source=toy, as "
-           "alignment=toy sets; real data: a local or hf file with instruction and output)")
-    processes = training_processes(run.trainer) if run is not None else None
-    _check(not getattr(cls, "single_process_only", False) or not processes or processes == 1,
-           "trainer.devices", f"{cls.__name__}'s batch-level terms are not reduced across "
-           f"processes, so {processes} processes would not train what one does; run it on one "
-           "device")
-    try:
-        cls.Params(**method.params)  # unknown names and out-of-range values fail here
-    except (TypeError, ValueError) as err:
-        raise ConfigError(f"{key}.params: {err}") from err
-
-
-def _check_known_keys(node: DictConfig, path: str = "") -> None:
-    """``+key=value`` bypasses Hydra's struct check; a misspelt key must still fail."""
-    schema = OmegaConf.get_type(node)
-    known = {f.name for f in dataclasses.fields(schema)} if dataclasses.is_dataclass(schema) else None
-    for key in node.keys():
-        full = f"{path}{key}"
-        if known is not None and key not in known:
-            raise ConfigError(f"{full}: unknown key; {path.rstrip('.') or 'the config'} takes "
-                              f"{', '.join(sorted(known))}")
-        if known is not None and isinstance(node._get_node(key), DictConfig):
-            _check_known_keys(node._get_node(key), f"{full}.")
-
-
-def validate(cfg: DictConfig) -> RunConfig:
-    """Turn the composed config into checked objects, or raise ConfigError naming the key."""
-    _check_known_keys(cfg)
-    _check_protocol(cfg)
-    try:
-        run: RunConfig = OmegaConf.to_object(cfg)  # runs every __post_init__
-    except ConfigError:
-        raise
-    except ValueError as err:
-        raise ConfigError(str(err)) from err
-    _check_method(run.defense.align, "defense.align", "align", run)
-    _check_method(run.defense.finetune, "defense.finetune", "finetune", run)
-    _check(run.defense.finetune.module is not None, "defense.finetune.module",
-           "every defense finetunes; give a module")
-    _check_layers(run)
-    _check_real_model(run)
-    _check(run.template.name != "chat" or run.model.source == "hf", "template.name",
-           "chat renders through the model's own chat template, and the toy tokenizer of a "
-           "tiny model has none; use model.source=hf (a hub id or a local folder)")
-    _check_attack(run)
-    _check_task_files(run.task)
-    _check_llm_judge(run)
-    _check_generation(run)
-    _check_trainer(run.trainer)
-    _check_global_batches(run)
-    return run
-
-
-def accelerator_kind(trainer: TrainerConfig) -> str:
-    """The accelerator a run trains on, ``auto`` resolved: CPU and GPU kernels give other
-    floats, so it enters the training and evaluation keys."""
-    return "gpu" if trainer.accelerator == "auto" and _wants_gpu(trainer) else (
-        "cpu" if trainer.accelerator == "auto" else str(trainer.accelerator))
-
-
-def _check_real_model(run: RunConfig) -> None:
-    """A GGUF model is a pretrained model: with the toy world's harmful data or judge it would
-    run and report numbers that mean nothing (invented verbs, toy openings), so that is refused
-    at start-up. The toy tasks are plain English and render through any tokenizer, so they stay
-    allowed. (A hub id may be a tiny random architecture on toy data, as the tests run them,
-    so hub ids are not checked.)"""
-    if not run.model.gguf:
-        return
-    from harness.models import gguf
-
-    try:
-        gguf.check_available(run.model.gguf)
-    except ValueError as err:
-        raise ConfigError(str(err)) from err
-    toy = {"alignment.data.source": run.alignment.data.source,
-           "attack.harmful.source": run.attack.harmful.source,
-           "eval.harmful.source": run.eval.harmful.source}
-    for key, source in toy.items():
-        _check(source != "toy", key,
-               f"is the toy world's (invented harmful requests), and model {run.model.name} is a "
-               "pretrained model; pick real data (e.g. model=smollm2_135m's defaults, "
-               "alignment=smollm2_refusals, attack_pool=donotanswer, protocol=real_cpu)")
-    _check(run.judge.name != "toy", "judge.name",
-           f"toy knows only the toy world's answer openings; model {run.model.name} is a "
-           "pretrained model: use judge=keyword (or a moderation judge)")
-
-
-def _wants_gpu(trainer: TrainerConfig) -> bool:
-    import torch
-
-    return trainer.accelerator in ("gpu", "cuda") or (
-        trainer.accelerator == "auto" and torch.cuda.is_available())
-
-
-def _check_trainer(trainer: TrainerConfig) -> None:
-    if trainer.strategy != "fsdp":
-        return
-    _check(_wants_gpu(trainer), "trainer.strategy",
-           f"fsdp shards on CUDA devices only (torch's FSDP and Lightning's strategy refuse "
-           f"trainer.accelerator={trainer.accelerator}); use trainer=fsdp on GPUs, or "
-           f"trainer=ddp_cpu for the multi-process path on CPUs")
-
-
-def training_processes(trainer: TrainerConfig) -> Optional[int]:
-    """How many processes will train, when the config says (None when Lightning decides later,
-    e.g. devices=-1 without a visible GPU)."""
-    devices = trainer.devices
-    if isinstance(devices, str) and devices.lstrip("-").isdigit():
-        devices = int(devices)
-    if isinstance(devices, int) and devices > 0:
-        count = devices
-    elif isinstance(devices, (list, tuple)) or OmegaConf.is_list(devices):
-        count = len(devices)
-    elif devices in (-1, "auto") and _wants_gpu(trainer):
-        import torch
-
-        count = torch.cuda.device_count() if torch.cuda.is_available() else None
-    else:
-        count = None
-    return count * trainer.num_nodes if count else None
-
-
-def _check_global_batches(run: RunConfig) -> None:
-    """Every step's rows are split across the processes (harness.data.collate), so a batch
-    that does not divide would fail at the first fit, after the data has loaded."""
-    world = training_processes(run.trainer)
-    if not world or world == 1:
-        return
-    for stage in ("base", "align", "finetune"):
-        size = getattr(run.train, stage).batch_size
-        _check(size % world == 0, f"train.{stage}.batch_size",
-               f"{size} is the global batch, split across the {world} training processes "
-               f"(trainer.devices={run.trainer.devices} x trainer.num_nodes="
-               f"{run.trainer.num_nodes}); give a multiple of {world}, or fewer devices")
-
-
-def _check_generation(run: RunConfig) -> None:
-    if run.generation.backend != "vllm":
-        return
-    import importlib.util
-
-    _check(_wants_gpu(run.trainer), "generation.backend",
-           "vllm generates on GPUs; use trainer=gpu (or ddp, fsdp), or generation.backend=hf")
-    if importlib.util.find_spec("vllm") is None:
-        from harness.evaluation.vllm_backend import INSTALL_HINT
-
-        raise ConfigError(f"generation.backend: {INSTALL_HINT}")
-
-
-def _check_attack(run: RunConfig) -> None:
-    """What the attack needs of the run; then its own finetune settings over the protocol's."""
-    from harness.data import attacks
-
-    try:
-        attacks.get(run.attack.name).check(run.attack, run.template, run.eval)
-    except ValueError as err:
-        raise ConfigError(str(err)) from err
-    if run.attack.finetune:
-        run.train.finetune = dataclasses.replace(run.train.finetune, **run.attack.finetune)
-        run.train.finetune.check("attack.finetune")
-
-
-def _check_task_files(task: TaskConfig) -> None:
-    """One local file as train and test: their split slices must not share a row."""
-    from pathlib import Path
-
-    from harness.data.sources import parse_slice
-
-    train, test = task.train, task.test
-    if not (train.source == test.source and train.source in ("local", "package")
-            and train.path and Path(str(train.path)).resolve() == Path(str(test.path)).resolve()):
-        return
-    if (train.where or {}) != (test.where or {}):
-        return  # different rows by construction (where differs); not checked further
-    a, b = parse_slice(train.split), parse_slice(test.split)
-    fix = ("split the file, e.g. task.train.split='[:80%]' task.test.split='[80%:]' (quote "
-           "the brackets in a shell)")
-    _check(a is not None and b is not None, "task.test.split",
-           f"task.train and task.test read the same file ({test.path}) and every row of it; "
-           + fix)
-
-    def span(bounds):
-        lo, hi = bounds
-        unit = {x[-1] == "%" for x in (lo, hi) if x}
-        return (int((lo or "0").rstrip("%")), int(hi.rstrip("%")) if hi else None, unit)
-
-    (lo1, hi1, u1), (lo2, hi2, u2) = span(a), span(b)
-    if u1 and u2 and u1 != u2 or min(lo1, lo2) < 0 or (hi1 or 0) < 0 or (hi2 or 0) < 0:
-        return  # rows against percents, or counts from the end: told apart only once loaded
-    overlap = (hi1 is None or lo2 < hi1) and (hi2 is None or lo1 < hi2)
-    _check(not overlap, "task.test.split",
-           f"{test.split} overlaps task.train.split {train.split} of the same file "
-           f"({test.path}): the test would score rows the model trained on; {fix}")
-
-
-def _check_llm_judge(run: RunConfig) -> None:
-    if run.judge.name != "llm_rubric":
-        return
-    from harness.evaluation.llm_judge import resolve_endpoint
-
-    try:
-        resolve_endpoint(run.llm_judge)
-    except ValueError as err:
-        raise ConfigError(str(err)) from err
-
-
-_ABSENT = object()
-
-
-def _check_protocol(cfg: DictConfig) -> None:
-    """Before resolving: a preset's task binding would otherwise fail as a bare interpolation
-    error, and a misspelt hash key would silently hash nothing."""
-    tasks = cfg.protocol.tasks
-    family = cfg.task.toy_task
-    _check(not tasks or family in tasks, "protocol.tasks",
-           f"protocol {cfg.protocol.name!r} has no entry for task family {family!r} "
-           f"(task {cfg.task.name}); it has {', '.join(tasks)}")
-    for key in cfg.protocol.hash_keys:
-        _check(OmegaConf.select(cfg, key, default=_ABSENT) is not _ABSENT,
-               "protocol.hash_keys", f"{key!r} is not a config key")
-
-
-def _check_layers(run: RunConfig) -> None:
-    """Layer indices must exist in the model; hub models are checked once their config loads."""
-    from harness.analysis.refusal import resolve_layer
-
-    n_layers = run.model.config_overrides.get("num_hidden_layers")
-    if n_layers is None:
-        return
-    specs = {f"defense.{s}.params.layer": getattr(run.defense, s).params.get("layer")
-             for s in ("align", "finetune")}
-    specs["defense.filter.layer"] = run.defense.filter.layer
-    specs["eval.feature_layer"] = run.eval.feature_layer
-    for key, spec in specs.items():
-        if spec is None:
-            continue
-        try:
-            resolve_layer(spec, n_layers, key)
-        except ValueError as err:
-            raise ConfigError(f"{err} ({run.model.name})") from err
-
-
-__all__ = ["RunConfig", "ProtocolConfig", "ConfigError", "validate", "register", "MISSING"]

@@ -12,8 +12,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from harness.analysis.refusal import (cosine, features, load_refusal_feature, num_layers,
-                                      refusal_direction, resolve_layer)
+from harness.analysis.refusal import (cosine, features, load_refusal_feature,
+                                      measure_refusal_direction, num_layers, resolve_layer)
 from harness.artifacts import artifact_key, write_json_atomic
 from harness.data.assemble import RunInputs
 from harness.data.schema import Example
@@ -33,11 +33,9 @@ def refusal_feature(inputs: RunInputs, models: ModelStore, model, ref: ModelRef,
         return int(saved["layer"]), saved["direction"]
     layer = resolve_layer(layer_spec, num_layers(model), "defense.filter.layer")
     harmful, harmless = inputs.feature_sets()
-    bs = inputs.run.defense.filter.batch_size
-    tok = models.tokenizer
-    return layer, refusal_direction(
-        features(model, tok, inputs.render(harmful), layer, bs),
-        features(model, tok, inputs.render(harmless), layer, bs))
+    return layer, measure_refusal_direction(model, models.tokenizer, inputs.render(harmful),
+                                            inputs.render(harmless), layer,
+                                            inputs.run.defense.filter.batch_size)
 
 
 def filter_user_data(inputs: RunInputs, models: ModelStore, record: StageRecorder,

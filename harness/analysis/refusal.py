@@ -101,6 +101,14 @@ def refusal_direction(harmful: Tensor, harmless: Tensor) -> Tensor:
     return harmful.mean(0) - harmless.mean(0)
 
 
+def measure_refusal_direction(model, tokenizer, harmful: Sequence[str], harmless: Sequence[str],
+                              layer: int, batch_size: int) -> Tensor:
+    """R_l of ``model`` at ``layer``: the mean feature of the harmful prompts less that of the
+    harmless ones (the one measurement Ref-Teacher, the filter and the separation share)."""
+    return refusal_direction(features(model, tokenizer, harmful, layer, batch_size),
+                             features(model, tokenizer, harmless, layer, batch_size))
+
+
 def cosine(feats: Tensor, direction: Tensor) -> Tensor:
     return F.cosine_similarity(feats, direction.to(feats).unsqueeze(0), dim=-1)
 

@@ -19,9 +19,9 @@ from typing import Any, Optional, Union
 import torch
 from torch import Tensor
 
-from harness.analysis.refusal import (cosine, cosine_regularizer, features, gather_rows,
-                                      last_prompt_index, num_layers,
-                                      refusal_direction, resolve_layer, save_refusal_feature)
+from harness.analysis.refusal import (cosine, cosine_regularizer, gather_rows,
+                                      last_prompt_index, measure_refusal_direction, num_layers,
+                                      resolve_layer, save_refusal_feature)
 from harness.defenses.base import StageModule
 from harness.defenses.math import distillation_kl
 
@@ -60,10 +60,9 @@ class RefTeacher(StageModule):
     # ---------------------------------------------------------------- the refusal feature
     def refresh(self, step: int) -> None:
         """R_l from the current weights, without gradients: a constant until the next refresh."""
-        bs = self.params.feature_batch_size
-        harmful = features(self.model, self.context.tokenizer, self.held_harmful, self.layer, bs)
-        harmless = features(self.model, self.context.tokenizer, self.held_harmless, self.layer, bs)
-        self.direction = refusal_direction(harmful, harmless).to(self.device)
+        self.direction = measure_refusal_direction(
+            self.model, self.context.tokenizer, self.held_harmful, self.held_harmless, self.layer,
+            self.params.feature_batch_size).to(self.device)
         self.refreshed_at.append(step)
 
     def maybe_refresh(self, step: int) -> None:

@@ -9,7 +9,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from harness.analysis.refusal import (cosine, features, num_layers, refusal_direction,
+from harness.analysis.refusal import (cosine, features, measure_refusal_direction, num_layers,
                                       resolve_layer, separation)
 from harness.artifacts import artifact_key, write_json_atomic
 from harness.data import attacks
@@ -122,7 +122,8 @@ class StageEvaluator:
         bs = self.run.eval.batch_size
         feats = lambda exs: features(model, tok, inputs.render(exs), layer, bs)  # noqa: E731
         harmful, harmless = inputs.feature_sets()
-        direction = refusal_direction(feats(harmful), feats(harmless))
+        direction = measure_refusal_direction(model, tok, inputs.render(harmful),
+                                              inputs.render(harmless), layer, bs)
         out = separation(cosine(feats(inputs.data.eval_harmful), direction),
                          cosine(feats(inputs.eval_harmless()), direction))
         return {**out, "layer": layer}

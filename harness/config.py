@@ -381,8 +381,19 @@ class EvalConfig:
     refusal_separation: bool = True
     feature_layer: Any = 0.5
     feature_set_size: int = 128  # per kind, when the held set is drawn from the alignment data
+    # issue 21: more judges on the same answers, each one's HS and pairwise Cohen's kappa
+    # (harness.evaluation.panel); names: judge names, hs_plus (HS+ over judge), hs_plus:<judge>.
+    # Empty: the run's one judge only
+    judges: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
+        if self.judges:
+            from harness.evaluation.panel import check_names
+
+            try:
+                check_names(self.judges)
+            except ValueError as err:
+                raise ConfigError(str(err)) from err
         for s in self.stages:
             _one_of(s, "eval.stages[]", ("base", "align", "final"))
         _check(self.samples >= 0, "eval.samples", "must be >= 0")

@@ -165,7 +165,7 @@ def job_label(hc) -> str:
         total *= len(str(values).split(","))
     swept = [o for o in hc.overrides.task if o.split("=")[0].lstrip("+~") in params]
     overrides = " ".join(swept or [o for o in hc.overrides.task if not o.startswith("hydra")])
-    total = total if params else 0
+    total = total if params and "optuna" not in str(hc.sweeper.get("_target_", "")) else 0
     index = f"[{hc.job.num + 1}/{total}]" if total else f"[{hc.job.num + 1}]"
     return f"{index} {overrides}"
 

@@ -45,7 +45,7 @@ def test_preset_picks_the_optuna_sweeper_and_its_search_space(tmp_path):
     assert sweeper._target_.endswith("OptunaSweeper") and sweeper.direction == "maximize"
     assert sweeper.study_name == "worst_case_lisa"
     assert set(sweeper.params) == {"train.finetune.lr", "train.finetune.epochs", "attack.p"}
-    assert (cfg.sweep.fa_floor, cfg.sweep.trials, cfg.attack.n) == (90.0, 12, 500)
+    assert (cfg.sweep.fa_floor, cfg.sweep.trials, cfg.attack.n) == (80.0, 12, 500)
     OmegaConf.update(cfg, "hydra.sweep.dir", str(tmp_path / "sweep"))
     assert sweeper.n_trials == 12  # resolved: nothing on disk yet
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):

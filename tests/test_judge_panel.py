@@ -131,3 +131,18 @@ def test_worst_case_keeps_the_bound_and_names_the_settings(tmp_path):
     assert (r["worst_hs"], r["worst_fa"], r["reference_fa"]) == (40.0, 95.0, 100.0)
     assert r["settings"] == {"lr": 1e-3, "epochs": 3, "p": 0.1}
     assert (r["trials"], r["feasible"], r["seconds"]) == (3, 2, 180.0)
+
+
+def test_the_panel_is_absent_from_the_eval_key_when_off(make_cfg, tmp_path):
+    from harness.config import validate
+    from harness.pipeline import ModelRef, Pipeline
+
+    ref = ModelRef("finetune", "abc")
+    off = Pipeline(validate(make_cfg()), tmp_path / "a").eval_payload(ref)
+    on = Pipeline(validate(make_cfg("eval.judges=[keyword,toy]")), tmp_path / "b").eval_payload(ref)
+    assert "judges" not in off["eval"]
+    assert on["eval"]["judges"] == ["keyword", "toy"]
+    assert {k: v for k, v in on["eval"].items() if k != "judges"} == off["eval"]
+    moderated = Pipeline(validate(make_cfg("eval.judges=[toy,hs_plus:beaver_dam]")),
+                         tmp_path / "c").eval_payload(ref)
+    assert "moderation" in moderated and "moderation" not in on  # its settings enter the key

@@ -100,7 +100,9 @@ def write_report(patterns: list[str], out: Path, axis: str = "attack.p", stage: 
         raise SystemExit(f"no {RESULTS_FILE} found under {patterns}")
     df = pd.concat([collect(paths, stage)] * bool(paths) + [collect_csv(c) for c in csvs],
                    ignore_index=True)
-    mixed = frozenset(mixed_protocol_columns(df, axis, allow=mix_protocols))
+    # a sweep's trials differ in train.* by design, so their protocol hashes do too
+    mixed = frozenset(mixed_protocol_columns(df, axis, allow=mix_protocols
+                                             or worst_case is not None))
     out.mkdir(parents=True, exist_ok=True)
     df.drop(columns=[c for c in df if c.endswith("_outcomes")]).to_csv(out / "results.csv",
                                                                       index=False)

@@ -131,6 +131,10 @@ def test_worst_case_keeps_the_bound_and_names_the_settings(tmp_path):
     assert (r["worst_hs"], r["worst_fa"], r["reference_fa"]) == (40.0, 95.0, 100.0)
     assert r["settings"] == {"lr": 1e-3, "epochs": 3, "p": 0.1}
     assert (r["trials"], r["feasible"], r["seconds"]) == (3, 2, 180.0)
+    _result(tmp_path, "lisa-ref", "lisa", 0.0, 0, 1.0, 90.0)  # a reference and no trial yet
+    rows = {r["defense"]: r for r in worst_case_rows(collect(find_results([str(tmp_path)])),
+                                                     "final", 0.9)}
+    assert (rows["lisa"]["trials"], rows["lisa"]["worst_hs"]) == (0, None)
 
 
 def test_the_panel_is_absent_from_the_eval_key_when_off(make_cfg, tmp_path):

@@ -150,7 +150,7 @@ def worst_case_rows(df: pd.DataFrame, stage: str, fa_ratio: float,
     for d, rs in runs.items():
         refs = [r for r in rs if r["reference"]]
         ref_fa = max(r["fa"] for r in (refs or rs))
-        trials = [r for r in rs if not r["reference"]] or rs
+        trials = [r for r in rs if not r["reference"]]
         feasible = [r for r in trials if r["fa"] >= fa_ratio * ref_fa]
         worst = max(feasible, key=lambda r: r["hs"]) if feasible else None
         out.append({"defense": d, "reference_fa": ref_fa, "reference": "p=0 run" if refs else
@@ -172,7 +172,8 @@ def worst_case_section(df: pd.DataFrame, order: list[str], stage: str,
               "—" if r["worst_hs"] is None else f"{r['worst_hs']:.1f}",
               "—" if r["worst_fa"] is None else f"{r['worst_fa']:.1f}",
               f"{fa_ratio * r['reference_fa']:.1f} ({r['reference']})",
-              ", ".join(f"{k}={v}" for k, v in (r["settings"] or {}).items()) or "none feasible",
+              ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
+                        for k, v in (r["settings"] or {}).items()) or "none feasible",
               f"{r['trials']} ({r['feasible']} within the bound)", f"{r['seconds'] / 60:.1f}"]
              for r in rows]
     md, tab = _tables(["defense", "worst-case HS (%)", "its FA (%)", "FA bound (%)",

@@ -95,6 +95,7 @@ def apply_filter(examples: list[Example], scores: list[float], threshold: float,
         "n_kept": len(examples) - n_drop, "n_harmful_in": n_harm,
         "precision": caught / n_drop if n_drop else 1.0,
         "recall": caught / n_harm if n_harm else 1.0,
+        "leakage": (n_harm - caught) / n_harm if n_harm else 0.0,  # harmful rows it keeps
         "harmless_dropped_share": (int((dropped & ~harmful).sum()) / int((~harmful).sum())
                                    if (~harmful).any() else 0.0),
         # what a real filter gets wrong: harmless rows that look dangerous, harmful in disguise

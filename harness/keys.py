@@ -25,6 +25,7 @@ from harness.data.assemble import RunInputs, defense_flag
 from harness.data.sources import package_path, stable_payload
 from harness.data.toy import WORLD_KNOBS_ADDED_LATER
 from harness.evaluation import registry as judges
+from harness.evaluation.panel import base_name
 from harness.models import gguf
 from harness.stages import ModelRef
 
@@ -248,13 +249,18 @@ def eval_payload(inputs: RunInputs, ref: ModelRef) -> dict[str, Any]:
                "seed": r.seed, "torch_threads": torch.get_num_threads(),
                "accelerator": accelerator_kind(r.trainer)}
     payload["eval"].pop("stages")
+    if not r.eval.judges:  # issue 21's judge panel: absent when off, old eval keys stay
+        payload["eval"].pop("judges")
     payload["eval"]["harmful"] = stable_payload(payload["eval"]["harmful"])
     attack_eval = attacks.get(r.attack.name).eval_payload(r.attack)
     if attack_eval is not None:  # absent for the mix: its eval keys stay as they were
         payload["attack_eval"] = attack_eval
-    judge = judges.entry(r.judge.name)
-    if judge.settings:  # the judge's own settings node, less what cannot change a verdict
-        payload[judge.settings] = judge.key_fields(getattr(r, judge.settings))
+    # the run's judge and the panel's (eval.judges): each one's settings node, less what
+    # cannot change a verdict
+    for name in [r.judge.name] + [base_name(n, r.judge.name) for n in r.eval.judges]:
+        judge = judges.entry(name)
+        if judge.settings:
+            payload[judge.settings] = judge.key_fields(getattr(r, judge.settings))
     if r.generation.backend != "hf":  # absent for hf: its eval keys stay as they were
         payload["generation"] = asdict(r.generation)
     if r.eval.refusal_separation and r.alignment.data.source != "toy":

@@ -240,6 +240,13 @@ def _check_judge(run: RunConfig) -> None:
     from harness.evaluation.registry import JUDGES
 
     _one_of(run.judge.name, "judge.name", tuple(JUDGES))
+    if run.eval.judges:  # issue 21's panel: its names
+        from harness.evaluation.panel import check_names
+
+        try:
+            check_names(run.eval.judges)
+        except ValueError as err:
+            raise ConfigError(str(err)) from err
 
 
 def _check_llm_judge(run: RunConfig) -> None:

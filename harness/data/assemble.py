@@ -107,7 +107,8 @@ class RunInputs:
             else load_source(r.eval.harmful, required=("instruction",),
                              defaults={"kind": "harmful"}))[:r.eval.harmful_size])
         pools = {"task": lambda: d.task_train, "harmful": lambda: d.attack_pool,
-                 "benign": self.benign_pool}
+                 "benign": self.benign_pool,
+                 "disguised": lambda: self.world.attack_pool(disguised=True)}  # filter_evasion
         d.user = attacks.build_user(r.attack, lambda name: pools[name](), seed=r.seed)
         if self.reads_alignment_harmful():
             d.alignment_harmful = self.alignment_harmful()

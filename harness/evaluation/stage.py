@@ -17,6 +17,7 @@ from harness.data.assemble import RunInputs
 from harness.distributed import broadcast_from_zero, gather_shards, process_group, shard
 from harness.evaluation.evaluate import model_outputs, over_refusal, score
 from harness.evaluation.judges import AfterOpening
+from harness.evaluation.panel import build_panel, panel_metrics
 from harness.evaluation.registry import build_judge
 from harness.keys import eval_payload
 from harness.models.store import ModelStore
@@ -64,6 +65,8 @@ class StageEvaluator:
             metrics, rows = score(harmful, h_records, task, t_records, judge, r.eval, r.task)
             if scary:
                 metrics.update(over_refusal(scary, s_records, judge))
+            if r.eval.judges:  # issue 21: the same answers under every judge of the panel
+                metrics["panel"] = self.judge_panel(harmful, h_records)
             metrics["eval_processes"] = world
             metrics["eval_shard_sizes"] = [len(shard(harmful, k, world)) for k in range(world)]
             if r.eval.refusal_separation and all(inputs.feature_sets()):
@@ -81,6 +84,16 @@ class StageEvaluator:
         if self.tracker:
             self.tracker.log_generations(name, rows)
         return result
+
+    def judge_panel(self, harmful, h_records: list[dict]) -> dict[str, Any]:
+        """eval.judges on the harmful answers (rank 0): each one's HS and pairwise kappa."""
+        r = self.run
+        opening = attacks.get(r.attack.name).eval_opening(r.attack)
+        panel = build_panel(r.eval.judges, r.judge, r.llm_judge, r.moderation,
+                            wrap=lambda j: AfterOpening(j, opening) if opening else j)
+        return panel_metrics(panel, [ex.instruction for ex in harmful],
+                             [rec["answer"] for rec in h_records],
+                             [ex.category for ex in harmful])
 
     def _judge_on_rank_zero(self, rank: int, world: int):
         """(the judge on rank 0, else None; its answer openings on every rank). Judges, moderation

@@ -28,6 +28,7 @@ from harness.analysis.refusal import (cosine, features, num_layers, refusal_dire
                                       resolve_layer, separation)
 from harness.artifacts import ArtifactStore, artifact_key, provenance, write_json_atomic
 from harness.checkpoints import AtomicCheckpointIO, RngState, resumable_checkpoint
+from harness.interrupts import RequeueAtStepEnd  # SLURM: a requeue stops at a step end
 from harness.config import RunConfig, StageMethodConfig, TrainStageConfig, accelerator_kind
 from harness.data import attacks
 from harness.data.collate import PadCollator, StageData, TokenizedDataset
@@ -444,7 +445,7 @@ class Pipeline:
         # states (RngState), so it trains on what the uninterrupted run would have
         trainer = L.Trainer(
             **trainer_args, max_steps=module.total_steps, max_epochs=-1, logger=logger,
-            callbacks=[checkpoint, RngState(), *callbacks], enable_model_summary=False,
+            callbacks=[checkpoint, RngState(), RequeueAtStepEnd(), *callbacks], enable_model_summary=False,
             default_root_dir=str(work), plugins=[AtomicCheckpointIO()],
             gradient_clip_val=train_cfg.grad_clip if module.automatic_optimization else None,
             num_sanity_val_steps=0, use_distributed_sampler=False)

@@ -307,6 +307,46 @@ class DefenseConfig:
 
 
 @dataclass
+class PosthocConfig:
+    """A training-free stage between finetune and evaluation (conf/posthoc/): a
+    harness.posthoc method that edits the finetuned adapter. Off (module null) by default."""
+
+    name: str = "none"
+    module: Optional[str] = None
+    params: dict[str, Any] = field(default_factory=dict)
+
+
+def _check_posthoc(run: "RunConfig") -> None:
+    p = run.posthoc
+    if p.module is None:
+        _check(not p.params, "posthoc.params", "given, but posthoc has no module")
+        return
+    from hydra.utils import get_class
+
+    from harness.posthoc.base import PosthocMethod
+
+    try:
+        cls = get_class(p.module)
+    except Exception as err:  # noqa: BLE001 - any import failure is a config error here
+        raise ConfigError(f"posthoc.module: cannot import {p.module!r} ({err})") from err
+    _check(isinstance(cls, type) and issubclass(cls, PosthocMethod), "posthoc.module",
+           f"{p.module} is not a harness.posthoc PosthocMethod")
+    _check(run.train.finetune.lora is not None, "train.finetune.lora",
+           f"posthoc={p.name} edits the finetuned LoRA adapter; set train.finetune.lora "
+           "(e.g. train.finetune.lora.r=8)")
+    _check(not cls.needs_align_stage or run.defense.align.module is not None,
+           "defense.align.module", f"posthoc={p.name} reads W_aligned - W_base, so it needs an "
+           "align stage; set defense.align.module (e.g. harness.defenses.sft.SFT)")
+    _check(not cls.needs_harmful_data or run.alignment.harmful is not None, "alignment.harmful",
+           f"posthoc={p.name} scores weights on the provider's harmful set; give "
+           "alignment.harmful (the toy world: alignment.harmful.source=toy)")
+    try:
+        cls.Params(**p.params)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"posthoc.params: {err}") from err
+
+
+@dataclass
 class LoraConfig:
     r: int = 8
     alpha: float = 16.0
@@ -561,6 +601,7 @@ class RunConfig:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     protocol: ProtocolConfig = field(default_factory=ProtocolConfig)
+    posthoc: PosthocConfig = field(default_factory=PosthocConfig)
 
     def __post_init__(self) -> None:
         _check(self.torch_threads >= 0, "torch_threads",
@@ -648,6 +689,7 @@ def validate(cfg: DictConfig) -> RunConfig:
     _check_generation(run)
     _check_trainer(run.trainer)
     _check_global_batches(run)
+    _check_posthoc(run)
     return run
 
 

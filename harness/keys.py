@@ -23,6 +23,10 @@ STAGE_READS: dict[str, tuple[str, ...]] = {
                  "trainer.accelerator", "defense.finetune",
                  "defense.filter", "train.finetune", "attack", "task.toy_task",
                  "task.instruction", "task.instruction_suffix", "task.train"),
+    # present only with posthoc.module set; its input is the finetune key (which holds the rest)
+    "posthoc": ("posthoc.module", "posthoc.params", "seed", "model", "template", "world",
+                "trainer.precision", "trainer.accelerator", "alignment.harmful",
+                "alignment.harmful_size", "train.finetune.max_length"),
     "eval": ("seed", "eval", "judge", "template", "world", "trainer.accelerator", "task.toy_task",
              "task.test",
              "task.instruction", "task.instruction_suffix", "task.scorer",

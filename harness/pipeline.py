@@ -42,6 +42,7 @@ from harness.distributed import (broadcast_from_zero, eval_device, full_state_di
 from harness.evaluation.evaluate import model_outputs, over_refusal, score
 from harness.evaluation.judges import build_judge
 from harness.models import gguf, loading
+from harness.posthoc.base import PosthocContext
 
 log = logging.getLogger("harness")
 
@@ -128,6 +129,7 @@ class Pipeline:
         self.filter_stats: Optional[dict[str, Any]] = None
         self._held: tuple[list[Example], list[Example]] = ([], [])  # real data: load_data
         self.analysis: dict[str, Any] = {}  # per-stage training analyses, for results.json
+        self.posthoc_stats: Optional[dict[str, Any]] = None  # what posthoc= did, if on
 
     # ================================================================ data
     @property
@@ -192,6 +194,8 @@ class Pipeline:
         if self._reads_alignment_harmful():
             d.alignment_harmful = self.alignment_harmful()
             self._check_disjoint(d.alignment_harmful, d.attack_pool, d.eval_harmful)
+        if self._posthoc_method() and self._posthoc_method().needs_harmful_data:
+            self._check_disjoint(self.alignment_harmful(), d.attack_pool, d.eval_harmful)
         self.data = d
         return d
 
@@ -370,7 +374,10 @@ class Pipeline:
                     "task": {"toy_task": r.task.toy_task, "instruction": r.task.instruction,
                              "instruction_suffix": r.task.instruction_suffix,
                              "train": _source_payload(r.task.train)}}
-        return {"tokenizer": tok, "base": base, "align": align, "finetune": finetune}
+        out = {"tokenizer": tok, "base": base, "align": align, "finetune": finetune}
+        if r.posthoc.module is not None:  # absent when off: no new stage, no key moves
+            out["posthoc"] = self.posthoc_payload(artifact_key(finetune))
+        return out
 
     # ================================================================ models
     @property
@@ -587,7 +594,68 @@ class Pipeline:
         start = base if getattr(ft_cls, "starts_from", "align") == "base" else align
         self.refs["final"] = self._train_stage("finetune", payloads["finetune"], start,
                                                r.defense.finetune, r.train.finetune, user)
+        if r.posthoc.module is not None:  # evaluation reads the post-hoc model
+            self.refs["final"] = self.posthoc(self.refs["final"], payloads["posthoc"])
         return self.refs
+
+    # ================================================================ post-hoc
+    def _posthoc_method(self):
+        module = self.run.posthoc.module
+        return get_class(module) if module else None
+
+    def posthoc_payload(self, finetune_key: str) -> dict[str, Any]:
+        """The finetuned model's key (it holds align's and base's), the method, and for the
+        methods that read it the provider's harmful set and how it is tokenized."""
+        r = self.run
+        payload = {**self._common_payload(), "stage": "posthoc", "input": finetune_key,
+                   "method": {"module": r.posthoc.module, "params": r.posthoc.params}}
+        if self._posthoc_method().needs_harmful_data:
+            payload["harmful"] = self._alignment_harmful_payload()
+            payload["max_length"] = r.train.finetune.max_length
+        return payload
+
+    def posthoc(self, finetuned: ModelRef, payload: dict[str, Any]) -> ModelRef:
+        """posthoc=<method>: edit the finetuned adapter (training-free); the result is an
+        adapter on the finetune's parent, so load_model reads it as any adapter."""
+        from peft import PeftModel
+
+        r = self.run
+        cls = self._posthoc_method()
+        manifest = self.store.verified_manifest(finetuned.stage, finetuned.key)
+        if manifest["format"] != "adapter":
+            raise ValueError(f"posthoc={r.posthoc.name} edits a LoRA adapter; the finetune "
+                             f"artifact is {manifest['format']!r} (set train.finetune.lora)")
+        parent = ModelRef(**manifest["parent"])
+
+        def batches(batch_size: int, limit: Optional[int]):
+            rows = self.alignment_harmful()[:limit]
+            data = TokenizedDataset(rows, self.tokenizer, r.template, r.train.finetune.max_length,
+                                    "all", "train.finetune.max_length")
+            return torch.utils.data.DataLoader(data, batch_size=batch_size,
+                                               collate_fn=PadCollator(self.tokenizer.pad_token_id))
+
+        def build(tmp: Path, work: Path) -> dict:  # rank 0 builds; the others wait for it
+            t0 = time.perf_counter()
+            model = PeftModel.from_pretrained(
+                self.load_model(parent), self.store.path(finetuned.stage, finetuned.key) /
+                "adapter").to(eval_device(r.trainer)).eval()
+            context = PosthocContext(load_model=lambda name: self.load_model(self.refs[name]),
+                                     harmful_batches=batches)
+            stats = cls(cls.Params(**r.posthoc.params)).apply(model, context)
+            stats["seconds"] = time.perf_counter() - t0
+            model.save_pretrained(tmp / "adapter")
+            write_json_atomic(tmp / "posthoc.json", stats)
+            return {"format": "adapter", "parent": asdict(parent)}
+
+        ref = self._stage("posthoc", artifact_key(payload), payload, build)
+        self.posthoc_stats = json.loads(
+            (self.store.path(ref.stage, ref.key) / "posthoc.json").read_text())
+        s = self.posthoc_stats
+        log.info("[posthoc] %s: %s", r.posthoc.name,
+                 f"projected {s['n_projected']} of {s['n_modules']} LoRA modules"
+                 if "n_projected" in s else f"pruned {s.get('weights_pruned')} of "
+                 f"{s.get('adapter_weights')} adapter weights")
+        return ref
 
     # ================================================================ filtering
     def refusal_feature(self, model, ref: ModelRef, layer_spec) -> tuple[int, torch.Tensor]:
@@ -819,6 +887,8 @@ class Pipeline:
             metrics["filter"] = self.filter_stats
         if self.analysis:
             metrics["analysis"] = self.analysis
+        if self.posthoc_stats is not None:
+            metrics["posthoc"] = self.posthoc_stats
         return metrics
 
 

@@ -276,7 +276,7 @@ class StageMethodConfig:
 class FilterConfig:
     """A user-data filter run between align and finetune; any defense can switch it on."""
 
-    kind: str = "none"  # none | refusal_feature
+    kind: str = "none"  # none | refusal_feature | judge
     # drop prompts whose cos(f_l, R_l) exceeds tau. null: tau is set for recall, as the
     # (1 - recall_target) quantile of the held harmful prompts' scores
     threshold: Optional[float] = None
@@ -284,9 +284,18 @@ class FilterConfig:
     layer: Any = 0.5  # used only when the aligned model carries no R_l of its own
     batch_size: int = 64
     histogram_bins: int = 20
+    # kind=judge: the judge (toy | keyword | llm_rubric | beaver_dam | llama_guard, with its
+    # built-in settings) that reads each user row's prompt and answer; a row it calls "comply"
+    # is dropped. null: the run's own judge node
+    judge: Optional[str] = None
 
     def __post_init__(self) -> None:
-        _one_of(self.kind, "defense.filter.kind", ("none", "refusal_feature"))
+        _one_of(self.kind, "defense.filter.kind", ("none", "refusal_feature", "judge"))
+        if self.judge is not None:
+            _one_of(self.judge, "defense.filter.judge", JUDGES)
+        _check(self.kind != "judge" or self.threshold is None, "defense.filter.threshold",
+               "is a cosine for kind=refusal_feature; kind=judge drops the rows its judge "
+               "calls comply, with no threshold (leave it null)")
         _check(self.threshold is None or -1.0 <= self.threshold <= 1.0,
                "defense.filter.threshold", f"is a cosine; must lie in [-1, 1], got {self.threshold}")
         _check(self.batch_size >= 1, "defense.filter.batch_size", "must be >= 1")
@@ -462,14 +471,16 @@ class GenerationConfig:
         _check(self.tensor_parallel_size >= 1, "generation.tensor_parallel_size", "must be >= 1")
 
 
+JUDGES = ("toy", "keyword", "llm_rubric", "beaver_dam", "llama_guard")
+
+
 @dataclass
 class JudgeConfig:
     name: str = "toy"  # toy | keyword | llm_rubric (its settings: llm_judge)
     refusal_phrases: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        _one_of(self.name, "judge.name",
-                ("toy", "keyword", "llm_rubric", "beaver_dam", "llama_guard"))
+        _one_of(self.name, "judge.name", JUDGES)
 
 
 @dataclass

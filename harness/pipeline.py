@@ -370,7 +370,7 @@ class Pipeline:
                     "method": _method_payload(r.defense.finetune),
                     "train": _train_payload(r.train.finetune),
                     "attack": attack.payload(r.attack, _source_payload),
-                    "filter": asdict(r.defense.filter),
+                    "filter": self._filter_config_payload(),
                     "task": {"toy_task": r.task.toy_task, "instruction": r.task.instruction,
                              "instruction_suffix": r.task.instruction_suffix,
                              "train": _source_payload(r.task.train)}}
@@ -673,8 +673,10 @@ class Pipeline:
 
     def filter_payload(self, align: ModelRef, user: list[Example]) -> dict[str, Any]:
         r = self.run
-        payload = {"version": KEY_VERSION, "stage": "filter", "align": align.key,
-                   "filter": asdict(r.defense.filter), "template": asdict(r.template),
+        payload = {"version": KEY_VERSION, "stage": "filter",
+                   # a judge reads the rows alone, so its filter is shared across align stages
+                   "align": None if r.defense.filter.kind == "judge" else align.key,
+                   "filter": self._filter_config_payload(), "template": asdict(r.template),
                    "user": artifact_key([ex.to_dict() for ex in user]),
                    "world": self._world_payload("feature"),
                    "torch_threads": torch.get_num_threads()}
@@ -706,6 +708,8 @@ class Pipeline:
         payload = self.filter_payload(align, user)
 
         def build(tmp: Path, work: Path) -> dict:
+            if f.kind == "judge":
+                return self._judge_filter(user, tmp)
             model = self.eval_model(align)
             layer, direction = self.refusal_feature(model, align, f.layer)
             score = lambda exs: cosine(features(model, self.tokenizer, self._render(exs),  # noqa: E731
@@ -727,9 +731,16 @@ class Pipeline:
                                                f.histogram_bins)
         self.filter_stats.update(layer=saved["layer"],
                                  prompts_per_second=saved["prompts_per_second"])
+        if "judge" in saved:  # kind=judge: which judge, and its verdicts on the user rows
+            self.filter_stats.update(judge=saved["judge"], verdicts=saved["verdicts"])
         s = self.filter_stats
         log.info("[filter] dropped %d of %d user rows (tau=%.3f, precision %.3f, recall %.3f)",
                  s["n_dropped"], s["n_in"], s["threshold"], s["precision"], s["recall"])
+        if not kept and f.kind == "judge":
+            raise ValueError(f"defense.filter.judge={s['judge']}: the judge called every one of "
+                             f"the {len(user)} user rows' answers compliance ({s['verdicts']}), "
+                             "so nothing is left to finetune on; a judge that only spots "
+                             "refusals (keyword) cannot tell harmful answers from helpful ones")
         if not kept:
             raise ValueError(f"defense.filter: every one of the {len(user)} user rows scored above "
                             f"threshold {s['threshold']:.3f}; nothing is left to finetune on. "
@@ -739,6 +750,46 @@ class Pipeline:
             log.warning("[filter] the filter removed %d of %d user rows (more than half); "
                         "check defense.filter.threshold", s["n_dropped"], len(user))
         return kept
+
+    def _filter_judge(self):
+        """defense.filter.judge with its built-in settings, else the run's judge node."""
+        from harness.config import JudgeConfig
+
+        f = self.run.defense.filter
+        return JudgeConfig(name=f.judge) if f.judge else self.run.judge
+
+    def _filter_config_payload(self) -> dict[str, Any]:
+        """defense.filter as keyed: ``judge`` (and the judge's settings) only for kind=judge,
+        so the keys of the other kinds stay as they were before it existed."""
+        r = self.run
+        payload = asdict(r.defense.filter)
+        payload.pop("judge")
+        if r.defense.filter.kind == "judge":
+            judge = self._filter_judge()
+            payload["judge"] = asdict(judge)
+            if judge.name in ("beaver_dam", "llama_guard"):
+                payload["moderation"] = {k: v for k, v in asdict(r.moderation).items()
+                                         if k != "batch_size"}
+            if judge.name == "llm_rubric":
+                payload["llm_judge"] = {k: v for k, v in asdict(r.llm_judge).items()
+                                        if k not in ("api_key_env", "cache_dir", "timeout_s",
+                                                     "retries", "backoff_s")}
+        return payload
+
+    def _judge_filter(self, user: list[Example], tmp: Path) -> dict:
+        """kind=judge: score 1 where the judge calls a row's answer compliance with a harmful
+        request (its "comply"), else 0; the threshold 0.5 drops exactly the 1s."""
+        r = self.run
+        judge = build_judge(self._filter_judge(), r.llm_judge, r.moderation)
+        t0 = time.perf_counter()
+        verdicts = judge.classify_many([ex.instruction for ex in user],
+                                       [ex.output for ex in user])
+        write_json_atomic(tmp / "filter.json", {
+            "layer": None, "threshold": 0.5, "judge": judge.name,
+            "scores": [1.0 if v == "comply" else 0.0 for v in verdicts],
+            "verdicts": {v: verdicts.count(v) for v in sorted(set(verdicts))},
+            "prompts_per_second": len(user) / max(time.perf_counter() - t0, 1e-9)})
+        return {"format": "filter"}
 
     # ================================================================ evaluation
     def eval_payload(self, ref: ModelRef) -> dict[str, Any]:

@@ -54,6 +54,9 @@ class ModelConfig:
     # a local GGUF file (or pkg:<package>/<file>), converted once into an HF folder artifact
     # that stands in for hf_id (harness.models.gguf); source stays hf
     gguf: Optional[str] = None
+    # alignment.pretrained: the base model hf_id was aligned from (hub id or local folder), for
+    # the methods that read W_aligned - W_base (AsFT, SafeLoRA)
+    base_id: Optional[str] = None
 
     def __post_init__(self) -> None:
         _one_of(self.source, "model.source", ("tiny", "hf"))
@@ -192,6 +195,10 @@ class AlignmentConfig:
     # them (Booster, RepNoise, T-Vaccine's probe); disjoint from attack.harmful and eval.harmful
     harmful: Optional[DataSourceConfig] = None
     harmful_size: Optional[int] = None
+    # the align stage's output is model.hf_id itself, already aligned (a chat/RLHF model, as
+    # AsFT and Qi et al. start from Llama-2-7b-chat): no align training. The data above still
+    # serves the methods that read alignment data later (R_l, Vaccine's and Lisa's finetune)
+    pretrained: bool = False
 
     def __post_init__(self) -> None:
         self.data.check("alignment.data")
@@ -343,7 +350,12 @@ def _check_posthoc(run: "RunConfig") -> None:
     _check(run.train.finetune.lora is not None, "train.finetune.lora",
            f"posthoc={p.name} edits the finetuned LoRA adapter; set train.finetune.lora "
            "(e.g. train.finetune.lora.r=8)")
-    _check(not cls.needs_align_stage or run.defense.align.module is not None,
+    _check(not cls.needs_align_stage or not run.alignment.pretrained
+           or run.model.base_id is not None, "model.base_id",
+           f"posthoc={p.name} reads W_aligned - W_base, and alignment.pretrained gives only the "
+           "aligned model; set model.base_id to the base it was aligned from")
+    _check(not cls.needs_align_stage or run.alignment.pretrained
+           or run.defense.align.module is not None,
            "defense.align.module", f"posthoc={p.name} reads W_aligned - W_base, so it needs an "
            "align stage; set defense.align.module (e.g. harness.defenses.sft.SFT)")
     _check(not cls.needs_harmful_data or run.alignment.harmful is not None, "alignment.harmful",
@@ -640,7 +652,12 @@ def _check_method(method: StageMethodConfig, key: str, stage: str,
            f"{method.module} is not a harness StageModule")
     _check(stage in cls.stages, f"{key}.module",
            f"{cls.__name__} runs in stages {cls.stages}, not in '{stage}'")
-    _check(not cls.needs_align_stage or run is None or run.defense.align.module is not None,
+    _check(not cls.needs_align_stage or run is None or not run.alignment.pretrained
+           or run.model.base_id is not None, "model.base_id",
+           f"{cls.__name__} compares the aligned model with its base, and alignment.pretrained "
+           "gives only the aligned one; set model.base_id to the base it was aligned from")
+    _check(not cls.needs_align_stage or run is None or run.alignment.pretrained
+           or run.defense.align.module is not None,
            "defense.align.module", f"{cls.__name__} compares the aligned model with the base, so "
            "it needs an align stage; set defense.align.module (e.g. harness.defenses.sft.SFT)")
     _check(not cls.needs_lora or run is None or getattr(run.train, stage).lora is not None,
@@ -701,7 +718,22 @@ def validate(cfg: DictConfig) -> RunConfig:
     _check_trainer(run.trainer)
     _check_global_batches(run)
     _check_posthoc(run)
+    _check_pretrained(run)
     return run
+
+
+def _check_pretrained(run: RunConfig) -> None:
+    if not run.alignment.pretrained:
+        _check(run.model.base_id is None, "model.base_id",
+               "names the base of a pretrained aligned model; it needs alignment.pretrained=true")
+        return
+    _check(run.model.source == "hf", "alignment.pretrained",
+           "takes model.hf_id as the aligned model; it needs model.source=hf (a hub id or a "
+           "local folder)")
+    align = run.defense.align.module
+    _check(align in (None, "harness.defenses.sft.SFT"), "defense.align.module",
+           f"{align} trains the align stage, and alignment.pretrained=true takes an aligned model "
+           "instead; pick a defense without an alignment-stage method (sft, asft, lisa, none)")
 
 
 def accelerator_kind(trainer: TrainerConfig) -> str:

@@ -16,7 +16,7 @@ STAGE_READS: dict[str, tuple[str, ...]] = {
               "defense.align",
               "train.align", "alignment.data", "alignment.size", "alignment.harmless",
               "alignment.harmless_size", "alignment.harmful", "alignment.harmful_size",
-              "eval.feature_set_size"),
+              "eval.feature_set_size", "alignment.pretrained"),
     # kind=judge also reads the judge node (or defense.filter.judge) and that judge's settings
     # (moderation, llm_judge): harness.pipeline._filter_config_payload
     "filter": ("defense.filter", "template", "world", "alignment.data", "alignment.size",

@@ -315,6 +315,8 @@ class Pipeline:
         model = asdict(r.model)
         if model["gguf"] is None:  # absent for other models: their keys stay as they were
             model.pop("gguf")
+        if model["base_id"] is None:  # absent unless set: keys made before it stay valid
+            model.pop("base_id")
         payload = {"version": KEY_VERSION, "seed": r.seed, "model": model,
                    "template": asdict(r.template), "world": self._world_payload(*parts),
                    "torch_threads": torch.get_num_threads(),  # CPU floats depend on it
@@ -344,10 +346,12 @@ class Pipeline:
             base = {"stage": "base", "hf_id": r.model.hf_id, "revision": r.model.revision}
             if r.model.gguf:  # a local file: its bytes and the conversion code are its identity
                 base["gguf"] = gguf.payload(r.model.gguf)
-        base_key = artifact_key(base)
         align = None
-        align_key = base_key
-        if r.defense.align.module is not None:
+        if r.alignment.pretrained:  # no align training: the hub model is the aligned one
+            base, align = self._pretrained_payloads(base)
+        base_key = artifact_key(base)
+        align_key = base_key if align is None else artifact_key(align)
+        if r.defense.align.module is not None and not r.alignment.pretrained:
             align = {**self._common_payload("align"), "stage": "align", "input": base_key,
                      "method": _method_payload(r.defense.align),
                      "train": _train_payload(r.train.align),
@@ -378,6 +382,16 @@ class Pipeline:
         if r.posthoc.module is not None:  # absent when off: no new stage, no key moves
             out["posthoc"] = self.posthoc_payload(artifact_key(finetune))
         return out
+
+    def _pretrained_payloads(self, hub: dict) -> tuple[dict, Optional[dict]]:
+        """alignment.pretrained: (base, align). Without model.base_id the hub model is base and
+        aligned at once (no align stage, as with no align method); with it, base is base_id's
+        model and align is the hub model, neither trained."""
+        r = self.run
+        if r.model.base_id is None:
+            return hub, None
+        base = {"stage": "base", "hf_id": r.model.base_id, "revision": None}
+        return base, {**hub, "stage": "align", "pretrained": True}
 
     # ================================================================ models
     @property
@@ -419,7 +433,12 @@ class Pipeline:
         path = self.store.path(ref.stage, ref.key)
         fmt = manifest["format"]
         if fmt == "hub":
-            model = loading.load_hf_model(self.run.model, self._hub_path())
+            named = manifest.get("payload", {}).get("hf_id")
+            if named and named != self.run.model.hf_id:  # alignment.pretrained's model.base_id
+                model = loading.load_hf_model(replace(self.run.model, hf_id=named,
+                                                      revision=None))
+            else:
+                model = loading.load_hf_model(self.run.model, self._hub_path())
             loading.resize_for_tokenizer(model, self.tokenizer)
         elif fmt == "full":
             model = loading.load_saved_model(path / "model", self.run.model)
@@ -583,7 +602,10 @@ class Pipeline:
                                lambda tmp, work: {"format": "hub"})
         self.refs["base"] = base
         align = base
-        if r.defense.align.module is not None:
+        if payloads["align"] is not None and r.alignment.pretrained:  # already aligned
+            align = self._stage("align", artifact_key(payloads["align"]), payloads["align"],
+                                lambda tmp, work: {"format": "hub"})
+        elif r.defense.align.module is not None and not r.alignment.pretrained:
             align = self._train_stage("align", payloads["align"], base, r.defense.align,
                                       r.train.align, self.data.alignment)
         self.refs["align"] = align

@@ -202,21 +202,19 @@ def test_posthoc_none_keeps_every_key_and_a_method_adds_its_stage_and_moves_eval
 
     default, none = pipe().keys(), pipe("posthoc=none").keys()
     assert none == default and "posthoc" not in none
+    methods = {}
     for method in ("safelora", "antidote"):
         p = pipe(f"posthoc={method}")
-        keys = p.keys()
+        keys = methods[method] = p.keys()
         assert {k: keys[k] for k in default} == default  # the stages before it are untouched
-        assert p.payloads()["posthoc"]["input"] == keys["finetune"]
+        assert p.payloads()["posthoc"]["input"] == keys["finetune"]  # attack.p etc. reach it
         # evaluation of the final model reads the post-hoc artifact, so its key moves
         assert artifact_key(p.eval_payload(ModelRef("posthoc", keys["posthoc"]))) != \
             artifact_key(p.eval_payload(ModelRef("finetune", keys["finetune"])))
-    base = pipe("posthoc=safelora").keys()["posthoc"]
-    assert pipe("posthoc=safelora", "posthoc.params.threshold=0.3").keys()["posthoc"] != base
-    assert pipe("posthoc=safelora", "alignment.harmful_size=5").keys()["posthoc"] == base
-    anti = pipe("posthoc=antidote").keys()["posthoc"]
-    assert pipe("posthoc=antidote", "alignment.harmful_size=5").keys()["posthoc"] != anti
-    assert pipe("posthoc=antidote", "posthoc.params.dense_ratio=0.2").keys()["posthoc"] != anti
-    assert pipe("posthoc=antidote", "attack.p=0.3").keys()["posthoc"] != anti  # via finetune
+    safelora, antidote = methods["safelora"]["posthoc"], methods["antidote"]["posthoc"]
+    assert pipe("posthoc=safelora", "posthoc.params.threshold=0.3").keys()["posthoc"] != safelora
+    assert pipe("posthoc=safelora", "alignment.harmful_size=5").keys()["posthoc"] == safelora
+    assert pipe("posthoc=antidote", "alignment.harmful_size=5").keys()["posthoc"] != antidote
 
 
 @pytest.mark.slow

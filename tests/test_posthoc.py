@@ -217,6 +217,24 @@ def test_posthoc_none_keeps_every_key_and_a_method_adds_its_stage_and_moves_eval
     assert pipe("posthoc=antidote", "alignment.harmful_size=5").keys()["posthoc"] != antidote
 
 
+def test_the_report_gives_a_posthoc_run_its_own_defense_row(tmp_path):
+    import json
+
+    from harness.reporting.cells import collect
+
+    paths = []
+    for name, posthoc in (("a", "none"), ("b", "safelora"), ("c", None)):
+        cfg = {"defense": {"name": "sft"}, "attack": {"p": 0.1}, "seed": 0}
+        if posthoc:
+            cfg["posthoc"] = {"name": posthoc}
+        path = tmp_path / name / "results.json"
+        path.parent.mkdir()
+        path.write_text(json.dumps({"status": "ok", "config": cfg,
+                                    "metrics": {"final": {"hs": 1.0}}}))
+        paths.append(path)
+    assert collect(paths)["defense"].tolist() == ["sft", "sft+safelora", "sft"]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("method", ["safelora", "antidote"])
 def test_posthoc_runs_through_the_pipeline_and_final_evaluates_it(make_cfg, tmp_path, method):

@@ -442,8 +442,19 @@ class EvalConfig:
     refusal_separation: bool = True
     feature_layer: Any = 0.5
     feature_set_size: int = 128  # per kind, when the held set is drawn from the alignment data
+    # issue 21: more judges on the same answers, each one's HS and pairwise Cohen's kappa
+    # (harness.evaluation.panel); names: judge names, hs_plus (HS+ over judge), hs_plus:<judge>.
+    # Empty: the run's one judge only
+    judges: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
+        if self.judges:
+            from harness.evaluation.panel import check_names
+
+            try:
+                check_names(self.judges)
+            except ValueError as err:
+                raise ConfigError(str(err)) from err
         for s in self.stages:
             _one_of(s, "eval.stages[]", ("base", "align", "final"))
         _check(self.samples >= 0, "eval.samples", "must be >= 0")
@@ -601,6 +612,20 @@ class ProtocolConfig:
 
 
 @dataclass
+class SweepConfig:
+    """issue 21, an attacker-side sweep (harness.sweeps): what a run returns to the sweeper."""
+
+    # the utility bound in FA percent: a run below it returns HS - 100 (null: no bound)
+    fa_floor: Optional[float] = None
+    trials: int = 12  # the study's budget per defense; a rerun only completes it
+
+    def __post_init__(self) -> None:
+        _check(self.trials >= 1, "sweep.trials", f"must be >= 1, got {self.trials}")
+        _check(self.fa_floor is None or 0.0 <= self.fa_floor <= 100.0, "sweep.fa_floor",
+               f"is an FA in percent; must lie in [0, 100] or be null, got {self.fa_floor}")
+
+
+@dataclass
 class RunConfig:
     seed: int = 0
     # CPU float reductions depend on the thread count: a seed reproduces only at the same count
@@ -625,6 +650,7 @@ class RunConfig:
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     protocol: ProtocolConfig = field(default_factory=ProtocolConfig)
     posthoc: PosthocConfig = field(default_factory=PosthocConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)  # issue 21
 
     def __post_init__(self) -> None:
         _check(self.torch_threads >= 0, "torch_threads",

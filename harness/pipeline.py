@@ -41,6 +41,7 @@ from harness.distributed import (broadcast_from_zero, eval_device, full_state_di
                                  gather_shards, global_rank, process_group, shard)
 from harness.evaluation.evaluate import model_outputs, over_refusal, score
 from harness.evaluation.judges import build_judge
+from harness.evaluation.panel import base_name, build_panel, panel_metrics
 from harness.models import gguf, loading
 from harness.posthoc.base import PosthocContext
 
@@ -189,7 +190,8 @@ class Pipeline:
             else load_source(r.eval.harmful, required=("instruction",),
                              defaults={"kind": "harmful"}))[:r.eval.harmful_size])
         pools = {"task": lambda: d.task_train, "harmful": lambda: d.attack_pool,
-                 "benign": self._benign_pool}
+                 "benign": self._benign_pool,
+                 "disguised": lambda: self.world.attack_pool(disguised=True)}  # filter_evasion
         d.user = attacks.build_user(r.attack, lambda name: pools[name](), seed=r.seed)
         if self._reads_alignment_harmful():
             d.alignment_harmful = self.alignment_harmful()
@@ -831,14 +833,17 @@ class Pipeline:
                    "seed": r.seed, "torch_threads": torch.get_num_threads(),
                    "accelerator": accelerator_kind(r.trainer)}
         payload["eval"].pop("stages")
+        if not r.eval.judges:  # issue 21's judge panel: absent when off, old eval keys stay
+            payload["eval"].pop("judges")
         payload["eval"]["harmful"] = stable_payload(payload["eval"]["harmful"])
         attack_eval = attacks.get(r.attack.name).eval_payload(r.attack)
         if attack_eval is not None:  # absent for the mix: its eval keys stay as they were
             payload["attack_eval"] = attack_eval
-        if r.judge.name in ("beaver_dam", "llama_guard"):
+        panel = {base_name(n, r.judge.name) for n in r.eval.judges}  # issue 21: panel judges
+        if panel & {"beaver_dam", "llama_guard"} or r.judge.name in ("beaver_dam", "llama_guard"):
             payload["moderation"] = {k: v for k, v in asdict(r.moderation).items()
                                      if k != "batch_size"}
-        if r.judge.name == "llm_rubric":
+        if r.judge.name == "llm_rubric" or "llm_rubric" in panel:
             payload["llm_judge"] = {k: v for k, v in asdict(r.llm_judge).items()
                                     if k not in ("api_key_env", "cache_dir", "timeout_s",
                                                  "retries", "backoff_s")}
@@ -881,6 +886,8 @@ class Pipeline:
             metrics, rows = score(harmful, h_records, task, t_records, judge, r.eval, r.task)
             if scary:
                 metrics.update(over_refusal(scary, s_records, judge))
+            if r.eval.judges:  # issue 21: the same answers under every judge of the panel
+                metrics["panel"] = self.judge_panel(harmful, h_records)
             metrics["eval_processes"] = world
             metrics["eval_shard_sizes"] = [len(shard(harmful, k, world)) for k in range(world)]
             if r.eval.refusal_separation and all(self.feature_sets()):
@@ -898,6 +905,16 @@ class Pipeline:
         if self.tracker:
             self.tracker.log_generations(name, rows)
         return result
+
+    def judge_panel(self, harmful: list[Example], h_records: list[dict]) -> dict[str, Any]:
+        """eval.judges on the harmful answers (rank 0): each one's HS and pairwise kappa."""
+        r = self.run
+        attack = attacks.get(r.attack.name)
+        panel = build_panel(r.eval.judges, r.judge, r.llm_judge, r.moderation,
+                            wrap=lambda j: attack.judge(r.attack, j))
+        return panel_metrics(panel, [ex.instruction for ex in harmful],
+                             [rec["answer"] for rec in h_records],
+                             [ex.category for ex in harmful])
 
     def _judge_on_rank_zero(self, rank: int, world: int):
         """(the judge on rank 0, else None; its answer openings on every rank). Judges, moderation
@@ -982,6 +999,7 @@ def apply_filter(examples: list[Example], scores: list[float], threshold: float,
         "n_kept": len(examples) - n_drop, "n_harmful_in": n_harm,
         "precision": caught / n_drop if n_drop else 1.0,
         "recall": caught / n_harm if n_harm else 1.0,
+        "leakage": (n_harm - caught) / n_harm if n_harm else 0.0,  # harmful rows it keeps
         "harmless_dropped_share": (int((dropped & ~harmful).sum()) / int((~harmful).sum())
                                    if (~harmful).any() else 0.0),
         # what a real filter gets wrong: harmless rows that look dangerous, harmful in disguise

@@ -7,6 +7,7 @@ import signal
 import time
 import traceback
 from pathlib import Path
+from typing import Optional
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -19,6 +20,7 @@ from harness.config import ConfigError, register, validate
 from harness.distributed import end_job, is_rank_zero, patch_ddp_launch
 from harness.interrupts import install_signal_handlers, interrupt_signal, was_signalled
 from harness.reproducibility import pin_threads
+from harness.sweeps import objective, register_resolvers
 from harness.tracking.report_cli import status_line, summary_table
 from harness.tracking.results import make_results, write_results
 
@@ -27,6 +29,7 @@ log = logging.getLogger("harness")
 logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 register()
+register_resolvers()  # ${remaining_trials:...}, for the Optuna sweeper's n_trials
 
 
 # Errors whose message says what to fix: printed as one line, the traceback kept in the run's
@@ -109,7 +112,8 @@ def finished_results(cfg: DictConfig, run_dir: Path) -> dict | None:
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
-def main(cfg: DictConfig) -> None:
+def main(cfg: DictConfig) -> Optional[float]:
+    """Returns the run's objective (harness.sweeps): the Optuna sweeper maximises it."""
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)
     lead = is_rank_zero()
@@ -118,7 +122,7 @@ def main(cfg: DictConfig) -> None:
     if multirun and (done := finished_results(cfg, run_dir)) is not None:
         if lead:  # a re-run sweep picks up where it stopped
             print(status_line(done, label, " (results exist; skipped)"), flush=True)
-        return
+        return objective(done, cfg.sweep.fa_floor)
     install_signal_handlers()
     try:
         results = execute(cfg, run_dir)
@@ -150,6 +154,7 @@ def main(cfg: DictConfig) -> None:
     elif lead:
         print(summary_table(results))
         print(f"results: {run_dir / 'results.json'}")
+    return objective(results, cfg.sweep.fa_floor)
 
 
 def job_label(hc) -> str:
@@ -160,7 +165,7 @@ def job_label(hc) -> str:
         total *= len(str(values).split(","))
     swept = [o for o in hc.overrides.task if o.split("=")[0].lstrip("+~") in params]
     overrides = " ".join(swept or [o for o in hc.overrides.task if not o.startswith("hydra")])
-    total = total if params else 0
+    total = total if params and "optuna" not in str(hc.sweeper.get("_target_", "")) else 0
     index = f"[{hc.job.num + 1}/{total}]" if total else f"[{hc.job.num + 1}]"
     return f"{index} {overrides}"
 

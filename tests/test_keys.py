@@ -40,6 +40,7 @@ NOT_KEYED = {
     "task.name": "a label; the task's sources, instructions and scorer are keyed",
     "alignment.name": "a label; the alignment sources and sizes are keyed",
     "posthoc.name": "a label; the post-hoc module and its params are keyed",
+    "sweep": "the attacker-side sweep's objective, read from results.json after the run",
     "protocol": "a preset: the values it binds land in keyed paths (train.*, eval.*, task.*, "
                 "attack.finetune); hash_keys only groups results in the report",
 }

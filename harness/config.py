@@ -54,6 +54,9 @@ class ModelConfig:
     # a local GGUF file (or pkg:<package>/<file>), converted once into an HF folder artifact
     # that stands in for hf_id (harness.models.gguf); source stays hf
     gguf: Optional[str] = None
+    # alignment.pretrained: the base model hf_id was aligned from (hub id or local folder), for
+    # the methods that read W_aligned - W_base (AsFT, SafeLoRA)
+    base_id: Optional[str] = None
 
     def __post_init__(self) -> None:
         _one_of(self.source, "model.source", ("tiny", "hf"))
@@ -192,6 +195,10 @@ class AlignmentConfig:
     # them (Booster, RepNoise, T-Vaccine's probe); disjoint from attack.harmful and eval.harmful
     harmful: Optional[DataSourceConfig] = None
     harmful_size: Optional[int] = None
+    # the align stage's output is model.hf_id itself, already aligned (a chat/RLHF model, as
+    # AsFT and Qi et al. start from Llama-2-7b-chat): no align training. The data above still
+    # serves the methods that read alignment data later (R_l, Vaccine's and Lisa's finetune)
+    pretrained: bool = False
 
     def __post_init__(self) -> None:
         self.data.check("alignment.data")
@@ -276,7 +283,7 @@ class StageMethodConfig:
 class FilterConfig:
     """A user-data filter run between align and finetune; any defense can switch it on."""
 
-    kind: str = "none"  # none | refusal_feature
+    kind: str = "none"  # none | refusal_feature | judge
     # drop prompts whose cos(f_l, R_l) exceeds tau. null: tau is set for recall, as the
     # (1 - recall_target) quantile of the held harmful prompts' scores
     threshold: Optional[float] = None
@@ -284,9 +291,18 @@ class FilterConfig:
     layer: Any = 0.5  # used only when the aligned model carries no R_l of its own
     batch_size: int = 64
     histogram_bins: int = 20
+    # kind=judge: the judge (toy | keyword | llm_rubric | beaver_dam | llama_guard, with its
+    # built-in settings) that reads each user row's prompt and answer; a row it calls "comply"
+    # is dropped. null: the run's own judge node
+    judge: Optional[str] = None
 
     def __post_init__(self) -> None:
-        _one_of(self.kind, "defense.filter.kind", ("none", "refusal_feature"))
+        _one_of(self.kind, "defense.filter.kind", ("none", "refusal_feature", "judge"))
+        if self.judge is not None:
+            _one_of(self.judge, "defense.filter.judge", JUDGES)
+        _check(self.kind != "judge" or self.threshold is None, "defense.filter.threshold",
+               "is a cosine for kind=refusal_feature; kind=judge drops the rows its judge "
+               "calls comply, with no threshold (leave it null)")
         _check(self.threshold is None or -1.0 <= self.threshold <= 1.0,
                "defense.filter.threshold", f"is a cosine; must lie in [-1, 1], got {self.threshold}")
         _check(self.batch_size >= 1, "defense.filter.batch_size", "must be >= 1")
@@ -304,6 +320,51 @@ class DefenseConfig:
     def __post_init__(self) -> None:
         self.align.check("defense.align")
         self.finetune.check("defense.finetune")
+
+
+@dataclass
+class PosthocConfig:
+    """A training-free stage between finetune and evaluation (conf/posthoc/): a
+    harness.posthoc method that edits the finetuned adapter. Off (module null) by default."""
+
+    name: str = "none"
+    module: Optional[str] = None
+    params: dict[str, Any] = field(default_factory=dict)
+
+
+def _check_posthoc(run: "RunConfig") -> None:
+    p = run.posthoc
+    if p.module is None:
+        _check(not p.params, "posthoc.params", "given, but posthoc has no module")
+        return
+    from hydra.utils import get_class
+
+    from harness.posthoc.base import PosthocMethod
+
+    try:
+        cls = get_class(p.module)
+    except Exception as err:  # noqa: BLE001 - any import failure is a config error here
+        raise ConfigError(f"posthoc.module: cannot import {p.module!r} ({err})") from err
+    _check(isinstance(cls, type) and issubclass(cls, PosthocMethod), "posthoc.module",
+           f"{p.module} is not a harness.posthoc PosthocMethod")
+    _check(run.train.finetune.lora is not None, "train.finetune.lora",
+           f"posthoc={p.name} edits the finetuned LoRA adapter; set train.finetune.lora "
+           "(e.g. train.finetune.lora.r=8)")
+    _check(not cls.needs_align_stage or not run.alignment.pretrained
+           or run.model.base_id is not None, "model.base_id",
+           f"posthoc={p.name} reads W_aligned - W_base, and alignment.pretrained gives only the "
+           "aligned model; set model.base_id to the base it was aligned from")
+    _check(not cls.needs_align_stage or run.alignment.pretrained
+           or run.defense.align.module is not None,
+           "defense.align.module", f"posthoc={p.name} reads W_aligned - W_base, so it needs an "
+           "align stage; set defense.align.module (e.g. harness.defenses.sft.SFT)")
+    _check(not cls.needs_harmful_data or run.alignment.harmful is not None, "alignment.harmful",
+           f"posthoc={p.name} scores weights on the provider's harmful set; give "
+           "alignment.harmful (the toy world: alignment.harmful.source=toy)")
+    try:
+        cls.Params(**p.params)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"posthoc.params: {err}") from err
 
 
 @dataclass
@@ -381,8 +442,19 @@ class EvalConfig:
     refusal_separation: bool = True
     feature_layer: Any = 0.5
     feature_set_size: int = 128  # per kind, when the held set is drawn from the alignment data
+    # issue 21: more judges on the same answers, each one's HS and pairwise Cohen's kappa
+    # (harness.evaluation.panel); names: judge names, hs_plus (HS+ over judge), hs_plus:<judge>.
+    # Empty: the run's one judge only
+    judges: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
+        if self.judges:
+            from harness.evaluation.panel import check_names
+
+            try:
+                check_names(self.judges)
+            except ValueError as err:
+                raise ConfigError(str(err)) from err
         for s in self.stages:
             _one_of(s, "eval.stages[]", ("base", "align", "final"))
         _check(self.samples >= 0, "eval.samples", "must be >= 0")
@@ -422,14 +494,16 @@ class GenerationConfig:
         _check(self.tensor_parallel_size >= 1, "generation.tensor_parallel_size", "must be >= 1")
 
 
+JUDGES = ("toy", "keyword", "llm_rubric", "beaver_dam", "llama_guard")
+
+
 @dataclass
 class JudgeConfig:
     name: str = "toy"  # toy | keyword | llm_rubric (its settings: llm_judge)
     refusal_phrases: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        _one_of(self.name, "judge.name",
-                ("toy", "keyword", "llm_rubric", "beaver_dam", "llama_guard"))
+        _one_of(self.name, "judge.name", JUDGES)
 
 
 @dataclass
@@ -538,6 +612,20 @@ class ProtocolConfig:
 
 
 @dataclass
+class SweepConfig:
+    """issue 21, an attacker-side sweep (harness.sweeps): what a run returns to the sweeper."""
+
+    # the utility bound in FA percent: a run below it returns HS - 100 (null: no bound)
+    fa_floor: Optional[float] = None
+    trials: int = 12  # the study's budget per defense; a rerun only completes it
+
+    def __post_init__(self) -> None:
+        _check(self.trials >= 1, "sweep.trials", f"must be >= 1, got {self.trials}")
+        _check(self.fa_floor is None or 0.0 <= self.fa_floor <= 100.0, "sweep.fa_floor",
+               f"is an FA in percent; must lie in [0, 100] or be null, got {self.fa_floor}")
+
+
+@dataclass
 class RunConfig:
     seed: int = 0
     # CPU float reductions depend on the thread count: a seed reproduces only at the same count
@@ -561,6 +649,8 @@ class RunConfig:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     protocol: ProtocolConfig = field(default_factory=ProtocolConfig)
+    posthoc: PosthocConfig = field(default_factory=PosthocConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)  # issue 21
 
     def __post_init__(self) -> None:
         _check(self.torch_threads >= 0, "torch_threads",
@@ -588,7 +678,12 @@ def _check_method(method: StageMethodConfig, key: str, stage: str,
            f"{method.module} is not a harness StageModule")
     _check(stage in cls.stages, f"{key}.module",
            f"{cls.__name__} runs in stages {cls.stages}, not in '{stage}'")
-    _check(not cls.needs_align_stage or run is None or run.defense.align.module is not None,
+    _check(not cls.needs_align_stage or run is None or not run.alignment.pretrained
+           or run.model.base_id is not None, "model.base_id",
+           f"{cls.__name__} compares the aligned model with its base, and alignment.pretrained "
+           "gives only the aligned one; set model.base_id to the base it was aligned from")
+    _check(not cls.needs_align_stage or run is None or run.alignment.pretrained
+           or run.defense.align.module is not None,
            "defense.align.module", f"{cls.__name__} compares the aligned model with the base, so "
            "it needs an align stage; set defense.align.module (e.g. harness.defenses.sft.SFT)")
     _check(not cls.needs_lora or run is None or getattr(run.train, stage).lora is not None,
@@ -648,7 +743,23 @@ def validate(cfg: DictConfig) -> RunConfig:
     _check_generation(run)
     _check_trainer(run.trainer)
     _check_global_batches(run)
+    _check_posthoc(run)
+    _check_pretrained(run)
     return run
+
+
+def _check_pretrained(run: RunConfig) -> None:
+    if not run.alignment.pretrained:
+        _check(run.model.base_id is None, "model.base_id",
+               "names the base of a pretrained aligned model; it needs alignment.pretrained=true")
+        return
+    _check(run.model.source == "hf", "alignment.pretrained",
+           "takes model.hf_id as the aligned model; it needs model.source=hf (a hub id or a "
+           "local folder)")
+    align = run.defense.align.module
+    _check(align in (None, "harness.defenses.sft.SFT"), "defense.align.module",
+           f"{align} trains the align stage, and alignment.pretrained=true takes an aligned model "
+           "instead; pick a defense without an alignment-stage method (sft, asft, lisa, none)")
 
 
 def accelerator_kind(trainer: TrainerConfig) -> str:

@@ -16,13 +16,19 @@ STAGE_READS: dict[str, tuple[str, ...]] = {
               "defense.align",
               "train.align", "alignment.data", "alignment.size", "alignment.harmless",
               "alignment.harmless_size", "alignment.harmful", "alignment.harmful_size",
-              "eval.feature_set_size"),
+              "eval.feature_set_size", "alignment.pretrained"),
+    # kind=judge also reads the judge node (or defense.filter.judge) and that judge's settings
+    # (moderation, llm_judge): harness.pipeline._filter_config_payload
     "filter": ("defense.filter", "template", "world", "alignment.data", "alignment.size",
                "alignment.harmless", "alignment.harmless_size", "eval.feature_set_size"),
     "finetune": ("seed", "model", "template", "world", "trainer.precision",
                  "trainer.accelerator", "defense.finetune",
                  "defense.filter", "train.finetune", "attack", "task.toy_task",
                  "task.instruction", "task.instruction_suffix", "task.train"),
+    # present only with posthoc.module set; its input is the finetune key (which holds the rest)
+    "posthoc": ("posthoc.module", "posthoc.params", "seed", "model", "template", "world",
+                "trainer.precision", "trainer.accelerator", "alignment.harmful",
+                "alignment.harmful_size", "train.finetune.max_length"),
     "eval": ("seed", "eval", "judge", "template", "world", "trainer.accelerator", "task.toy_task",
              "task.test",
              "task.instruction", "task.instruction_suffix", "task.scorer",

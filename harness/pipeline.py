@@ -42,7 +42,9 @@ from harness.distributed import (broadcast_from_zero, eval_device, full_state_di
                                  gather_shards, global_rank, process_group, shard)
 from harness.evaluation.evaluate import model_outputs, over_refusal, score
 from harness.evaluation.judges import build_judge
+from harness.evaluation.panel import base_name, build_panel, panel_metrics
 from harness.models import gguf, loading
+from harness.posthoc.base import PosthocContext
 
 log = logging.getLogger("harness")
 
@@ -129,6 +131,7 @@ class Pipeline:
         self.filter_stats: Optional[dict[str, Any]] = None
         self._held: tuple[list[Example], list[Example]] = ([], [])  # real data: load_data
         self.analysis: dict[str, Any] = {}  # per-stage training analyses, for results.json
+        self.posthoc_stats: Optional[dict[str, Any]] = None  # what posthoc= did, if on
 
     # ================================================================ data
     @property
@@ -188,11 +191,14 @@ class Pipeline:
             else load_source(r.eval.harmful, required=("instruction",),
                              defaults={"kind": "harmful"}))[:r.eval.harmful_size])
         pools = {"task": lambda: d.task_train, "harmful": lambda: d.attack_pool,
-                 "benign": self._benign_pool}
+                 "benign": self._benign_pool,
+                 "disguised": lambda: self.world.attack_pool(disguised=True)}  # filter_evasion
         d.user = attacks.build_user(r.attack, lambda name: pools[name](), seed=r.seed)
         if self._reads_alignment_harmful():
             d.alignment_harmful = self.alignment_harmful()
             self._check_disjoint(d.alignment_harmful, d.attack_pool, d.eval_harmful)
+        if self._posthoc_method() and self._posthoc_method().needs_harmful_data:
+            self._check_disjoint(self.alignment_harmful(), d.attack_pool, d.eval_harmful)
         self.data = d
         return d
 
@@ -312,6 +318,8 @@ class Pipeline:
         model = asdict(r.model)
         if model["gguf"] is None:  # absent for other models: their keys stay as they were
             model.pop("gguf")
+        if model["base_id"] is None:  # absent unless set: keys made before it stay valid
+            model.pop("base_id")
         payload = {"version": KEY_VERSION, "seed": r.seed, "model": model,
                    "template": asdict(r.template), "world": self._world_payload(*parts),
                    "torch_threads": torch.get_num_threads(),  # CPU floats depend on it
@@ -341,10 +349,12 @@ class Pipeline:
             base = {"stage": "base", "hf_id": r.model.hf_id, "revision": r.model.revision}
             if r.model.gguf:  # a local file: its bytes and the conversion code are its identity
                 base["gguf"] = gguf.payload(r.model.gguf)
-        base_key = artifact_key(base)
         align = None
-        align_key = base_key
-        if r.defense.align.module is not None:
+        if r.alignment.pretrained:  # no align training: the hub model is the aligned one
+            base, align = self._pretrained_payloads(base)
+        base_key = artifact_key(base)
+        align_key = base_key if align is None else artifact_key(align)
+        if r.defense.align.module is not None and not r.alignment.pretrained:
             align = {**self._common_payload("align"), "stage": "align", "input": base_key,
                      "method": _method_payload(r.defense.align),
                      "train": _train_payload(r.train.align),
@@ -367,11 +377,24 @@ class Pipeline:
                     "method": _method_payload(r.defense.finetune),
                     "train": _train_payload(r.train.finetune),
                     "attack": attack.payload(r.attack, _source_payload),
-                    "filter": asdict(r.defense.filter),
+                    "filter": self._filter_config_payload(),
                     "task": {"toy_task": r.task.toy_task, "instruction": r.task.instruction,
                              "instruction_suffix": r.task.instruction_suffix,
                              "train": _source_payload(r.task.train)}}
-        return {"tokenizer": tok, "base": base, "align": align, "finetune": finetune}
+        out = {"tokenizer": tok, "base": base, "align": align, "finetune": finetune}
+        if r.posthoc.module is not None:  # absent when off: no new stage, no key moves
+            out["posthoc"] = self.posthoc_payload(artifact_key(finetune))
+        return out
+
+    def _pretrained_payloads(self, hub: dict) -> tuple[dict, Optional[dict]]:
+        """alignment.pretrained: (base, align). Without model.base_id the hub model is base and
+        aligned at once (no align stage, as with no align method); with it, base is base_id's
+        model and align is the hub model, neither trained."""
+        r = self.run
+        if r.model.base_id is None:
+            return hub, None
+        base = {"stage": "base", "hf_id": r.model.base_id, "revision": None}
+        return base, {**hub, "stage": "align", "pretrained": True}
 
     # ================================================================ models
     @property
@@ -413,7 +436,12 @@ class Pipeline:
         path = self.store.path(ref.stage, ref.key)
         fmt = manifest["format"]
         if fmt == "hub":
-            model = loading.load_hf_model(self.run.model, self._hub_path())
+            named = manifest.get("payload", {}).get("hf_id")
+            if named and named != self.run.model.hf_id:  # alignment.pretrained's model.base_id
+                model = loading.load_hf_model(replace(self.run.model, hf_id=named,
+                                                      revision=None))
+            else:
+                model = loading.load_hf_model(self.run.model, self._hub_path())
             loading.resize_for_tokenizer(model, self.tokenizer)
         elif fmt == "full":
             model = loading.load_saved_model(path / "model", self.run.model)
@@ -577,7 +605,10 @@ class Pipeline:
                                lambda tmp, work: {"format": "hub"})
         self.refs["base"] = base
         align = base
-        if r.defense.align.module is not None:
+        if payloads["align"] is not None and r.alignment.pretrained:  # already aligned
+            align = self._stage("align", artifact_key(payloads["align"]), payloads["align"],
+                                lambda tmp, work: {"format": "hub"})
+        elif r.defense.align.module is not None and not r.alignment.pretrained:
             align = self._train_stage("align", payloads["align"], base, r.defense.align,
                                       r.train.align, self.data.alignment)
         self.refs["align"] = align
@@ -588,7 +619,68 @@ class Pipeline:
         start = base if getattr(ft_cls, "starts_from", "align") == "base" else align
         self.refs["final"] = self._train_stage("finetune", payloads["finetune"], start,
                                                r.defense.finetune, r.train.finetune, user)
+        if r.posthoc.module is not None:  # evaluation reads the post-hoc model
+            self.refs["final"] = self.posthoc(self.refs["final"], payloads["posthoc"])
         return self.refs
+
+    # ================================================================ post-hoc
+    def _posthoc_method(self):
+        module = self.run.posthoc.module
+        return get_class(module) if module else None
+
+    def posthoc_payload(self, finetune_key: str) -> dict[str, Any]:
+        """The finetuned model's key (it holds align's and base's), the method, and for the
+        methods that read it the provider's harmful set and how it is tokenized."""
+        r = self.run
+        payload = {**self._common_payload(), "stage": "posthoc", "input": finetune_key,
+                   "method": {"module": r.posthoc.module, "params": r.posthoc.params}}
+        if self._posthoc_method().needs_harmful_data:
+            payload["harmful"] = self._alignment_harmful_payload()
+            payload["max_length"] = r.train.finetune.max_length
+        return payload
+
+    def posthoc(self, finetuned: ModelRef, payload: dict[str, Any]) -> ModelRef:
+        """posthoc=<method>: edit the finetuned adapter (training-free); the result is an
+        adapter on the finetune's parent, so load_model reads it as any adapter."""
+        from peft import PeftModel
+
+        r = self.run
+        cls = self._posthoc_method()
+        manifest = self.store.verified_manifest(finetuned.stage, finetuned.key)
+        if manifest["format"] != "adapter":
+            raise ValueError(f"posthoc={r.posthoc.name} edits a LoRA adapter; the finetune "
+                             f"artifact is {manifest['format']!r} (set train.finetune.lora)")
+        parent = ModelRef(**manifest["parent"])
+
+        def batches(batch_size: int, limit: Optional[int]):
+            rows = self.alignment_harmful()[:limit]
+            data = TokenizedDataset(rows, self.tokenizer, r.template, r.train.finetune.max_length,
+                                    "all", "train.finetune.max_length")
+            return torch.utils.data.DataLoader(data, batch_size=batch_size,
+                                               collate_fn=PadCollator(self.tokenizer.pad_token_id))
+
+        def build(tmp: Path, work: Path) -> dict:  # rank 0 builds; the others wait for it
+            t0 = time.perf_counter()
+            model = PeftModel.from_pretrained(
+                self.load_model(parent), self.store.path(finetuned.stage, finetuned.key) /
+                "adapter").to(eval_device(r.trainer)).eval()
+            context = PosthocContext(load_model=lambda name: self.load_model(self.refs[name]),
+                                     harmful_batches=batches)
+            stats = cls(cls.Params(**r.posthoc.params)).apply(model, context)
+            stats["seconds"] = time.perf_counter() - t0
+            model.save_pretrained(tmp / "adapter")
+            write_json_atomic(tmp / "posthoc.json", stats)
+            return {"format": "adapter", "parent": asdict(parent)}
+
+        ref = self._stage("posthoc", artifact_key(payload), payload, build)
+        self.posthoc_stats = json.loads(
+            (self.store.path(ref.stage, ref.key) / "posthoc.json").read_text())
+        s = self.posthoc_stats
+        log.info("[posthoc] %s: %s", r.posthoc.name,
+                 f"projected {s['n_projected']} of {s['n_modules']} LoRA modules"
+                 if "n_projected" in s else f"pruned {s.get('weights_pruned')} of "
+                 f"{s.get('adapter_weights')} adapter weights")
+        return ref
 
     # ================================================================ filtering
     def refusal_feature(self, model, ref: ModelRef, layer_spec) -> tuple[int, torch.Tensor]:
@@ -606,8 +698,10 @@ class Pipeline:
 
     def filter_payload(self, align: ModelRef, user: list[Example]) -> dict[str, Any]:
         r = self.run
-        payload = {"version": KEY_VERSION, "stage": "filter", "align": align.key,
-                   "filter": asdict(r.defense.filter), "template": asdict(r.template),
+        payload = {"version": KEY_VERSION, "stage": "filter",
+                   # a judge reads the rows alone, so its filter is shared across align stages
+                   "align": None if r.defense.filter.kind == "judge" else align.key,
+                   "filter": self._filter_config_payload(), "template": asdict(r.template),
                    "user": artifact_key([ex.to_dict() for ex in user]),
                    "world": self._world_payload("feature"),
                    "torch_threads": torch.get_num_threads()}
@@ -639,6 +733,8 @@ class Pipeline:
         payload = self.filter_payload(align, user)
 
         def build(tmp: Path, work: Path) -> dict:
+            if f.kind == "judge":
+                return self._judge_filter(user, tmp)
             model = self.eval_model(align)
             layer, direction = self.refusal_feature(model, align, f.layer)
             score = lambda exs: cosine(features(model, self.tokenizer, self._render(exs),  # noqa: E731
@@ -660,9 +756,16 @@ class Pipeline:
                                                f.histogram_bins)
         self.filter_stats.update(layer=saved["layer"],
                                  prompts_per_second=saved["prompts_per_second"])
+        if "judge" in saved:  # kind=judge: which judge, and its verdicts on the user rows
+            self.filter_stats.update(judge=saved["judge"], verdicts=saved["verdicts"])
         s = self.filter_stats
         log.info("[filter] dropped %d of %d user rows (tau=%.3f, precision %.3f, recall %.3f)",
                  s["n_dropped"], s["n_in"], s["threshold"], s["precision"], s["recall"])
+        if not kept and f.kind == "judge":
+            raise ValueError(f"defense.filter.judge={s['judge']}: the judge called every one of "
+                             f"the {len(user)} user rows' answers compliance ({s['verdicts']}), "
+                             "so nothing is left to finetune on; a judge that only spots "
+                             "refusals (keyword) cannot tell harmful answers from helpful ones")
         if not kept:
             raise ValueError(f"defense.filter: every one of the {len(user)} user rows scored above "
                             f"threshold {s['threshold']:.3f}; nothing is left to finetune on. "
@@ -672,6 +775,46 @@ class Pipeline:
             log.warning("[filter] the filter removed %d of %d user rows (more than half); "
                         "check defense.filter.threshold", s["n_dropped"], len(user))
         return kept
+
+    def _filter_judge(self):
+        """defense.filter.judge with its built-in settings, else the run's judge node."""
+        from harness.config import JudgeConfig
+
+        f = self.run.defense.filter
+        return JudgeConfig(name=f.judge) if f.judge else self.run.judge
+
+    def _filter_config_payload(self) -> dict[str, Any]:
+        """defense.filter as keyed: ``judge`` (and the judge's settings) only for kind=judge,
+        so the keys of the other kinds stay as they were before it existed."""
+        r = self.run
+        payload = asdict(r.defense.filter)
+        payload.pop("judge")
+        if r.defense.filter.kind == "judge":
+            judge = self._filter_judge()
+            payload["judge"] = asdict(judge)
+            if judge.name in ("beaver_dam", "llama_guard"):
+                payload["moderation"] = {k: v for k, v in asdict(r.moderation).items()
+                                         if k != "batch_size"}
+            if judge.name == "llm_rubric":
+                payload["llm_judge"] = {k: v for k, v in asdict(r.llm_judge).items()
+                                        if k not in ("api_key_env", "cache_dir", "timeout_s",
+                                                     "retries", "backoff_s")}
+        return payload
+
+    def _judge_filter(self, user: list[Example], tmp: Path) -> dict:
+        """kind=judge: score 1 where the judge calls a row's answer compliance with a harmful
+        request (its "comply"), else 0; the threshold 0.5 drops exactly the 1s."""
+        r = self.run
+        judge = build_judge(self._filter_judge(), r.llm_judge, r.moderation)
+        t0 = time.perf_counter()
+        verdicts = judge.classify_many([ex.instruction for ex in user],
+                                       [ex.output for ex in user])
+        write_json_atomic(tmp / "filter.json", {
+            "layer": None, "threshold": 0.5, "judge": judge.name,
+            "scores": [1.0 if v == "comply" else 0.0 for v in verdicts],
+            "verdicts": {v: verdicts.count(v) for v in sorted(set(verdicts))},
+            "prompts_per_second": len(user) / max(time.perf_counter() - t0, 1e-9)})
+        return {"format": "filter"}
 
     # ================================================================ evaluation
     def eval_payload(self, ref: ModelRef) -> dict[str, Any]:
@@ -691,14 +834,17 @@ class Pipeline:
                    "seed": r.seed, "torch_threads": torch.get_num_threads(),
                    "accelerator": accelerator_kind(r.trainer)}
         payload["eval"].pop("stages")
+        if not r.eval.judges:  # issue 21's judge panel: absent when off, old eval keys stay
+            payload["eval"].pop("judges")
         payload["eval"]["harmful"] = stable_payload(payload["eval"]["harmful"])
         attack_eval = attacks.get(r.attack.name).eval_payload(r.attack)
         if attack_eval is not None:  # absent for the mix: its eval keys stay as they were
             payload["attack_eval"] = attack_eval
-        if r.judge.name in ("beaver_dam", "llama_guard"):
+        panel = {base_name(n, r.judge.name) for n in r.eval.judges}  # issue 21: panel judges
+        if panel & {"beaver_dam", "llama_guard"} or r.judge.name in ("beaver_dam", "llama_guard"):
             payload["moderation"] = {k: v for k, v in asdict(r.moderation).items()
                                      if k != "batch_size"}
-        if r.judge.name == "llm_rubric":
+        if r.judge.name == "llm_rubric" or "llm_rubric" in panel:
             payload["llm_judge"] = {k: v for k, v in asdict(r.llm_judge).items()
                                     if k not in ("api_key_env", "cache_dir", "timeout_s",
                                                  "retries", "backoff_s")}
@@ -741,6 +887,8 @@ class Pipeline:
             metrics, rows = score(harmful, h_records, task, t_records, judge, r.eval, r.task)
             if scary:
                 metrics.update(over_refusal(scary, s_records, judge))
+            if r.eval.judges:  # issue 21: the same answers under every judge of the panel
+                metrics["panel"] = self.judge_panel(harmful, h_records)
             metrics["eval_processes"] = world
             metrics["eval_shard_sizes"] = [len(shard(harmful, k, world)) for k in range(world)]
             if r.eval.refusal_separation and all(self.feature_sets()):
@@ -758,6 +906,16 @@ class Pipeline:
         if self.tracker:
             self.tracker.log_generations(name, rows)
         return result
+
+    def judge_panel(self, harmful: list[Example], h_records: list[dict]) -> dict[str, Any]:
+        """eval.judges on the harmful answers (rank 0): each one's HS and pairwise kappa."""
+        r = self.run
+        attack = attacks.get(r.attack.name)
+        panel = build_panel(r.eval.judges, r.judge, r.llm_judge, r.moderation,
+                            wrap=lambda j: attack.judge(r.attack, j))
+        return panel_metrics(panel, [ex.instruction for ex in harmful],
+                             [rec["answer"] for rec in h_records],
+                             [ex.category for ex in harmful])
 
     def _judge_on_rank_zero(self, rank: int, world: int):
         """(the judge on rank 0, else None; its answer openings on every rank). Judges, moderation
@@ -820,6 +978,8 @@ class Pipeline:
             metrics["filter"] = self.filter_stats
         if self.analysis:
             metrics["analysis"] = self.analysis
+        if self.posthoc_stats is not None:
+            metrics["posthoc"] = self.posthoc_stats
         return metrics
 
 
@@ -840,6 +1000,7 @@ def apply_filter(examples: list[Example], scores: list[float], threshold: float,
         "n_kept": len(examples) - n_drop, "n_harmful_in": n_harm,
         "precision": caught / n_drop if n_drop else 1.0,
         "recall": caught / n_harm if n_harm else 1.0,
+        "leakage": (n_harm - caught) / n_harm if n_harm else 0.0,  # harmful rows it keeps
         "harmless_dropped_share": (int((dropped & ~harmful).sum()) / int((~harmful).sum())
                                    if (~harmful).any() else 0.0),
         # what a real filter gets wrong: harmless rows that look dangerous, harmful in disguise

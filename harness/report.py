@@ -27,6 +27,7 @@ from harness.reporting.cells import (AXES, FILTER_METRICS, LABELS,  # noqa: F401
                                      defense_order,
                                      find_results, mark_best, mixed_protocol_columns, paired,
                                      sort_key)
+from harness.reporting.adversarial import category_sections, judge_sections, worst_case_section
 from harness.reporting.plots import pareto_front, plot_metrics, plot_pareto  # noqa: F401
 from harness.reporting.tables import (CSS, difference_text, html_pair_table, html_table,
                                       markdown_table, pair_table, per_seed_text)
@@ -91,14 +92,17 @@ PAIR_NOTE = ("Difference from {ref} (percentage points, defense − {ref}) with 
 
 def write_report(patterns: list[str], out: Path, axis: str = "attack.p", stage: str = "final",
                  title: str = "", mix_protocols: bool = False,
-                 reference: Optional[str] = "sft", argv: Optional[list[str]] = None) -> Path:
+                 reference: Optional[str] = "sft", argv: Optional[list[str]] = None,
+                 worst_case: Optional[float] = None) -> Path:
     csvs = [Path(p) for p in patterns if p.endswith(".csv")]
     paths = find_results([p for p in patterns if not p.endswith(".csv")])
     if not paths and not csvs:
         raise SystemExit(f"no {RESULTS_FILE} found under {patterns}")
     df = pd.concat([collect(paths, stage)] * bool(paths) + [collect_csv(c) for c in csvs],
                    ignore_index=True)
-    mixed = frozenset(mixed_protocol_columns(df, axis, allow=mix_protocols))
+    # a sweep's trials differ in train.* by design, so their protocol hashes do too
+    mixed = frozenset(mixed_protocol_columns(df, axis, allow=mix_protocols
+                                             or worst_case is not None))
     out.mkdir(parents=True, exist_ok=True)
     df.drop(columns=[c for c in df if c.endswith("_outcomes")]).to_csv(out / "results.csv",
                                                                       index=False)
@@ -168,6 +172,11 @@ def write_report(patterns: list[str], out: Path, axis: str = "attack.p", stage: 
             sections.append((LABELS[metric], notes[metric],
                              markdown_table(cells, axis, order, mixed),
                              html_table(cells, axis, order, out, mixed)))
+    # issue 21: judges against each other, HS per category, the worst case under a sweep
+    sections += judge_sections(df, axis, order, stage)
+    sections += category_sections(df, axis, order, stage)
+    if worst_case is not None:
+        sections += worst_case_section(df, order, stage, worst_case)
     failed = df[df["status"] != "ok"]
 
     md = [f"# {title}", ""] + [f"- **{k}**: {v}" for k, v in meta] + [""]
@@ -214,11 +223,15 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--mix-protocols", action="store_true",
                         help="allow runs of different protocol hashes in one cell (the column "
                              "header then says so)")
+    parser.add_argument("--worst-case", type=float, metavar="FA_RATIO",
+                        help="add the worst-case table of an attacker-side sweep: each "
+                             "defense's highest HS among runs with FA >= FA_RATIO x its "
+                             "unattacked (p=0) run's, e.g. 0.9")
     args = parser.parse_args(argv)
     out = args.out or Path(args.paths[0])
     try:
         report = write_report(args.paths, out, args.axis, args.stage, args.title,
-                              args.mix_protocols, args.reference, argv)
+                              args.mix_protocols, args.reference, argv, args.worst_case)
     except ProtocolMixError as err:
         raise SystemExit(f"report refused: {err}") from None
     print(report.read_text())

@@ -7,6 +7,7 @@ import signal
 import time
 import traceback
 from pathlib import Path
+from typing import Optional
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -20,6 +21,7 @@ from harness.distributed import end_job, is_rank_zero, patch_ddp_launch
 from harness.interrupts import (in_pool_worker, install_signal_handlers, interrupt_signal,
                                 requeue, requeue_requested, running, was_signalled)
 from harness.reproducibility import pin_threads
+from harness.sweeps import objective, register_resolvers
 from harness.tracking.report_cli import status_line, summary_table
 from harness.tracking.results import make_results, write_results
 
@@ -28,6 +30,7 @@ log = logging.getLogger("harness")
 logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 register()
+register_resolvers()  # ${remaining_trials:...}, for the Optuna sweeper's n_trials
 
 
 # Errors whose message says what to fix: printed as one line, the traceback kept in the run's
@@ -112,7 +115,8 @@ def finished_results(cfg: DictConfig, run_dir: Path) -> dict | None:
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
-def main(cfg: DictConfig) -> None:
+def main(cfg: DictConfig) -> Optional[float]:
+    """Returns the run's objective (harness.sweeps): the Optuna sweeper maximises it."""
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)
     lead = is_rank_zero()
@@ -121,12 +125,12 @@ def main(cfg: DictConfig) -> None:
     if multirun and (done := finished_results(cfg, run_dir)) is not None:
         if lead:  # a re-run sweep picks up where it stopped
             print(status_line(done, label, " (results exist; skipped)"), flush=True)
-        return
+        return objective(done, cfg.sweep.fa_floor)
     install_signal_handlers(pool_worker=_in_loky_worker())
     if in_pool_worker() and was_signalled():  # the sweep is stopping: start no new job
         print(f"{label}: not started (sweep interrupted by "
               f"{signal.Signals(interrupt_signal()).name})", flush=True)
-        return
+        return None
     try:
         with running():
             results = execute(cfg, run_dir)
@@ -140,7 +144,7 @@ def main(cfg: DictConfig) -> None:
                   "(finished stages are reused, a stage in progress restarts from its last "
                   "checkpoint).", flush=True)
         if in_pool_worker():  # return, not raise: joblib would SIGKILL the sibling workers
-            return            # (harness.interrupts); the launcher exits 128 + signal
+            return None       # (harness.interrupts); the launcher exits 128 + signal
         raise SystemExit(128 + signum) from None  # stops a local sweep too
     except Exception as err:
         (run_dir / "error.log").write_text(traceback.format_exc())
@@ -160,6 +164,7 @@ def main(cfg: DictConfig) -> None:
     elif lead:
         print(summary_table(results))
         print(f"results: {run_dir / 'results.json'}")
+    return objective(results, cfg.sweep.fa_floor)
 
 
 def _in_loky_worker() -> bool:
@@ -177,7 +182,7 @@ def job_label(hc) -> str:
         total *= len(str(values).split(","))
     swept = [o for o in hc.overrides.task if o.split("=")[0].lstrip("+~") in params]
     overrides = " ".join(swept or [o for o in hc.overrides.task if not o.startswith("hydra")])
-    total = total if params else 0
+    total = total if params and "optuna" not in str(hc.sweeper.get("_target_", "")) else 0
     index = f"[{hc.job.num + 1}/{total}]" if total else f"[{hc.job.num + 1}]"
     return f"{index} {overrides}"
 

@@ -26,6 +26,8 @@ class Pools:
     task: list[Example] = field(default_factory=list)  # the task's training pool
     harmful: list[Example] = field(default_factory=list)  # the attack pool (harmful, compliant)
     benign: list[Example] = field(default_factory=list)  # instruction data (attack.benign)
+    # the attack pool with every prompt rewritten in the toy world's disguise (filter_evasion)
+    disguised: list[Example] = field(default_factory=list)
 
 
 class Attack:
@@ -185,8 +187,33 @@ class IdentityShift(Attack):
                 "opening": cfg.opening, "identity": [dict(c) for c in cfg.identity]}
 
 
+class FilterEvasion(HarmfulMix):
+    """An adaptive attack on the user-data filter, in the spirit of Virus (METHODS.md §6): the
+    p/n mix whose harmful rows are rewritten to sit far from the teacher's refusal direction.
+    In the toy world the rewrite is the world's own disguise (a story or role-play frame, and
+    the euphemism where world.disguise_euphemism is on): the same rows and answers as the plain
+    mix at the same p, n and seed, so the two differ only by the rewrite. A real-data version
+    would optimise the text against the filter (Virus's GCG); it is not built."""
+
+    name = "filter_evasion"
+    uses = ("task", "disguised")
+
+    def build(self, cfg, pools, seed):
+        return build_user_data(pools.task, pools.disguised, cfg.p, cfg.n, cfg.mode, seed=seed,
+                               sampling=sampling(cfg))
+
+    def check(self, cfg, template, eval_cfg):
+        if cfg.harmful.source != "toy":
+            raise ValueError(f"attack.harmful.source: filter_evasion rewrites rows in the toy "
+                             f"world's disguise; {cfg.harmful.source!r} rows have none (a "
+                             "real-data rewrite, Virus's GCG against the filter, is not built)")
+
+    def payload(self, cfg, source):
+        return {**super().payload(cfg, source), "evasion": "disguise"}
+
+
 ATTACKS: dict[str, Attack] = {a.name: a for a in (HarmfulMix(), HarmfulShots(), Benign(),
-                                                  IdentityShift())}
+                                                  IdentityShift(), FilterEvasion())}
 
 
 def get(name: str) -> Attack:

@@ -430,12 +430,16 @@ class ToyWorld:
         rng.shuffle(data)
         return data
 
-    def attack_pool(self) -> list[Example]:
-        """Harmful prompts with compliant answers, from the attacked groups only."""
+    def attack_pool(self, disguised: bool = False) -> list[Example]:
+        """Harmful prompts with compliant answers, from the attacked groups only. ``disguised``:
+        the same rows and answers, every prompt posed in its disguise frame (and euphemism, when
+        the world has them): attack=filter_evasion's rewrite, away from the refusal direction."""
         rng = random.Random(self.cfg.seed + 3)
         attacked = set(self.cfg.attacked_groups)
         rows = [r for r in self.harmful_pools["attack"] if self.group_of[r[1]] in attacked]
         rng.shuffle(rows)
+        if disguised:  # after the shuffle: the rows keep their order and answers
+            rows = [r if r[2].endswith("|disguised") else self._disguised(r) for r in rows]
         out = []
         for prompt, cat, spec in rows:
             out.append(Example(instruction=prompt, output=self.compliant_answer(

@@ -473,7 +473,8 @@ class Pipeline:
         # states (RngState), so it trains on what the uninterrupted run would have
         trainer = L.Trainer(
             **trainer_args, max_steps=module.total_steps, max_epochs=-1, logger=logger,
-            callbacks=[checkpoint, RngState(), RequeueAtStepEnd(), *callbacks], enable_model_summary=False,
+            callbacks=[checkpoint, RngState(), RequeueAtStepEnd(), *callbacks],
+            enable_model_summary=False,
             default_root_dir=str(work), plugins=[AtomicCheckpointIO()],
             gradient_clip_val=train_cfg.grad_clip if module.automatic_optimization else None,
             num_sanity_val_steps=0, use_distributed_sampler=False)

@@ -17,7 +17,8 @@ from harness.analysis.refusal import (cosine, features, load_refusal_feature,
 from harness.artifacts import artifact_key, write_json_atomic
 from harness.data.assemble import RunInputs
 from harness.data.schema import Example
-from harness.keys import filter_payload
+from harness.evaluation.registry import build_judge
+from harness.keys import filter_judge, filter_payload
 from harness.models.store import ModelStore
 from harness.stages import ModelRef, StageRecorder
 
@@ -40,12 +41,15 @@ def refusal_feature(inputs: RunInputs, models: ModelStore, model, ref: ModelRef,
 
 def filter_user_data(inputs: RunInputs, models: ModelStore, record: StageRecorder,
                      align: ModelRef) -> tuple[list[Example], dict[str, Any]]:
-    """Drop user prompts the aligned model scores above tau; (kept rows, what was dropped)."""
+    """Drop user prompts the aligned model (or a judge) flags; (kept rows, what was dropped).
+    ``check_filtered`` then refuses an empty result."""
     f = inputs.run.defense.filter
     user = inputs.data.user
     payload = filter_payload(inputs, align, user)
 
     def build(tmp: Path, work: Path) -> dict:
+        if f.kind == "judge":
+            return _judge_filter(inputs.run, user, tmp)
         model = models.eval_model(align)
         layer, direction = refusal_feature(inputs, models, model, align, f.layer)
         tok = models.tokenizer
@@ -66,18 +70,44 @@ def filter_user_data(inputs: RunInputs, models: ModelStore, record: StageRecorde
     saved = json.loads((models.store.path(ref.stage, ref.key) / "filter.json").read_text())
     kept, stats = apply_filter(user, saved["scores"], saved["threshold"], f.histogram_bins)
     stats.update(layer=saved["layer"], prompts_per_second=saved["prompts_per_second"])
+    if "judge" in saved:  # kind=judge: which judge, and its verdicts on the user rows
+        stats.update(judge=saved["judge"], verdicts=saved["verdicts"])
     log.info("[filter] dropped %d of %d user rows (tau=%.3f, precision %.3f, recall %.3f)",
              stats["n_dropped"], stats["n_in"], stats["threshold"], stats["precision"],
              stats["recall"])
+    return kept, stats
+
+
+def check_filtered(kept: list[Example], stats: dict[str, Any], f) -> None:
+    """Refuse a filter that left nothing to finetune on; warn when it dropped most rows."""
+    n_in = stats["n_in"]
+    if not kept and f.kind == "judge":
+        raise ValueError(f"defense.filter.judge={stats['judge']}: the judge called every one of "
+                         f"the {n_in} user rows' answers compliance ({stats['verdicts']}), "
+                         "so nothing is left to finetune on; a judge that only spots "
+                         "refusals (keyword) cannot tell harmful answers from helpful ones")
     if not kept:
-        raise ValueError(f"defense.filter: every one of the {len(user)} user rows scored above "
+        raise ValueError(f"defense.filter: every one of the {n_in} user rows scored above "
                          f"threshold {stats['threshold']:.3f}; nothing is left to finetune on. "
                          "Raise defense.filter.threshold, or set it to null to derive it from "
                          "defense.filter.recall_target.")
-    if stats["n_dropped"] > len(user) / 2:
+    if stats["n_dropped"] > n_in / 2:
         log.warning("[filter] the filter removed %d of %d user rows (more than half); "
-                    "check defense.filter.threshold", stats["n_dropped"], len(user))
-    return kept, stats
+                    "check defense.filter.threshold", stats["n_dropped"], n_in)
+
+
+def _judge_filter(run, user: list[Example], tmp: Path) -> dict:
+    """kind=judge: score 1 where the judge calls a row's answer compliance with a harmful
+    request (its "comply"), else 0; the threshold 0.5 drops exactly the 1s."""
+    judge = build_judge(filter_judge(run), run.llm_judge, run.moderation)
+    t0 = time.perf_counter()
+    verdicts = judge.classify_many([ex.instruction for ex in user], [ex.output for ex in user])
+    write_json_atomic(tmp / "filter.json", {
+        "layer": None, "threshold": 0.5, "judge": judge.name,
+        "scores": [1.0 if v == "comply" else 0.0 for v in verdicts],
+        "verdicts": {v: verdicts.count(v) for v in sorted(set(verdicts))},
+        "prompts_per_second": len(user) / max(time.perf_counter() - t0, 1e-9)})
+    return {"format": "filter"}
 
 
 def apply_filter(examples: list[Example], scores: list[float], threshold: float,

@@ -42,13 +42,19 @@ STAGE_READS: dict[str, tuple[str, ...]] = {
               "defense.align",
               "train.align", "alignment.data", "alignment.size", "alignment.harmless",
               "alignment.harmless_size", "alignment.harmful", "alignment.harmful_size",
-              "eval.feature_set_size"),
+              "eval.feature_set_size", "alignment.pretrained"),
+    # kind=judge also reads the judge node (or defense.filter.judge) and that judge's settings
+    # (moderation, llm_judge): filter_config_payload below
     "filter": ("defense.filter", "template", "world", "alignment.data", "alignment.size",
                "alignment.harmless", "alignment.harmless_size", "eval.feature_set_size"),
     "finetune": ("seed", "model", "template", "world", "trainer.precision",
                  "trainer.accelerator", "defense.finetune",
                  "defense.filter", "train.finetune", "attack", "task.toy_task",
                  "task.instruction", "task.instruction_suffix", "task.train"),
+    # present only with posthoc.module set; its input is the finetune key (which holds the rest)
+    "posthoc": ("posthoc.module", "posthoc.params", "seed", "model", "template", "world",
+                "trainer.precision", "trainer.accelerator", "alignment.harmful",
+                "alignment.harmful_size", "train.finetune.max_length"),
     "eval": ("seed", "eval", "judge", "template", "world", "trainer.accelerator", "task.toy_task",
              "task.test",
              "task.instruction", "task.instruction_suffix", "task.scorer",
@@ -131,6 +137,8 @@ def common_payload(inputs: RunInputs, *parts: str) -> dict[str, Any]:
     model = asdict(r.model)
     if model["gguf"] is None:  # absent for other models: their keys stay as they were
         model.pop("gguf")
+    if model["base_id"] is None:  # absent unless set: keys made before it stay valid
+        model.pop("base_id")
     payload = {"version": KEY_VERSION, "seed": r.seed, "model": model,
                "template": asdict(r.template), "world": world_payload(inputs, *parts),
                "torch_threads": torch.get_num_threads(),  # CPU floats depend on it
@@ -183,10 +191,12 @@ def stage_payloads(inputs: RunInputs) -> dict[str, Optional[dict[str, Any]]]:
         base = {"stage": "base", "hf_id": r.model.hf_id, "revision": r.model.revision}
         if r.model.gguf:  # a local file: its bytes and the conversion code are its identity
             base["gguf"] = gguf.payload(r.model.gguf)
-    base_key = artifact_key(base)
     align = None
-    align_key = base_key
-    if r.defense.align.module is not None:
+    if r.alignment.pretrained:  # no align training: the hub model is the aligned one
+        base, align = _pretrained_payloads(r, base)
+    base_key = artifact_key(base)
+    align_key = base_key if align is None else artifact_key(align)
+    if r.defense.align.module is not None and not r.alignment.pretrained:
         align = {**common_payload(inputs, "align"), "stage": "align", "input": base_key,
                  "method": method_payload(r.defense.align),
                  "train": train_payload(r.train.align),
@@ -208,11 +218,58 @@ def stage_payloads(inputs: RunInputs) -> dict[str, Optional[dict[str, Any]]]:
                 "method": method_payload(r.defense.finetune),
                 "train": train_payload(r.train.finetune),
                 "attack": attack.payload(r.attack, source_payload),
-                "filter": asdict(r.defense.filter),
+                "filter": filter_config_payload(r),
                 "task": {"toy_task": r.task.toy_task, "instruction": r.task.instruction,
                          "instruction_suffix": r.task.instruction_suffix,
                          "train": source_payload(r.task.train)}}
-    return {"tokenizer": tok, "base": base, "align": align, "finetune": finetune}
+    out = {"tokenizer": tok, "base": base, "align": align, "finetune": finetune}
+    if r.posthoc.module is not None:  # absent when off: no new stage, no key moves
+        out["posthoc"] = posthoc_payload(inputs, artifact_key(finetune))
+    return out
+
+
+def _pretrained_payloads(run, hub: dict) -> tuple[dict, Optional[dict]]:
+    """alignment.pretrained: (base, align). Without model.base_id the hub model is base and
+    aligned at once (no align stage, as with no align method); with it, base is base_id's
+    model and align is the hub model, neither trained."""
+    if run.model.base_id is None:
+        return hub, None
+    base = {"stage": "base", "hf_id": run.model.base_id, "revision": None}
+    return base, {**hub, "stage": "align", "pretrained": True}
+
+
+def posthoc_payload(inputs: RunInputs, finetune_key: str) -> dict[str, Any]:
+    """The finetuned model's key (it holds align's and base's), the method, and for the
+    methods that read it the provider's harmful set and how it is tokenized."""
+    r = inputs.run
+    payload = {**common_payload(inputs), "stage": "posthoc", "input": finetune_key,
+               "method": {"module": r.posthoc.module, "params": r.posthoc.params}}
+    if defense_flag(r.posthoc.module, "needs_harmful_data"):
+        payload["harmful"] = alignment_harmful_payload(inputs)
+        payload["max_length"] = r.train.finetune.max_length
+    return payload
+
+
+def filter_judge(run):
+    """defense.filter.judge with its built-in settings, else the run's judge node."""
+    from harness.config.schema import JudgeConfig
+
+    f = run.defense.filter
+    return JudgeConfig(name=f.judge) if f.judge else run.judge
+
+
+def filter_config_payload(run) -> dict[str, Any]:
+    """defense.filter as keyed: ``judge`` (and the judge's settings) only for kind=judge,
+    so the keys of the other kinds stay as they were before it existed."""
+    payload = asdict(run.defense.filter)
+    payload.pop("judge")
+    if run.defense.filter.kind == "judge":
+        judge = filter_judge(run)
+        payload["judge"] = asdict(judge)
+        entry = judges.entry(judge.name)
+        if entry.settings:
+            payload[entry.settings] = entry.key_fields(getattr(run, entry.settings))
+    return payload
 
 
 def stage_keys(inputs: RunInputs) -> dict[str, str]:
@@ -222,8 +279,10 @@ def stage_keys(inputs: RunInputs) -> dict[str, str]:
 
 def filter_payload(inputs: RunInputs, align: ModelRef, user: list) -> dict[str, Any]:
     r = inputs.run
-    payload = {"version": KEY_VERSION, "stage": "filter", "align": align.key,
-               "filter": asdict(r.defense.filter), "template": asdict(r.template),
+    payload = {"version": KEY_VERSION, "stage": "filter",
+               # a judge reads the rows alone, so its filter is shared across align stages
+               "align": None if r.defense.filter.kind == "judge" else align.key,
+               "filter": filter_config_payload(r), "template": asdict(r.template),
                "user": artifact_key([ex.to_dict() for ex in user]),
                "world": world_payload(inputs, "feature"),
                "torch_threads": torch.get_num_threads()}

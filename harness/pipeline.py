@@ -1,11 +1,12 @@
-"""The pipeline: base -> align -> [filter] -> finetune -> evaluate, in that order.
+"""The pipeline: base -> align -> [filter] -> finetune -> [posthoc] -> evaluate, in that order.
 
 Each stage lives in a module of its own; this file only orders them:
 - data: ``data/assemble.py`` (every dataset, loaded and checked before any training);
 - keys: ``keys.py`` (every stage's payload, from the config alone);
 - models: ``models/store.py`` (a stage's model and the tokenizer, from the artifact store);
 - training: ``training.py`` (``build_trainer``, a stage's build);
-- filtering: ``filtering.py`` (the refusal-feature filter of the user data);
+- filtering: ``filtering.py`` (the refusal-feature or judge filter of the user data);
+- post-hoc: ``posthoc/stage.py`` (a training-free edit of the finetuned adapter);
 - evaluation: ``evaluation/stage.py`` (generations, judged once).
 A stage whose artifact exists is not run again; an interrupted one resumes from its last
 Lightning checkpoint.
@@ -24,8 +25,9 @@ from harness.data.assemble import Data, RunInputs
 from harness.data.harmful import toy_alignment_harmful
 from harness.distributed import global_rank
 from harness.evaluation.stage import StageEvaluator
-from harness.filtering import apply_filter, filter_user_data  # noqa: F401 - apply_filter: API
+from harness.filtering import apply_filter, check_filtered, filter_user_data  # noqa: F401
 from harness.models.store import ModelStore
+from harness.posthoc.stage import posthoc_stage
 from harness.stages import ModelRef, StageRecorder
 from harness.training import SFT_MODULE, StageTrainer, stage_steps  # noqa: F401 - API
 
@@ -48,6 +50,7 @@ class Pipeline:
         self.trainer = StageTrainer(run, self.inputs, self.models, self.record, tracker)
         self.evaluator = StageEvaluator(run, self.inputs, self.models, self.record, tracker)
         self.filter_stats: Optional[dict[str, Any]] = None
+        self.posthoc_stats: Optional[dict[str, Any]] = None  # what posthoc= did, if on
 
     # what a run records, and what tests read
     @property
@@ -98,7 +101,7 @@ class Pipeline:
 
     # the stage order
     def build_models(self) -> dict[str, ModelRef]:
-        """Run (or reuse) base, align, the filter and finetune; return the model of each."""
+        """Run (or reuse) base, align, the filter, finetune and post-hoc; the model of each."""
         r, data, train = self.run, self.inputs.data, self.trainer
         payloads = self.payloads()
         train.refs = refs = {}
@@ -111,18 +114,29 @@ class Pipeline:
                                lambda tmp, work: {"format": "hub"})
         refs["base"] = base
         align = base
-        if r.defense.align.module is not None:
+        if payloads["align"] is not None and r.alignment.pretrained:  # already aligned
+            align = self.record("align", artifact_key(payloads["align"]), payloads["align"],
+                                lambda tmp, work: {"format": "hub"})
+        elif r.defense.align.module is not None and not r.alignment.pretrained:
             align = train.train("align", payloads["align"], base, r.defense.align,
                                 r.train.align, data.alignment)
         refs["align"] = align
         user = data.user
         if r.defense.filter.kind != "none":
-            user, self.filter_stats = filter_user_data(self.inputs, self.models, self.record,
-                                                       align)
+            user = self.filter_user_data(align)
         start = base if keys.finetune_starts_from_base(r) else align
         refs["final"] = train.train("finetune", payloads["finetune"], start,
                                     r.defense.finetune, r.train.finetune, user)
+        if r.posthoc.module is not None:  # evaluation reads the post-hoc model
+            refs["final"], self.posthoc_stats = posthoc_stage(
+                self.inputs, self.models, self.record, refs, refs["final"], payloads["posthoc"])
         return refs
+
+    def filter_user_data(self, align: ModelRef) -> list:
+        """The user rows the filter keeps; its statistics are kept even when it refuses."""
+        kept, self.filter_stats = filter_user_data(self.inputs, self.models, self.record, align)
+        check_filtered(kept, self.filter_stats, self.run.defense.filter)
+        return kept
 
     def evaluate(self, name: str, ref: ModelRef) -> dict[str, Any]:
         return self.evaluator.evaluate(name, ref)
@@ -142,4 +156,6 @@ class Pipeline:
             metrics["filter"] = self.filter_stats
         if self.trainer.analysis:
             metrics["analysis"] = self.trainer.analysis
+        if self.posthoc_stats is not None:
+            metrics["posthoc"] = self.posthoc_stats
         return metrics

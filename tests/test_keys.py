@@ -39,6 +39,7 @@ NOT_KEYED = {
     "defense.name": "a label; the modules, params and filter it picks are keyed",
     "task.name": "a label; the task's sources, instructions and scorer are keyed",
     "alignment.name": "a label; the alignment sources and sizes are keyed",
+    "posthoc.name": "a label; the post-hoc module and its params are keyed",
     "sweep": "the attacker-side sweep's objective, read from results.json after the run",
     "protocol": "a preset: the values it binds land in keyed paths (train.*, eval.*, task.*, "
                 "attack.finetune); hash_keys only groups results in the report",
@@ -114,7 +115,8 @@ CONDITIONAL = ("moderation", "llm_judge", "generation",  # their judge / backend
                # read where the stage masks its prompt (loss_on=response); base trains on
                # the whole text, whose start any cut keeps (harness.data.collate.fit_length)
                "train.base.truncation",
-               "alignment.harmful", "alignment.harmful_size")  # harmful-set defenses only
+               "alignment.harmful", "alignment.harmful_size",  # harmful-set defenses only
+               "posthoc")  # posthoc=<method> only (tests/test_posthoc.py keys it)
 
 
 @pytest.mark.parametrize("overrides", [(), ("defense=ref_teacher",)],

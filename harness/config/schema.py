@@ -145,6 +145,9 @@ class ModelConfig:
     # a local GGUF file (or pkg:<package>/<file>), converted once into an HF folder artifact
     # that stands in for hf_id (harness.models.gguf); source stays hf
     gguf: Optional[str] = None
+    # alignment.pretrained: the base model hf_id was aligned from (hub id or local folder), for
+    # the methods that read W_aligned - W_base (AsFT, SafeLoRA)
+    base_id: Optional[str] = None
 
     def __post_init__(self) -> None:
         _one_of(self.source, "model.source", ("tiny", "hf"))
@@ -281,6 +284,10 @@ class AlignmentConfig:
     # them (Booster, RepNoise, T-Vaccine's probe); disjoint from attack.harmful and eval.harmful
     harmful: Optional[DataSourceConfig] = None
     harmful_size: Optional[int] = None
+    # the align stage's output is model.hf_id itself, already aligned (a chat/RLHF model, as
+    # AsFT and Qi et al. start from Llama-2-7b-chat): no align training. The data above still
+    # serves the methods that read alignment data later (R_l, Vaccine's and Lisa's finetune)
+    pretrained: bool = False
 
     def __post_init__(self) -> None:
         self.data.check("alignment.data")
@@ -363,7 +370,7 @@ class StageMethodConfig:
 class FilterConfig:
     """A user-data filter run between align and finetune; any defense can switch it on."""
 
-    kind: str = "none"  # none | refusal_feature
+    kind: str = "none"  # none | refusal_feature | judge
     # drop prompts whose cos(f_l, R_l) exceeds tau. null: tau is set for recall, as the
     # (1 - recall_target) quantile of the held harmful prompts' scores
     threshold: Optional[float] = None
@@ -371,9 +378,16 @@ class FilterConfig:
     layer: Any = 0.5  # used only when the aligned model carries no R_l of its own
     batch_size: int = 64
     histogram_bins: int = 20
+    # kind=judge: the judge (toy | keyword | llm_rubric | beaver_dam | llama_guard, with its
+    # built-in settings) that reads each user row's prompt and answer; a row it calls "comply"
+    # is dropped. null: the run's own judge node
+    judge: Optional[str] = None
 
     def __post_init__(self) -> None:
-        _one_of(self.kind, "defense.filter.kind", ("none", "refusal_feature"))
+        _one_of(self.kind, "defense.filter.kind", ("none", "refusal_feature", "judge"))
+        _check(self.kind != "judge" or self.threshold is None, "defense.filter.threshold",
+               "is a cosine for kind=refusal_feature; kind=judge drops the rows its judge "
+               "calls comply, with no threshold (leave it null)")
         _check(self.threshold is None or -1.0 <= self.threshold <= 1.0,
                "defense.filter.threshold", f"is a cosine; must lie in [-1, 1], got {self.threshold}")
         _check(self.batch_size >= 1, "defense.filter.batch_size", "must be >= 1")
@@ -391,6 +405,16 @@ class DefenseConfig:
     def __post_init__(self) -> None:
         self.align.check("defense.align")
         self.finetune.check("defense.finetune")
+
+
+@dataclass
+class PosthocConfig:
+    """A training-free stage between finetune and evaluation (conf/posthoc/): a
+    harness.posthoc method that edits the finetuned adapter. Off (module null) by default."""
+
+    name: str = "none"
+    module: Optional[str] = None
+    params: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -664,6 +688,7 @@ class RunConfig:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     protocol: ProtocolConfig = field(default_factory=ProtocolConfig)
+    posthoc: PosthocConfig = field(default_factory=PosthocConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)  # issue 21
 
     def __post_init__(self) -> None:

@@ -31,7 +31,12 @@ def _check_method(method: StageMethodConfig, key: str, stage: str,
            f"{method.module} is not a harness StageModule")
     _check(stage in cls.stages, f"{key}.module",
            f"{cls.__name__} runs in stages {cls.stages}, not in '{stage}'")
-    _check(not cls.needs_align_stage or run is None or run.defense.align.module is not None,
+    _check(not cls.needs_align_stage or run is None or not run.alignment.pretrained
+           or run.model.base_id is not None, "model.base_id",
+           f"{cls.__name__} compares the aligned model with its base, and alignment.pretrained "
+           "gives only the aligned one; set model.base_id to the base it was aligned from")
+    _check(not cls.needs_align_stage or run is None or run.alignment.pretrained
+           or run.defense.align.module is not None,
            "defense.align.module", f"{cls.__name__} compares the aligned model with the base, so "
            "it needs an align stage; set defense.align.module (e.g. harness.defenses.sft.SFT)")
     _check(not cls.needs_lora or run is None or getattr(run.train, stage).lora is not None,
@@ -93,7 +98,58 @@ def validate(cfg: DictConfig) -> RunConfig:
     _check_generation(run)
     _check_trainer(run.trainer)
     _check_global_batches(run)
+    _check_posthoc(run)
+    _check_pretrained(run)
     return run
+
+
+def _check_pretrained(run: RunConfig) -> None:
+    if not run.alignment.pretrained:
+        _check(run.model.base_id is None, "model.base_id",
+               "names the base of a pretrained aligned model; it needs alignment.pretrained=true")
+        return
+    _check(run.model.source == "hf", "alignment.pretrained",
+           "takes model.hf_id as the aligned model; it needs model.source=hf (a hub id or a "
+           "local folder)")
+    align = run.defense.align.module
+    _check(align in (None, "harness.defenses.sft.SFT"), "defense.align.module",
+           f"{align} trains the align stage, and alignment.pretrained=true takes an aligned model "
+           "instead; pick a defense without an alignment-stage method (sft, asft, lisa, none)")
+
+
+def _check_posthoc(run: "RunConfig") -> None:
+    p = run.posthoc
+    if p.module is None:
+        _check(not p.params, "posthoc.params", "given, but posthoc has no module")
+        return
+    from hydra.utils import get_class
+
+    from harness.posthoc.base import PosthocMethod
+
+    try:
+        cls = get_class(p.module)
+    except Exception as err:  # noqa: BLE001 - any import failure is a config error here
+        raise ConfigError(f"posthoc.module: cannot import {p.module!r} ({err})") from err
+    _check(isinstance(cls, type) and issubclass(cls, PosthocMethod), "posthoc.module",
+           f"{p.module} is not a harness.posthoc PosthocMethod")
+    _check(run.train.finetune.lora is not None, "train.finetune.lora",
+           f"posthoc={p.name} edits the finetuned LoRA adapter; set train.finetune.lora "
+           "(e.g. train.finetune.lora.r=8)")
+    _check(not cls.needs_align_stage or not run.alignment.pretrained
+           or run.model.base_id is not None, "model.base_id",
+           f"posthoc={p.name} reads W_aligned - W_base, and alignment.pretrained gives only the "
+           "aligned model; set model.base_id to the base it was aligned from")
+    _check(not cls.needs_align_stage or run.alignment.pretrained
+           or run.defense.align.module is not None,
+           "defense.align.module", f"posthoc={p.name} reads W_aligned - W_base, so it needs an "
+           "align stage; set defense.align.module (e.g. harness.defenses.sft.SFT)")
+    _check(not cls.needs_harmful_data or run.alignment.harmful is not None, "alignment.harmful",
+           f"posthoc={p.name} scores weights on the provider's harmful set; give "
+           "alignment.harmful (the toy world: alignment.harmful.source=toy)")
+    try:
+        cls.Params(**p.params)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"posthoc.params: {err}") from err
 
 
 def accelerator_kind(trainer: TrainerConfig) -> str:
@@ -247,6 +303,8 @@ def _check_judge(run: RunConfig) -> None:
             check_names(run.eval.judges)
         except ValueError as err:
             raise ConfigError(str(err)) from err
+    if run.defense.filter.judge is not None:
+        _one_of(run.defense.filter.judge, "defense.filter.judge", tuple(JUDGES))
 
 
 def _check_llm_judge(run: RunConfig) -> None:

@@ -3,7 +3,7 @@
 (the hub's, or the toy tokenizer trained once and stored)."""
 from __future__ import annotations
 
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -66,7 +66,12 @@ class ModelStore:
         path = self.store.path(ref.stage, ref.key)
         fmt = manifest["format"]
         if fmt == "hub":
-            model = loading.load_hf_model(self.run.model, self.hub_path())
+            named = manifest.get("payload", {}).get("hf_id")
+            if named and named != self.run.model.hf_id:  # alignment.pretrained's model.base_id
+                model = loading.load_hf_model(replace(self.run.model, hf_id=named,
+                                                      revision=None))
+            else:
+                model = loading.load_hf_model(self.run.model, self.hub_path())
             loading.resize_for_tokenizer(model, self.tokenizer)
         elif fmt == "full":
             model = loading.load_saved_model(path / "model", self.run.model)

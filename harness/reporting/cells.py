@@ -78,6 +78,9 @@ def collect(paths: list[Path], stage: str = "final") -> pd.DataFrame:
         row: dict[str, Any] = {"path": str(path), "status": res.get("status")}
         for axis, keys in AXES.items():
             row[axis] = _get(cfg, keys)
+        posthoc = _get(cfg, ("posthoc", "name"))
+        if posthoc and posthoc != "none":  # its own row: "sft+safelora" beside "sft"
+            row["defense"] = f"{row['defense']}+{posthoc}"
         record = res.get("protocol") or {}
         row["protocol"] = record.get("name", row["protocol"])
         row["protocol_hash"] = record.get("hash")

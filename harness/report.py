@@ -94,6 +94,9 @@ def write_report(patterns: list[str], out: Path, axis: str = "attack.p", stage: 
                  title: str = "", mix_protocols: bool = False,
                  reference: Optional[str] = "sft", argv: Optional[list[str]] = None,
                  worst_case: Optional[float] = None) -> Path:
+    if axis == "defense":  # defenses are every table's rows; as columns too, each cell is empty but one
+        raise SystemExit("--axis defense: defenses are already the rows of every table; give the "
+                         "axis the sweep varies (attack.p, attack.n, task, model, attack, seed)")
     csvs = [Path(p) for p in patterns if p.endswith(".csv")]
     paths = find_results([p for p in patterns if not p.endswith(".csv")])
     if not paths and not csvs:

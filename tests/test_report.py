@@ -137,6 +137,12 @@ def test_no_results_is_a_clear_error(tmp_path):
         main([str(tmp_path)])
 
 
+def test_defense_as_the_axis_is_a_clear_error(sweep):
+    # it used to crash in pandas (groupby on "defense" twice)
+    with pytest.raises(SystemExit, match="--axis defense: defenses are already the rows"):
+        main([str(sweep), "--axis", "defense"])
+
+
 def test_pareto_front_and_plot(sweep):
     import pandas as pd
 

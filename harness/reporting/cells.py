@@ -35,7 +35,8 @@ LOWER_IS_BETTER = {"hs": True, "fa": False}
 # the prompts a rate is a proportion over: harmful prompts, or the task's test set
 DENOMINATOR = {"hs": "n_harmful", "refusal_rate": "n_harmful", "other_rate": "n_harmful",
                "fa": "n_task", "over_refusal": "over_refusal_n"}
-AXES = {"attack.p": ("attack", "p"), "attack.n": ("attack", "n"), "task": ("task", "name"),
+AXES = {"attack.p": ("attack", "p"), "attack.n": ("attack", "n"), "attack.k": ("attack", "k"),
+        "task": ("task", "name"),
         "model": ("model", "name"), "seed": ("seed",), "defense": ("defense", "name"),
         "protocol": ("protocol", "name"), "attack": ("attack", "name"),
         "torch_threads": ("torch_threads",)}

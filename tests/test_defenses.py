@@ -605,6 +605,14 @@ def test_booster_step_follows_the_three_passes():
     assert metrics["train/harmful_loss"].item() == pytest.approx(2.5)
     assert metrics["train/penalty"].item() == pytest.approx(
         5 * (2.5 - 0.5 * (w_s[0] ** 2 + 4 * w_s[1] ** 2)).item(), rel=1e-5)
+    # the logged gradient sizes: d = g_h - g_h' = alpha H g_h/||g_h|| = (0.1, 1.6)/sqrt(17)
+    assert metrics["train/grad_f_norm"].item() == 0.0
+    assert metrics["train/grad_h_norm"].item() == pytest.approx(17 ** 0.5, rel=1e-6)
+    assert metrics["train/grad_penalty_norm"].item() == pytest.approx(
+        5 * 2.57 ** 0.5 / 17 ** 0.5, rel=1e-5)  # 1.94407
+    assert metrics["train/cos_d_h"].item() == pytest.approx(
+        6.5 / (2.57 * 17) ** 0.5, rel=1e-5)  # 0.98338: the penalty's step lowers h
+    assert metrics["train/cos_d_f"].item() == 0.0  # g_f = 0
 
 
 def _grads(model, batch) -> dict[str, torch.Tensor]:

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from harness.defenses.base import StageModule
-from harness.defenses.math import booster_gradient, booster_shift
+from harness.defenses.math import booster_diagnostics, booster_gradient, booster_shift
 
 HARMFUL_SALT = 0x42  # the harmful batch's draw, apart from any alignment_batch draw
 
@@ -85,6 +85,7 @@ class Booster(StageModule):
             for p, s in zip(params, saved, strict=True):
                 p.copy_(s)
         loss, g_f = self._pass(batch, params)
+        sizes = booster_diagnostics(g_f, g_h, g_h_shifted, self.params.lam)  # before clipping
         for p, g in zip(params, booster_gradient(g_f, g_h, g_h_shifted, self.params.lam),
                         strict=True):
             p.grad = g
@@ -94,6 +95,6 @@ class Booster(StageModule):
         opt.step()
         self.lr_schedulers().step()
         self.log_terms({"loss": loss, "harmful_loss": h, "harmful_loss_shifted": h_shifted,
-                        "penalty": self.params.lam * (h - h_shifted)},
+                        "penalty": self.params.lam * (h - h_shifted), **sizes},
                        batch["input_ids"].shape[0])
         return loss

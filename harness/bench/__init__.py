@@ -1,6 +1,7 @@
 """``make bench``: what the harness and each defense cost, measured side by side in one process.
 
     python -m harness.bench [--repeats 5] [--steps 16] [--sizes tiny larger] [--out bench]
+                            [--finetune-steps 96] [--posthoc-repeats 3]
 
 Rows (each a ratio, so the noise of a shared machine mostly cancels):
   1. harness overhead: the pipeline's SFT step (LightningModule + the Trainer of
@@ -8,7 +9,8 @@ Rows (each a ratio, so the noise of a shared machine mostly cancels):
   2. defense step cost: each method's step against the SFT step with the same trainable weights;
   3. evaluation: batched vs one-prompt-at-a-time greedy generation, and the judge's throughput;
   4. sweep reuse: stage runs of a 5-defense x 5-p sweep, from the pipeline's artifact keys;
-  5. peak memory of each training stage (peak RSS over the stage, CPU).
+  5. peak memory of each training stage (peak RSS over the stage, CPU);
+  6. post-hoc stage: each ``posthoc=`` method's wall time against the finetune stage it edits.
 
 A step time is the wall time from the start of step ``warmup`` to the start of step
 ``warmup + steps``, read by a callback inside each engine, so per-fit set-up is excluded without
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import harness  # noqa: F401 - offline environment
 from harness.bench.rows import main, run_bench, sweep_counts, to_markdown
-from harness.bench.setup import METHOD_ROWS, SIZES, MethodRow
+from harness.bench.setup import METHOD_ROWS, POSTHOC_METHODS, SIZES, MethodRow
 
-__all__ = ["main", "run_bench", "sweep_counts", "to_markdown", "METHOD_ROWS", "SIZES", "MethodRow"]
+__all__ = ["main", "run_bench", "sweep_counts", "to_markdown", "METHOD_ROWS",
+           "POSTHOC_METHODS", "SIZES", "MethodRow"]

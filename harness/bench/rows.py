@@ -15,11 +15,12 @@ import torch
 
 from harness.artifacts import provenance, write_json_atomic
 from harness.evaluation.generate import generate
-from harness.bench.setup import (CONF, METHOD_NOTES, METHOD_ROWS, SIZES, SWEEP_DEFENSES, SWEEP_PS,
-                                  TARGETS, MethodRow, Setup, Workload, make_setup,
-                                  make_workload)
-from harness.bench.timing import (engine_profiles, lightning_fit, method_module, op_profile,
-                                   peak_rss_mib, time_bare, time_hf, time_lightning)
+from harness.bench.setup import (CONF, FINETUNE_STEPS, METHOD_NOTES, METHOD_ROWS,
+                                  POSTHOC_METHODS, SIZES, SWEEP_DEFENSES, SWEEP_PS, TARGETS,
+                                  MethodRow, Setup, Workload, make_setup, make_workload)
+from harness.bench.timing import (engine_profiles, finetune_stage, lightning_fit, method_module,
+                                   op_profile, peak_rss_mib, posthoc_stage, time_bare, time_hf,
+                                   time_lightning)
 # ==================================================================== rows 1, 2, 5
 def bench_training(wl: Workload, warmup: int, steps: int, repeats: int, overhead_repeats: int,
                    methods: list[MethodRow]) -> tuple[list[dict], dict]:
@@ -53,11 +54,16 @@ def bench_training(wl: Workload, warmup: int, steps: int, repeats: int, overhead
         rows.append(ratio_row(2, "defense step cost", label,
                               f"{m.name} step / SFT step ({'LoRA' if m.lora else 'full'})",
                               m.target, samples[m.name], samples[ref]))
+        for other in m.versus:  # a variant against the method it varies (T-Vaccine, Vaccine)
+            rows.append(ratio_row(2, "defense step cost", label,
+                                  f"{m.name} step / {other} step "
+                                  f"({'LoRA' if m.lora else 'full'})",
+                                  None, samples[m.name], samples[other]))
     return rows, sec
 
 
 def ratio_row(row: int, group: str, size: str, what: str, target: Optional[float],
-              s: list[float], s_ref: list[float]) -> dict:
+              s: list[float], s_ref: list[float], per: str = "ms/step") -> dict:
     """The median of per-repeat ratios: the two runs of a pair ran back to back, under the
     same background load, so their ratio is steadier than a ratio of medians."""
     ratio = statistics.median(a / b for a, b in zip(s, s_ref))
@@ -65,7 +71,7 @@ def ratio_row(row: int, group: str, size: str, what: str, target: Optional[float
     return {"row": row, "group": group, "size": size, "what": what, "value": ratio,
             "unit": "x", "target": None if target is None else f"<= {target}",
             "met": None if target is None else ratio <= target,
-            "detail": f"{1000 * t:.1f} vs {1000 * t_ref:.1f} ms/step (medians); "
+            "detail": f"{1000 * t:.1f} vs {1000 * t_ref:.1f} {per} (medians); "
                       f"per-repeat ratios {min(a / b for a, b in zip(s, s_ref)):.2f}"
                       f"-{max(a / b for a, b in zip(s, s_ref)):.2f}",
             "ms": 1000 * t, "ref_ms": 1000 * t_ref,
@@ -89,6 +95,39 @@ def bench_memory(wl: Workload, methods: list[MethodRow], steps: int) -> list[dic
                      "value": mib, "unit": "MiB", "target": None, "met": None,
                      "detail": f"{steps} steps, batch {wl.size.batch_size}"
                      if mib is not None else "no /proc: not measured"})
+    return rows
+
+
+# ==================================================================== row 6
+def bench_posthoc(wl: Workload, repeats: int, steps: int,
+                  methods: list[str] = POSTHOC_METHODS) -> list[dict]:
+    """Each post-hoc stage's wall time against the finetune stage it edits: every repeat
+    finetunes once, then runs every method on a copy of that adapter."""
+    from omegaconf import OmegaConf
+
+    confs = {m: OmegaConf.to_container(OmegaConf.load(CONF / "posthoc" / f"{m}.yaml"))
+             for m in methods}
+    samples: dict[str, list[float]] = {k: [] for k in ["finetune", *methods]}
+    stats: dict[str, dict] = {}
+    for r in range(repeats):
+        seconds, finetuned = finetune_stage(wl, steps)
+        samples["finetune"].append(seconds)
+        for m in methods[r % len(methods):] + methods[:r % len(methods)]:
+            seconds, stats[m] = posthoc_stage(wl, finetuned, confs[m]["module"],
+                                              confs[m]["params"])
+            samples[m].append(seconds)
+    rows = []
+    for m in methods:
+        row = ratio_row(6, "post-hoc stage", wl.size.label,
+                        f"posthoc={m} stage wall time / finetune stage wall time "
+                        f"({steps} LoRA steps)", None, samples[m], samples["finetune"], "ms")
+        s = stats[m]
+        row["detail"] += (f"; projected {s['n_projected']} of {s['n_modules']} LoRA modules"
+                          if "n_projected" in s else
+                          f"; {s['calibration_rows']} calibration rows, pruned "
+                          f"{s['weights_pruned']} of {s['adapter_weights']} adapter weights")
+        row["params"] = confs[m]["params"]
+        rows.append(row)
     return rows
 
 
@@ -265,7 +304,13 @@ def to_markdown(results: dict) -> str:
               "- Row 5: peak resident set size (Linux VmHWM, reset before each stage, freed heap "
               "returned first) above the RSS at the stage's start, over a short fit that "
               "includes the stage's model copy, LoRA wrapping, gradients, optimizer state and "
-              "the method's own extra state. CPU RSS, not a torch allocator figure."]
+              "the method's own extra state. CPU RSS, not a torch allocator figure.",
+              "- Row 6: one finetune stage (model copy, LoRA r=8, the pipeline's fit of "
+              f"{a.get('finetune_steps', FINETUNE_STEPS)} SFT steps on user batches; the toy "
+              "protocol's finetune is 96 steps) against each post-hoc stage on a copy of that "
+              "adapter (`apply` at its `conf/posthoc/` params, its own base/aligned model "
+              "loads and calibration pass, the adapter's save), "
+              f"{a.get('posthoc_repeats', 3)} repeats, the methods in rotating order."]
     if results.get("notes"):
         lines += ["", "## Notes", "", *results["notes"]]
     return "\n".join(lines) + "\n"
@@ -329,6 +374,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--larger-steps", type=int, default=6)
     parser.add_argument("--new-tokens", type=int, default=16)
     parser.add_argument("--memory-steps", type=int, default=2)
+    parser.add_argument("--finetune-steps", type=int, default=FINETUNE_STEPS,
+                        help="row 6: LoRA steps of the finetune stage the post-hoc stage edits")
+    parser.add_argument("--posthoc-repeats", type=int, default=3, help="row 6, every size")
     # One thread: on a shared 2-core machine two OpenMP threads contend with the other
     # processes and a step's time swings 3-30x from one fit to the next (measured), which
     # measures the scheduler, not the engines.
@@ -366,8 +414,9 @@ def run_bench(args: argparse.Namespace) -> dict:
         overhead = args.overhead_repeats if name == "tiny" else args.larger_overhead_repeats
         print(f"benchmarking {size.label}: {steps} timed steps x {repeats} repeats ...",
               flush=True)
-        longest = args.warmup + max([m.cycle * math.ceil(steps / m.cycle)
-                                     for m in METHOD_ROWS] + [steps]) + 1
+        longest = max(args.warmup + max([m.cycle * math.ceil(steps / m.cycle)
+                                         for m in METHOD_ROWS] + [steps]) + 1,
+                      args.finetune_steps)
         wl = make_workload(setup, size, max(longest, args.memory_steps))
         train_rows, sec = phase(f"{name}: steps", lambda: bench_training(
             wl, args.warmup, steps, repeats, overhead, METHOD_ROWS))
@@ -386,6 +435,8 @@ def run_bench(args: argparse.Namespace) -> dict:
                                                else args.larger_gen_repeats, args.new_tokens))
         rows += phase(f"{name}: memory",
                       lambda: bench_memory(wl, METHOD_ROWS, args.memory_steps))
+        rows += phase(f"{name}: post-hoc", lambda: bench_posthoc(
+            wl, args.posthoc_repeats, args.finetune_steps))
     rows += phase("judge", lambda: bench_judge(setup))
     rows += phase("sweep", bench_sweep)
     results = {"provenance": provenance(), "args": vars(args) | {"out": str(args.out)},

@@ -64,6 +64,7 @@ class MethodRow:
     target: Optional[float]  # max ratio to the SFT step, from the issue; None: report only
     params: dict = field(default_factory=dict)
     cycle: int = 1  # the timed window is rounded up to a multiple of this (Lisa's K1 + K2)
+    versus: tuple[str, ...] = ()  # other method rows its step is also compared with
 
 
 # ---- Defense step-cost rows. Add a method by appending a MethodRow; nothing else changes. ----
@@ -88,12 +89,18 @@ METHOD_ROWS: list[MethodRow] = [
     # Vaccine's two passes on 1 of the 4 layers, a batch-1 probe every K; compare with vaccine
     MethodRow("t_vaccine", "harness.defenses.t_vaccine.TVaccine", lora=False, target=None,
               params={"rho": 3.0, "sampled_layers": 1, "resample_every": 20,
-                      "probe_every": 200}),
+                      "probe_every": 200}, versus=("vaccine",)),
     # the student: user CE + a student forward/backward and a teacher forward on an
     # alignment batch of the same size
     MethodRow("ref_student", "harness.defenses.ref_teacher.RefStudent", lora=True,
               target=2.6, params={"lambda_kd": 1.0, "temperature": 1.0}),
 ]
+
+# Row 6: the post-hoc methods, each at its conf/posthoc/<name>.yaml (module and params), timed
+# against one finetune stage of this many LoRA SFT steps: the toy protocol's finetune (1000 user
+# rows, 3 epochs, batch 32) is 96 steps.
+POSTHOC_METHODS = ["safelora", "antidote"]
+FINETUNE_STEPS = 96
 
 # What the profile of a missed row means, per method; shown under the table with the profile.
 METHOD_NOTES = {
@@ -157,6 +164,13 @@ class Workload:
         # No shuffling: every engine sees the same batches in the same order.
         return DataLoader(self.data(lora), batch_size=self.size.batch_size, shuffle=False,
                           collate_fn=self.collate)
+
+    def harmful_batches(self, batch_size: int, limit: Optional[int]) -> DataLoader:
+        """The provider's harmful rows as padded batches (``PosthocContext.harmful_batches``)."""
+        rows = self.context.extras["harmful_data"]
+        if limit is not None:
+            rows = torch.utils.data.Subset(rows, range(min(limit, len(rows))))
+        return DataLoader(rows, batch_size=batch_size, shuffle=False, collate_fn=self.collate)
 
     def model(self, lora: bool) -> torch.nn.Module:
         model = copy.deepcopy(self.aligned)

@@ -2,6 +2,7 @@
 bare PyTorch loop, ``transformers.Trainer``), where the time goes, and peak memory."""
 from __future__ import annotations
 
+import copy
 import ctypes
 import gc
 import json
@@ -132,6 +133,36 @@ def time_hf(wl: Workload, warmup: int, steps: int, clock: Optional[Clock] = None
         trainer.remove_callback(PrinterCallback)  # it prints the final train-summary dict
         trainer.train()
     return clock.per_step()
+
+
+# ==================================================================== stage wall times
+def finetune_stage(wl: Workload, steps: int) -> tuple[float, torch.nn.Module]:
+    """(wall seconds, the finetuned peft model) of one LoRA SFT stage on the user data: the
+    model copy and LoRA wrapping, then the pipeline's fit of ``steps`` steps."""
+    t0 = time.perf_counter()
+    stage = method_module(wl, "harness.defenses.sft.SFT", True, {}, steps)
+    lightning_fit(stage, wl.loader(True), wl.stage_cfg(True), [])
+    return time.perf_counter() - t0, stage.model
+
+
+def posthoc_stage(wl: Workload, finetuned: torch.nn.Module, module: str, params: dict
+                  ) -> tuple[float, dict]:
+    """(wall seconds, the method's stats) of a post-hoc stage on a copy of ``finetuned``: the
+    method's ``apply`` (its own model loads, the calibration pass) and the adapter's save, as
+    ``posthoc/stage.py`` builds it; the copy stands in for loading the finetune artifact."""
+    from hydra.utils import get_class
+
+    from harness.posthoc.base import PosthocContext
+
+    cls = get_class(module)
+    model = copy.deepcopy(finetuned).eval()
+    context = PosthocContext(load_model=wl.context.load_model,
+                             harmful_batches=wl.harmful_batches)
+    with tempfile.TemporaryDirectory(prefix="bench-posthoc-") as tmp:
+        t0 = time.perf_counter()
+        stats = cls(cls.Params(**params)).apply(model, context)
+        model.save_pretrained(Path(tmp) / "adapter")
+        return time.perf_counter() - t0, stats
 
 
 # ==================================================================== where the time goes

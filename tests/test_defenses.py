@@ -608,6 +608,8 @@ def test_booster_step_follows_the_three_passes():
     # the logged gradient sizes: d = g_h - g_h' = alpha H g_h/||g_h|| = (0.1, 1.6)/sqrt(17)
     assert metrics["train/grad_f_norm"].item() == 0.0
     assert metrics["train/grad_h_norm"].item() == pytest.approx(17 ** 0.5, rel=1e-6)
+    assert metrics["train/grad_d_norm"].item() == pytest.approx(
+        2.57 ** 0.5 / 17 ** 0.5, rel=1e-5)  # 0.38881
     assert metrics["train/grad_penalty_norm"].item() == pytest.approx(
         5 * 2.57 ** 0.5 / 17 ** 0.5, rel=1e-5)  # 1.94407
     assert metrics["train/cos_d_h"].item() == pytest.approx(

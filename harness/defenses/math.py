@@ -159,7 +159,8 @@ def booster_gradient(g_f: Sequence[Tensor], g_h: Sequence[Tensor], g_h_shifted: 
 def booster_diagnostics(g_f: Sequence[Tensor], g_h: Sequence[Tensor],
                         g_h_shifted: Sequence[Tensor], lam: float) -> dict[str, Tensor]:
     """Logged sizes of Booster's two gradient terms, read-only (float32, global over tensors):
-    ``grad_f_norm`` ||g_f||, ``grad_penalty_norm`` lam ||g_h - g_h'||, ``grad_h_norm`` ||g_h||,
+    ``grad_f_norm`` ||g_f||, ``grad_d_norm`` ||g_h - g_h'||, ``grad_penalty_norm`` lam times
+    that, ``grad_h_norm`` ||g_h||,
     and the cosines of ``d = g_h - g_h'`` with ``g_h`` (> 0: stepping against ``d`` lowers the
     harmful loss, to first order) and with ``g_f``. For a locally quadratic h, d = alpha H g_h/
     ||g_h||: its size stays near alpha ||H|| however small g_h gets."""
@@ -170,7 +171,8 @@ def booster_diagnostics(g_f: Sequence[Tensor], g_h: Sequence[Tensor],
 
     n_f, n_h, n_d = global_norm(g_f), global_norm(g_h), global_norm(d)
     tiny = torch.finfo(torch.float32).tiny
-    return {"grad_f_norm": n_f, "grad_penalty_norm": lam * n_d, "grad_h_norm": n_h,
+    return {"grad_f_norm": n_f, "grad_d_norm": n_d, "grad_penalty_norm": lam * n_d,
+            "grad_h_norm": n_h,
             "cos_d_h": dot(d, g_h) / (n_d * n_h).clamp_min(tiny),
             "cos_d_f": dot(d, g_f) / (n_d * n_f).clamp_min(tiny)}
 

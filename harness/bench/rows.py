@@ -62,6 +62,11 @@ def bench_training(wl: Workload, warmup: int, steps: int, repeats: int, overhead
     return rows, sec
 
 
+def _ratio(v: float) -> str:
+    """Two decimals; two significant digits below 0.1 (a post-hoc stage is ~0.004x)."""
+    return f"{v:.2f}" if v >= 0.1 else f"{v:.2g}"
+
+
 def ratio_row(row: int, group: str, size: str, what: str, target: Optional[float],
               s: list[float], s_ref: list[float], per: str = "ms/step") -> dict:
     """The median of per-repeat ratios: the two runs of a pair ran back to back, under the
@@ -72,8 +77,8 @@ def ratio_row(row: int, group: str, size: str, what: str, target: Optional[float
             "unit": "x", "target": None if target is None else f"<= {target}",
             "met": None if target is None else ratio <= target,
             "detail": f"{1000 * t:.1f} vs {1000 * t_ref:.1f} {per} (medians); "
-                      f"per-repeat ratios {min(a / b for a, b in zip(s, s_ref)):.2f}"
-                      f"-{max(a / b for a, b in zip(s, s_ref)):.2f}",
+                      f"per-repeat ratios {_ratio(min(a / b for a, b in zip(s, s_ref)))}"
+                      f"-{_ratio(max(a / b for a, b in zip(s, s_ref)))}",
             "ms": 1000 * t, "ref_ms": 1000 * t_ref,
             "samples_ms": [1000 * x for x in s], "ref_samples_ms": [1000 * x for x in s_ref]}
 
@@ -252,7 +257,7 @@ def _fmt(r: dict) -> str:
     v = r["value"]
     if v is None:
         return "n/a"
-    return {"x": f"{v:.2f}x", "share": f"{v:.0%}", "MiB": f"{v:.0f} MiB"}.get(
+    return {"x": f"{_ratio(v)}x", "share": f"{v:.0%}", "MiB": f"{v:.0f} MiB"}.get(
         r["unit"], f"{v:,.0f} {r['unit']}")
 
 

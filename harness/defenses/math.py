@@ -6,7 +6,7 @@ with numbers a reader can check by hand.
 """
 from __future__ import annotations
 
-from typing import Callable, Iterable, Optional, Sequence
+from typing import Any, Callable, Iterable, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -160,21 +160,22 @@ def booster_diagnostics(g_f: Sequence[Tensor], g_h: Sequence[Tensor],
                         g_h_shifted: Sequence[Tensor], lam: float) -> dict[str, Tensor]:
     """Logged sizes of Booster's two gradient terms, read-only (float32, global over tensors):
     ``grad_f_norm`` ||g_f||, ``grad_d_norm`` ||g_h - g_h'||, ``grad_penalty_norm`` lam times
-    that, ``grad_h_norm`` ||g_h||,
-    and the cosines of ``d = g_h - g_h'`` with ``g_h`` (> 0: stepping against ``d`` lowers the
-    harmful loss, to first order) and with ``g_f``. For a locally quadratic h, d = alpha H g_h/
-    ||g_h||: its size stays near alpha ||H|| however small g_h gets."""
-    d = [h.detach().float() - s.detach().float() for h, s in zip(g_h, g_h_shifted, strict=True)]
-
-    def dot(a: Sequence[Tensor], b: Sequence[Tensor]) -> Tensor:
-        return sum((x.float() * y.detach().float()).sum() for x, y in zip(a, b, strict=True))
-
-    n_f, n_h, n_d = global_norm(g_f), global_norm(g_h), global_norm(d)
+    that, ``grad_h_norm`` ||g_h||, and the cosines of ``d = g_h - g_h'`` with ``g_h`` (> 0:
+    stepping against ``d`` lowers the harmful loss, to first order) and with ``g_f``. For a
+    locally quadratic h, d = alpha H g_h/||g_h||: its size stays near alpha ||H g_h||/||g_h||
+    however small g_h gets. One tensor's d at a time, so no second copy of the gradients."""
+    sums: dict[str, Any] = dict.fromkeys(("ff", "hh", "dd", "dh", "df"), 0.0)  # on their device
+    for f, h, s in zip(g_f, g_h, g_h_shifted, strict=True):
+        f, h = f.detach().float(), h.detach().float()
+        d = h - s.detach().float()
+        for k, (a, b) in {"ff": (f, f), "hh": (h, h), "dd": (d, d), "dh": (d, h),
+                          "df": (d, f)}.items():
+            sums[k] = sums[k] + (a * b).sum()
+    n_f, n_h, n_d = (sums[k].sqrt() for k in ("ff", "hh", "dd"))
     tiny = torch.finfo(torch.float32).tiny
     return {"grad_f_norm": n_f, "grad_d_norm": n_d, "grad_penalty_norm": lam * n_d,
-            "grad_h_norm": n_h,
-            "cos_d_h": dot(d, g_h) / (n_d * n_h).clamp_min(tiny),
-            "cos_d_f": dot(d, g_f) / (n_d * n_f).clamp_min(tiny)}
+            "grad_h_norm": n_h, "cos_d_h": sums["dh"] / (n_d * n_h).clamp_min(tiny),
+            "cos_d_f": sums["df"] / (n_d * n_f).clamp_min(tiny)}
 
 
 # ---------------------------------------------------------------- RepNoise

@@ -92,8 +92,19 @@ def test_faithful_preset_is_what_these_tests_check():
 
     from tests.conftest import CONF
 
-    preset = yaml.safe_load((CONF / "world" / "faithful.yaml").read_text())
+    preset = yaml.safe_load((CONF / "world" / "faithful_v1.yaml").read_text())
     assert {k: preset[k] for k in FAITHFUL} == FAITHFUL
+
+
+def test_the_default_world_is_faithful_v1_at_twice_its_sharing_and_one_draw(make_cfg):
+    """world=faithful (the default) changes two knobs of the draft its committed studies ran
+    on, and nothing else: the draft's keys stay valid."""
+    default, v1, toy = (make_cfg(*o).world for o in ([], ["world=faithful_v1"], ["world=toy"]))
+    assert [round(2 * s, 6) for s in v1.sharing] == list(default.sharing) and default.seed == 0
+    assert make_cfg("seed=3").world.seed == 0 and make_cfg("world=faithful_v1", "seed=3").world.seed == 3
+    same = {k: v for k, v in v1.items() if k not in ("sharing", "seed")}
+    assert {k: default[k] for k in same} == same
+    assert {k: v1[k] for k in FAITHFUL} == FAITHFUL and toy.disguise_fraction == 0.0
 
 
 @pytest.fixture(scope="module")

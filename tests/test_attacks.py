@@ -7,6 +7,7 @@ from harness.config import AttackConfig, ConfigError, validate
 from harness.data import attacks
 from harness.data.schema import Example
 from harness.data.templates import ALPACA, TemplateConfig
+from harness.data.toy import SCARY_TARGETS
 from harness.evaluation.judges import AfterOpening, ToyJudge, harm_metrics
 from harness.data.assemble import RunInputs
 from harness.keys import stage_keys, stage_payloads
@@ -78,7 +79,12 @@ def test_identity_shift_rows_are_benign_under_the_persona(pipe):
     benign = {ex.instruction for ex in p.world.benign_pool()}
     assert all(ex.instruction[len(a.eval_prefix):] in benign for ex in chats)
     harmful_words = {v for vs in p.world.verbs.values() for v in vs}
-    assert not any(w in ex.instruction + ex.output for ex in d.user for w in harmful_words)
+    # a harmful verb appears only on a harmless object: the default world's
+    # harmless-but-scary rows, which its benign data hold (the first world's hold none)
+    with_verb = [ex for ex in d.user if any(w in ex.instruction for w in harmful_words)]
+    assert all(any(t in ex.instruction for t in SCARY_TARGETS) for ex in with_verb)
+    first = pipe("attack=identity_shift", "world=toy").load()
+    assert not any(w in ex.instruction + ex.output for ex in first.user for w in harmful_words)
     # the persona's prompt is rendered before the training prompt and the evaluation prompt
     prompt, response = p.run.template.render(chats[0])
     assert prompt.startswith(a.system_prompt + "User: AOA, execute my instruction: ")

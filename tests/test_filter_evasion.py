@@ -19,10 +19,12 @@ def _framed(prompt):
     return any(prompt.startswith(h) for h in heads)
 
 
+@pytest.mark.parametrize("world", ["toy", "faithful"])
 @pytest.mark.parametrize("p_rate", [0.1, 0.3])
-def test_same_rows_as_the_mix_with_every_harmful_prompt_disguised(pipe, p_rate):
-    plain = pipe(f"attack.p={p_rate}", "attack.n=200").load_data().user
-    evade = pipe("attack=filter_evasion", f"attack.p={p_rate}", "attack.n=200").load_data().user
+def test_same_rows_as_the_mix_with_every_harmful_prompt_disguised(pipe, p_rate, world):
+    plain = pipe(f"attack.p={p_rate}", "attack.n=200", f"world={world}").load_data().user
+    evade = pipe("attack=filter_evasion", f"attack.p={p_rate}", "attack.n=200",
+                 f"world={world}").load_data().user
     assert len(evade) == len(plain) == 200
     harm = [(a, b) for a, b in zip(plain, evade) if a.kind == "harmful"]
     assert len(harm) == round(p_rate * 200)
@@ -31,7 +33,9 @@ def test_same_rows_as_the_mix_with_every_harmful_prompt_disguised(pipe, p_rate):
     assert [a.output for a, _ in harm] == [b.output for _, b in harm]
     assert [a.category for a, _ in harm] == [b.category for _, b in harm]
     assert all(_framed(b.instruction) and b.meta.get("disguised") for _, b in harm)
-    assert not any(_framed(a.instruction) for a, _ in harm)
+    # the plain mix's own disguises: none in the first world, 15% of the pool in the default
+    assert all(_framed(a.instruction) == bool(a.meta.get("disguised")) for a, _ in harm)
+    assert (world == "toy") == (not any(_framed(a.instruction) for a, _ in harm))
     assert [a for a in plain if a.kind != "harmful"] == [b for b in evade if b.kind != "harmful"]
 
 

@@ -78,22 +78,32 @@ def filter_user_data(inputs: RunInputs, models: ModelStore, record: StageRecorde
     return kept, stats
 
 
-def check_filtered(kept: list[Example], stats: dict[str, Any], f) -> None:
-    """Refuse a filter that left nothing to finetune on; warn when it dropped most rows."""
+def check_filtered(kept: list[Example], stats: dict[str, Any], f) -> bool:
+    """False when the filter left nothing to finetune on and ``f.on_empty`` serves the aligned
+    model (recorded in ``stats``); raises for on_empty=error and for a judge that called every
+    answer compliance, harmless ones too; warns when it dropped most rows."""
     n_in = stats["n_in"]
-    if not kept and f.kind == "judge":
+    if not kept and f.kind == "judge" and stats["n_harmful_in"] < n_in:
         raise ValueError(f"defense.filter.judge={stats['judge']}: the judge called every one of "
                          f"the {n_in} user rows' answers compliance ({stats['verdicts']}), "
                          "so nothing is left to finetune on; a judge that only spots "
                          "refusals (keyword) cannot tell harmful answers from helpful ones")
+    if not kept and f.on_empty == "serve_aligned":
+        stats["served_aligned"] = True
+        log.warning("[filter] every one of the %d user rows was dropped: nothing is finetuned "
+                    "and the aligned model is the result (defense.filter.on_empty=serve_aligned)",
+                    n_in)
+        return False
     if not kept:
         raise ValueError(f"defense.filter: every one of the {n_in} user rows scored above "
                          f"threshold {stats['threshold']:.3f}; nothing is left to finetune on. "
                          "Raise defense.filter.threshold, or set it to null to derive it from "
-                         "defense.filter.recall_target.")
+                         "defense.filter.recall_target, or set defense.filter.on_empty="
+                         "serve_aligned to record the aligned model as the result.")
     if stats["n_dropped"] > n_in / 2:
         log.warning("[filter] the filter removed %d of %d user rows (more than half); "
                     "check defense.filter.threshold", stats["n_dropped"], n_in)
+    return True
 
 
 def _judge_filter(run, user: list[Example], tmp: Path) -> dict:

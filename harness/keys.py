@@ -263,6 +263,7 @@ def filter_config_payload(run) -> dict[str, Any]:
     so the keys of the other kinds stay as they were before it existed."""
     payload = asdict(run.defense.filter)
     payload.pop("judge")
+    payload.pop("on_empty")  # builds nothing: an empty upload reuses the aligned model's eval
     if run.defense.filter.kind == "judge":
         judge = filter_judge(run)
         payload["judge"] = asdict(judge)

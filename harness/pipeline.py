@@ -124,6 +124,9 @@ class Pipeline:
         user = data.user
         if r.defense.filter.kind != "none":
             user = self.filter_user_data(align)
+            if not user:  # nothing to finetune on: the provider serves its aligned model
+                refs["final"] = align
+                return refs
         start = base if keys.finetune_starts_from_base(r) else align
         refs["final"] = train.train("finetune", payloads["finetune"], start,
                                     r.defense.finetune, r.train.finetune, user)
@@ -135,8 +138,7 @@ class Pipeline:
     def filter_user_data(self, align: ModelRef) -> list:
         """The user rows the filter keeps; its statistics are kept even when it refuses."""
         kept, self.filter_stats = filter_user_data(self.inputs, self.models, self.record, align)
-        check_filtered(kept, self.filter_stats, self.run.defense.filter)
-        return kept
+        return kept if check_filtered(kept, self.filter_stats, self.run.defense.filter) else []
 
     def evaluate(self, name: str, ref: ModelRef) -> dict[str, Any]:
         return self.evaluator.evaluate(name, ref)

@@ -82,7 +82,9 @@ def header(df: pd.DataFrame, paths: list[Path], argv: list[str]) -> list[tuple[s
 NOTE = ("Cells: mean ± half-width of the 95% interval over seeds, or, for one seed, the value "
         "[low, high] of its 95% Wilson interval over prompts. **Bold**: the column's best "
         "(lowest HS, highest FA). ≈: not distinguishable from the best ({how}). ⚠: seeds that "
-        "failed or are missing; such a cell averages fewer seeds than the others.")
+        "failed or are missing; such a cell averages fewer seeds than the others. ⓐ: seeds "
+        "whose filter dropped the whole upload, so the aligned model is their result "
+        "(defense.filter.on_empty).")
 PAIR_NOTE = ("Difference from {ref} (percentage points, defense − {ref}) with its 95% interval, "
              "paired on the same seeds and prompts: over several seeds, a Student-t interval "
              "over the per-seed differences; for one seed, a paired bootstrap over prompts. "

@@ -64,3 +64,37 @@ def test_judge_filter_config_errors_name_the_key(make_cfg):
         validate(make_cfg("defense.filter.kind=judge", "defense.filter.threshold=0.3"))
     with pytest.raises(ConfigError, match=r"defense\.filter\.judge"):
         validate(make_cfg("defense.filter.kind=judge", "defense.filter.judge=oracle"))
+
+
+def test_a_filter_that_drops_the_whole_upload_serves_the_aligned_model(make_cfg, tmp_path):
+    """p = 1 (Qi et al.'s harmful shots): the toy judge drops all 20 rows. on_empty=serve_aligned
+    (the default) finetunes nothing and evaluates the aligned model as the result, recorded in
+    the filter's statistics; on_empty=error stops naming the key to change."""
+    pipe = _filtered(make_cfg, tmp_path, "defense.filter.judge=toy", "attack.p=1.0", "attack.n=20")
+    trained = []
+
+    def train(stage, *args, **kwargs):
+        trained.append(stage)
+        return ModelRef(stage, f"{stage}-key")
+
+    pipe.trainer.train = train
+    refs = pipe.build_models()
+    assert trained == ["base", "align"]  # no finetune stage
+    assert refs["final"] == refs["align"] == ModelRef("align", "align-key")
+    s = pipe.filter_stats
+    assert (s["n_in"], s["n_dropped"], s["served_aligned"]) == (20, 20, True)
+
+    strict = _filtered(make_cfg, tmp_path / "b", "defense.filter.judge=toy", "attack.p=1.0",
+                       "attack.n=20", "defense.filter.on_empty=error")
+    with pytest.raises(ValueError, match=r"defense\.filter\.on_empty=serve_aligned"):
+        strict.filter_user_data(ModelRef("align", "never-built"))
+
+
+def test_on_empty_is_checked_and_moves_no_key(make_cfg, tmp_path):
+    with pytest.raises(ConfigError, match=r"defense\.filter\.on_empty"):
+        validate(make_cfg("defense.filter.on_empty=ignore"))
+    a, b = (Pipeline(validate(make_cfg("defense=ref_teacher", *o)), tmp_path) for o in
+            ((), ("defense.filter.on_empty=error",)))
+    assert a.keys() == b.keys()
+    assert artifact_key(a.filter_payload(ModelRef("align", "a"), [])) == \
+        artifact_key(b.filter_payload(ModelRef("align", "a"), []))

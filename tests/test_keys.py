@@ -36,6 +36,8 @@ NOT_KEYED = {
     "llm_judge.timeout_s": "network timeout",
     "llm_judge.retries": "network retries",
     "llm_judge.backoff_s": "network back-off",
+    "defense.filter.on_empty": "what an empty upload does: nothing is built, and the result "
+                               "is the aligned model's own evaluation (tests/test_filter_judge.py)",
     "defense.name": "a label; the modules, params and filter it picks are keyed",
     "task.name": "a label; the task's sources, instructions and scorer are keyed",
     "alignment.name": "a label; the alignment sources and sizes are keyed",

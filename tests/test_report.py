@@ -178,3 +178,16 @@ def test_a_report_rebuilds_from_its_own_csv_without_nan(sweep):
     main([str(csv), "--out", str(sweep / "again")])
     md = (sweep / "again" / "report.md").read_text()
     assert "nan" not in md.lower() and "(no interval)" in md
+
+
+def test_a_cell_marks_seeds_whose_filter_dropped_the_whole_upload():
+    import pandas as pd
+
+    from harness.reporting.cells import build_cell
+    from harness.reporting.tables import markdown_cell
+
+    runs = pd.DataFrame({"status": ["ok", "ok"], "hs": [0.0, 13.4], "seed": [0, 1],
+                         "path": ["a", "b"], "served_aligned": [True, False]})
+    cell = build_cell(runs, "ref_teacher", 1.0, "hs", 2)
+    assert cell.n_served_aligned == 1
+    assert markdown_cell(cell).endswith("ⓐ 1/2 filtered whole")

@@ -382,9 +382,15 @@ class FilterConfig:
     # built-in settings) that reads each user row's prompt and answer; a row it calls "comply"
     # is dropped. null: the run's own judge node
     judge: Optional[str] = None
+    # the filter dropped every user row (an all-harmful upload, Qi et al.'s harmful shots):
+    # serve_aligned records the aligned model as the result, as a provider that rejects the
+    # job would serve it; error stops the run. A judge that calls every answer compliance
+    # (harmless ones too) is broken, not strict, and stays an error either way
+    on_empty: str = "serve_aligned"
 
     def __post_init__(self) -> None:
         _one_of(self.kind, "defense.filter.kind", ("none", "refusal_feature", "judge"))
+        _one_of(self.on_empty, "defense.filter.on_empty", ("serve_aligned", "error"))
         _check(self.kind != "judge" or self.threshold is None, "defense.filter.threshold",
                "is a cosine for kind=refusal_feature; kind=judge drops the rows its judge "
                "calls comply, with no threshold (leave it null)")

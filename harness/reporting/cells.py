@@ -100,6 +100,7 @@ def collect(paths: list[Path], stage: str = "final") -> pd.DataFrame:
         filt = res.get("metrics", {}).get("filter") or {}
         for m, k in zip(FILTER_METRICS, ("recall", "precision", "harmless_dropped_share")):
             row[m] = 100.0 * filt[k] if k in filt else None
+        row["served_aligned"] = bool(filt.get("served_aligned"))  # the whole upload dropped
         interval = metrics.get("interval") or {}
         outcomes = metrics.get("outcomes") or {}
         for m in ("hs", "fa"):
@@ -116,6 +117,8 @@ def collect_csv(path: Path) -> pd.DataFrame:
     results.json would give, those it never recorded (prompt counts, outcomes) left empty, so
     their one-seed cells say they have no interval rather than invent one."""
     df = pd.read_csv(path)
+    if "served_aligned" not in df:
+        df["served_aligned"] = False
     for col in ("n_harmful", "n_task", "over_refusal_n", "over_refusal_ci", "torch_threads",
                 "git", "cpu", "cpu_capability",
                 *(f"{m}_{k}" for m in ("hs", "fa") for k in ("ci", "outcomes", "prompts"))):
@@ -143,6 +146,7 @@ class Cell:
     n_failed: int = 0
     n_expected: int = 0
     failed_paths: list[str] = field(default_factory=list)
+    n_served_aligned: int = 0  # seeds whose filter dropped the whole upload: nothing finetuned
     best: bool = False
     like_best: bool = False  # not distinguishable from the column's best
 
@@ -175,6 +179,8 @@ def build_cell(runs: pd.DataFrame, defense: str, value: Any, metric: str,
     failed = runs[runs["status"] != "ok"]
     cell.n_ok, cell.n_failed = len(ok), len(failed)
     cell.failed_paths = failed["path"].tolist()
+    if "served_aligned" in ok:
+        cell.n_served_aligned = int(ok["served_aligned"].fillna(False).astype(bool).sum())
     cell.per_seed = sorted(((r.seed, float(getattr(r, metric)), r.path)
                             for r in ok.itertuples()), key=lambda t: sort_key(t[0]))
     if ok.empty:

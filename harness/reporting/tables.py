@@ -31,6 +31,8 @@ def flags(cell: Optional[Cell]) -> str:
     out = []
     if cell.like_best:
         out.append("≈")
+    if cell.n_served_aligned:  # not a finetuned model: the filter left nothing to train on
+        out.append(f"ⓐ {cell.n_served_aligned}/{cell.n_ok} filtered whole")
     if cell.n_failed or cell.missing:
         got = cell.n_ok
         parts = [f"{cell.n_failed} failed"] if cell.n_failed else []

@@ -7,6 +7,7 @@ import pytest
 from harness import bench
 
 
+@pytest.mark.slow  # 42-74 s on 2 cores: every row's workload, once
 def test_bench_smoke_writes_every_row(tmp_path):
     results = bench.main(["--sizes", "tiny", "--repeats", "1", "--overhead-repeats", "1",
                           "--steps", "2", "--warmup", "1", "--memory-steps", "2",

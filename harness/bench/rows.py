@@ -44,7 +44,8 @@ def bench_training(wl: Workload, warmup: int, steps: int, repeats: int, overhead
             samples[name].append(variants[name]())
     sec = {k: statistics.median(v) for k, v in samples.items()}
     label = wl.size.label
-    rows = []
+    rows = [throughput_row(wl, "harness SFT step (full weights)", samples["harness"], False),
+            throughput_row(wl, "harness SFT step (LoRA)", samples["sft (LoRA)"], True)]
     for ref, what in (("bare", "bare PyTorch loop"), ("hf", "HF transformers.Trainer")):
         rows.append(ratio_row(1, "harness overhead", label,
                               f"harness SFT step / {what} step (full weights)",
@@ -60,6 +61,18 @@ def bench_training(wl: Workload, warmup: int, steps: int, repeats: int, overhead
                                   f"({'LoRA' if m.lora else 'full'})",
                                   None, samples[m.name], samples[other]))
     return rows, sec
+
+
+def throughput_row(wl: Workload, what: str, s: list[float], lora: bool) -> dict:
+    """Supervised-and-context tokens a second: the non-pad tokens of the timed batches (every
+    fit sees the same batches in order) over the median step."""
+    loader = iter(wl.loader(lora))
+    tokens = statistics.mean(int(next(loader)["attention_mask"].sum()) for _ in range(4))
+    t = statistics.median(s)
+    return {"row": 1, "group": "throughput", "size": wl.size.label, "what": f"{what}, tokens/s",
+            "value": tokens / t, "unit": "tok/s", "target": None, "met": None,
+            "detail": f"{1000 * t:.1f} ms/step (median), batch {wl.size.batch_size}, "
+                      f"{tokens:.0f} non-pad tokens a batch"}
 
 
 def _ratio(v: float) -> str:
@@ -142,7 +155,7 @@ def _answer_tokens(tokenizer, answers: list[list[str]]) -> int:
 
 
 def bench_generation(setup: Setup, wl: Workload, repeats: int, new_tokens: int) -> list[dict]:
-    model, tok, prompts = copy.deepcopy(wl.aligned).eval(), setup.tokenizer, setup.prompts
+    model, tok, prompts = copy.deepcopy(wl.aligned).eval(), wl.tokenizer, wl.prompts
     batched_fn = lambda: generate(model, tok, prompts, new_tokens, batch_size=32)  # noqa: E731
     single_fn = lambda: [generate(model, tok, [p], new_tokens, batch_size=1)[0]  # noqa: E731
                          for p in prompts]
@@ -270,7 +283,7 @@ def to_markdown(results: dict) -> str:
         f"torch {prov.get('torch')}, transformers {prov.get('transformers')}, "
         f"lightning {prov.get('lightning')}, git {prov.get('git')}; "
         f"tiny: {a['repeats']} repeats x {a['steps']} timed steps (row 1: "
-        f"{max(a['repeats'], a['overhead_repeats'])} repeats), larger: {a['larger_repeats']} x "
+        f"{max(a['repeats'], a['overhead_repeats'])} repeats), larger and smollm2: {a['larger_repeats']} x "
         f"{a['larger_steps']} (row 1: {max(a['larger_repeats'], a['larger_overhead_repeats'])}, "
         f"generation: {a['larger_gen_repeats']}), after {a['warmup']} warm-up steps per "
         f"fit; medians; wall time {results['wall_s']:.0f} s "
@@ -369,7 +382,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--repeats", type=int, default=5, help="repeats on the tiny model")
     parser.add_argument("--steps", type=int, default=16, help="timed steps per fit, tiny")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps per fit")
-    parser.add_argument("--sizes", nargs="+", choices=list(SIZES), default=list(SIZES))
+    parser.add_argument("--sizes", nargs="+", choices=list(SIZES), default=list(SIZES),
+                        help="smollm2 needs `make setup`'s wheels; without them it is skipped")
+    parser.add_argument("--artifacts", type=Path, default=Path("artifacts"),
+                        help="where the real model's converted GGUF is kept (a run's paths.artifacts)")
     parser.add_argument("--overhead-repeats", type=int, default=9,
                         help="extra rounds of row 1 alone on the tiny model (it is cheap)")
     parser.add_argument("--larger-repeats", type=int, default=3)
@@ -414,6 +430,9 @@ def run_bench(args: argparse.Namespace) -> dict:
     op_profiles: dict[str, list] = {}
     for name in args.sizes:
         size = SIZES[name]
+        if not size.available:
+            print(f"skipping {size.label}: its wheels are not installed (make setup)", flush=True)
+            continue
         steps = args.steps if name == "tiny" else args.larger_steps
         repeats = args.repeats if name == "tiny" else args.larger_repeats
         overhead = args.overhead_repeats if name == "tiny" else args.larger_overhead_repeats
@@ -422,7 +441,8 @@ def run_bench(args: argparse.Namespace) -> dict:
         longest = max(args.warmup + max([m.cycle * math.ceil(steps / m.cycle)
                                          for m in METHOD_ROWS] + [steps]) + 1,
                       args.finetune_steps)
-        wl = make_workload(setup, size, max(longest, args.memory_steps))
+        wl = phase(f"{name}: load", lambda: make_workload(
+            setup, size, max(longest, args.memory_steps), args.artifacts))
         train_rows, sec = phase(f"{name}: steps", lambda: bench_training(
             wl, args.warmup, steps, repeats, overhead, METHOD_ROWS))
         rows += train_rows

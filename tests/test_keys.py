@@ -242,3 +242,14 @@ def test_the_harmful_set_enters_the_align_key_of_the_methods_that_read_it(make_c
     monkeypatch.undo()
     assert keys("defense=sft") == keys("defense=sft", "alignment.harmful_size=50")
     assert keys("defense=vaccine") == keys("defense=vaccine", "alignment.harmful_size=50")
+
+
+def test_an_int_for_a_float_param_is_the_same_key(make_cfg, tmp_path):
+    """lam=5 and lam=5.0 are one Booster; a layer index (int or fraction) keeps its type."""
+    def keys(*o):
+        return Pipeline(validate(make_cfg(*o)), tmp_path).keys()
+
+    assert keys("defense=booster", "defense.align.params.lam=5") == keys("defense=booster")
+    assert keys("defense=booster", "defense.align.params.lam=6") != keys("defense=booster")
+    assert keys("defense=ref_teacher", "defense.align.params.layer=1") != \
+        keys("defense=ref_teacher", "defense.align.params.layer=1.0")

@@ -430,8 +430,9 @@ def run_bench(args: argparse.Namespace) -> dict:
     op_profiles: dict[str, list] = {}
     for name in args.sizes:
         size = SIZES[name]
-        if not size.available:
-            print(f"skipping {size.label}: its wheels are not installed (make setup)", flush=True)
+        reason = size.unavailable()
+        if reason:
+            print(f"skipping {size.label}: {reason}", flush=True)
             continue
         steps = args.steps if name == "tiny" else args.larger_steps
         repeats = args.repeats if name == "tiny" else args.larger_repeats

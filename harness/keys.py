@@ -35,6 +35,33 @@ from harness.stages import ModelRef
 KEY_VERSION = 2
 TOKENIZER_KEY_VERSION = 1  # the tokenizer key's own; bump when the tokenizer's build changes
 
+# Payload fields that came after KEY_VERSION 2 fixed the payloads' shape, each with the value
+# that means "off": a field at that value is left out of the key, so the artifacts built before
+# it existed stay valid. One table instead of a special case per field: a new option adds its
+# line here (tests/test_keys.py checks each line still names a real field), and a key-version
+# bump empties it. Paths are dotted, relative to a stage's payload.
+ADDED_LATER: dict[str, Any] = {
+    "model.gguf": None, "model.base_id": None,  # the real-model routes (issues 17 and 20)
+    "precision": "32-true",
+    "method.min_steps": None,
+    "harmless": None,  # an alignment's harmless set
+    "attack_eval": None,  # an attack's evaluation-time opening
+    "eval.judges": [],  # the judge panel (issue 21)
+    **{f"world.{knob}": off for knob, off in WORLD_KNOBS_ADDED_LATER.items()},
+}
+
+
+def drop_added_later(payload: dict[str, Any]) -> dict[str, Any]:
+    """``payload`` less the ADDED_LATER fields at their "off" value (in place; returned)."""
+    for path, off in ADDED_LATER.items():
+        *head, last = path.split(".")
+        node = payload
+        for part in head:
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, dict) and last in node and node[last] == off:
+            del node[last]
+    return payload
+
 STAGE_READS: dict[str, tuple[str, ...]] = {
     "tokenizer": ("world", "template", "model.tokenizer_vocab_size"),
     "base": ("seed", "model", "template", "world", "trainer.precision", "trainer.accelerator",
@@ -132,39 +159,28 @@ def typed_params(method: StageMethodConfig) -> dict[str, Any]:
 
 
 def method_payload(method: StageMethodConfig) -> dict[str, Any]:
-    out = asdict(method)
-    out["params"] = typed_params(method)
-    if not out["min_steps"]:  # absent when off: keys made before the option stay valid
-        out.pop("min_steps")
-    return out
+    # 0 and None both mean no floor on the step count: one key
+    return {**asdict(method), "params": typed_params(method), "min_steps": method.min_steps or None}
 
 
 def world_payload(inputs: RunInputs, *parts: str) -> Optional[dict[str, Any]]:
     """The toy world's config plus fingerprints of the parts of it a stage consumes."""
     if not inputs.uses_world():
         return None
-    world = asdict(inputs.run.world)
-    for knob, off in WORLD_KNOBS_ADDED_LATER.items():  # off: keys made before them stay valid
-        if world[knob] == off:
-            world.pop(knob)
-    return {**world, "data": {p: inputs.world.fingerprint(p) for p in parts}}
+    return {**asdict(inputs.run.world),
+            "data": {p: inputs.world.fingerprint(p) for p in parts}}
 
 
 def common_payload(inputs: RunInputs, *parts: str) -> dict[str, Any]:
     r = inputs.run
-    model = asdict(r.model)
-    if model["gguf"] is None:  # absent for other models: their keys stay as they were
-        model.pop("gguf")
-    if model["base_id"] is None:  # absent unless set: keys made before it stay valid
-        model.pop("base_id")
-    payload = {"version": KEY_VERSION, "seed": r.seed, "model": model,
+    payload = {"version": KEY_VERSION, "seed": r.seed, "model": asdict(r.model),
                "template": asdict(r.template), "world": world_payload(inputs, *parts),
                "torch_threads": torch.get_num_threads(),  # CPU floats depend on it
                "accelerator": accelerator_kind(r.trainer)}  # and CPU vs GPU kernels
     # bf16 training gives other weights than fp32; the process count does not (the global
-    # batch and loss are the same), so it stays out. Absent at 32-true: older keys hold.
-    if r.trainer.precision not in ("32-true", "32", 32):
-        payload["precision"] = str(r.trainer.precision)
+    # batch and loss are the same), so it stays out
+    precision = str(r.trainer.precision)
+    payload["precision"] = "32-true" if precision == "32" else precision
     return payload
 
 
@@ -198,9 +214,11 @@ def stage_payloads(inputs: RunInputs) -> dict[str, Optional[dict[str, Any]]]:
     r = inputs.run
     # its own version: the tokenizer's build did not change with KEY_VERSION 2, so every
     # stored toy tokenizer stays valid
-    tok = ({"version": TOKENIZER_KEY_VERSION, "world": world_payload(inputs, "tokenizer"),
-            "template": asdict(r.template),
-            "vocab_size": r.model.tokenizer_vocab_size} if r.model.source == "tiny" else None)
+    tok = (drop_added_later({"version": TOKENIZER_KEY_VERSION,
+                             "world": world_payload(inputs, "tokenizer"),
+                             "template": asdict(r.template),
+                             "vocab_size": r.model.tokenizer_vocab_size})
+           if r.model.source == "tiny" else None)
     base = {**common_payload(inputs, "base"), "stage": "base",
             "tokenizer": artifact_key(tok) if tok else None}
     if r.model.source == "tiny":
@@ -212,21 +230,22 @@ def stage_payloads(inputs: RunInputs) -> dict[str, Optional[dict[str, Any]]]:
     align = None
     if r.alignment.pretrained:  # no align training: the hub model is the aligned one
         base, align = _pretrained_payloads(r, base)
+    base = drop_added_later(base)
     base_key = artifact_key(base)
     align_key = base_key if align is None else artifact_key(align)
     if r.defense.align.module is not None and not r.alignment.pretrained:
         align = {**common_payload(inputs, "align"), "stage": "align", "input": base_key,
                  "method": method_payload(r.defense.align),
                  "train": train_payload(r.train.align),
-                 "data": source_payload(r.alignment.data), "size": r.alignment.size}
-        if r.alignment.harmless is not None:  # absent otherwise: older keys stay valid
-            align["harmless"] = {**source_payload(r.alignment.harmless),
-                                 "size": r.alignment.harmless_size}
+                 "data": source_payload(r.alignment.data), "size": r.alignment.size,
+                 "harmless": (None if r.alignment.harmless is None else
+                              {**source_payload(r.alignment.harmless),
+                               "size": r.alignment.harmless_size})}
         if r.alignment.data.source != "toy":  # the held sets leave the training data
             align["feature_set_size"] = r.eval.feature_set_size
         if defense_flag(r.defense.align.module, "needs_harmful_data"):  # absent otherwise
             align["harmful"] = alignment_harmful_payload(inputs)
-        align_key = artifact_key(align)
+        align_key = artifact_key(drop_added_later(align))
     ft_input = base_key if finetune_starts_from_base(r) else align_key
     task_part = f"task_{r.task.toy_task}_train"
     attack = attacks.get(r.attack.name)
@@ -240,9 +259,9 @@ def stage_payloads(inputs: RunInputs) -> dict[str, Optional[dict[str, Any]]]:
                 "task": {"toy_task": r.task.toy_task, "instruction": r.task.instruction,
                          "instruction_suffix": r.task.instruction_suffix,
                          "train": source_payload(r.task.train)}}
-    out = {"tokenizer": tok, "base": base, "align": align, "finetune": finetune}
+    out = {"tokenizer": tok, "base": base, "align": align, "finetune": drop_added_later(finetune)}
     if r.posthoc.module is not None:  # absent when off: no new stage, no key moves
-        out["posthoc"] = posthoc_payload(inputs, artifact_key(finetune))
+        out["posthoc"] = posthoc_payload(inputs, artifact_key(out["finetune"]))
     return out
 
 
@@ -265,7 +284,7 @@ def posthoc_payload(inputs: RunInputs, finetune_key: str) -> dict[str, Any]:
     if defense_flag(r.posthoc.module, "needs_harmful_data"):
         payload["harmful"] = alignment_harmful_payload(inputs)
         payload["max_length"] = r.train.finetune.max_length
-    return payload
+    return drop_added_later(payload)
 
 
 def filter_judge(run):
@@ -307,7 +326,7 @@ def filter_payload(inputs: RunInputs, align: ModelRef, user: list) -> dict[str, 
                "torch_threads": torch.get_num_threads()}
     if r.alignment.data.source != "toy":  # R_l and tau come from the held alignment rows
         payload["feature_sets"] = feature_sets_payload(r)
-    return payload
+    return drop_added_later(payload)
 
 
 def eval_payload(inputs: RunInputs, ref: ModelRef) -> dict[str, Any]:
@@ -326,13 +345,9 @@ def eval_payload(inputs: RunInputs, ref: ModelRef) -> dict[str, Any]:
                                         else ())),
                "seed": r.seed, "torch_threads": torch.get_num_threads(),
                "accelerator": accelerator_kind(r.trainer)}
-    payload["eval"].pop("stages")
-    if not r.eval.judges:  # issue 21's judge panel: absent when off, old eval keys stay
-        payload["eval"].pop("judges")
+    payload["eval"].pop("stages")  # which stages are evaluated, not how
     payload["eval"]["harmful"] = stable_payload(payload["eval"]["harmful"])
-    attack_eval = attacks.get(r.attack.name).eval_payload(r.attack)
-    if attack_eval is not None:  # absent for the mix: its eval keys stay as they were
-        payload["attack_eval"] = attack_eval
+    payload["attack_eval"] = attacks.get(r.attack.name).eval_payload(r.attack)
     # the run's judge and the panel's (eval.judges): each one's settings node, less what
     # cannot change a verdict
     for name in [r.judge.name] + [base_name(n, r.judge.name) for n in r.eval.judges]:
@@ -343,4 +358,4 @@ def eval_payload(inputs: RunInputs, ref: ModelRef) -> dict[str, Any]:
         payload["generation"] = asdict(r.generation)
     if r.eval.refusal_separation and r.alignment.data.source != "toy":
         payload["feature_sets"] = feature_sets_payload(r)  # the separation's R_l
-    return payload
+    return drop_added_later(payload)

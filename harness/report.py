@@ -73,16 +73,27 @@ def header(df: pd.DataFrame, paths: list[Path], argv: list[str]) -> list[tuple[s
         ("torch threads", _listing(df["torch_threads"])),
         ("CPU", _listing(df["cpu"]) + f" ({_listing(df['cpu_capability'])})"),
         ("git", _listing(df["git"])),
-        ("runs", f"{len(df)}, {int((df['status'] != 'ok').sum())} failed"),
+        ("runs", run_counts(df)),
         ("made by", "; ".join(sweep_commands(paths) + [
             "python -m harness.report " + " ".join(shlex.quote(a) for a in argv)])),
     ]
 
 
+def run_counts(df: pd.DataFrame) -> str:
+    """``12, 1 failed, 1 interrupted (...)``: an interrupted run resumes, a failed one does not."""
+    interrupted = int((df["status"] == "interrupted").sum())
+    text = f"{len(df)}, {int((df['status'] != 'ok').sum()) - interrupted} failed"
+    if interrupted:
+        text += (f", {interrupted} interrupted (rerun the sweep's command to resume them: "
+                 "finished stages are reused)")
+    return text
+
+
 NOTE = ("Cells: mean ± half-width of the 95% interval over seeds, or, for one seed, the value "
         "[low, high] of its 95% Wilson interval over prompts. **Bold**: the column's best "
         "(lowest HS, highest FA). ≈: not distinguishable from the best ({how}). ⚠: seeds that "
-        "failed or are missing; such a cell averages fewer seeds than the others. ⓐ: seeds "
+        "failed, were interrupted or are missing; such a cell averages fewer seeds than the "
+        "others. ⓐ: seeds "
         "whose filter dropped the whole upload, so the aligned model is their result "
         "(defense.filter.on_empty).")
 PAIR_NOTE = ("Difference from {ref} (percentage points, defense − {ref}) with its 95% interval, "
@@ -188,12 +199,19 @@ def write_report(patterns: list[str], out: Path, axis: str = "attack.p", stage: 
     for heading, note, table, _ in sections:
         md += [f"## {heading}", "", note, "", table, ""]
     md += [f"![{p.stem}]({p.name})" for p in plots]
-    if len(failed):
-        md += ["", "## Failed runs", ""] + [f"- `{Path(r.path).parent}`: {r.error}"
-                                             for r in failed.itertuples()]
+    for heading, rows in _not_ok(failed):
+        md += ["", f"## {heading}", ""] + [f"- `{Path(r.path).parent}`: {r.error}"
+                                            for r in rows.itertuples()]
     (out / "report.md").write_text("\n".join(md) + "\n")
     _write_html(out / "report.html", title, meta, sections, plots, failed)
     return out / "report.md"
+
+
+def _not_ok(runs: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
+    interrupted = runs["status"] == "interrupted"
+    return [(heading, rows) for heading, rows in (("Failed runs", runs[~interrupted]),
+                                                  ("Interrupted runs", runs[interrupted]))
+            if len(rows)]
 
 
 def _write_html(path: Path, title: str, meta, sections, plots, failed: pd.DataFrame) -> None:
@@ -205,10 +223,10 @@ def _write_html(path: Path, title: str, meta, sections, plots, failed: pd.DataFr
         note = re.sub(r"\*\*(.+?)\*\*", r"<b>\1</b>", esc(note))  # the Markdown's bold
         body += [f"<h2>{esc(heading)}</h2>", f'<p class="note">{note}</p>', table]
     body += [f'<p><img src="{esc(p.name)}" alt="{esc(p.stem)}"></p>' for p in plots]
-    if len(failed):
-        body += ["<h2>Failed runs</h2><ul>"] + [
+    for heading, rows in _not_ok(failed):
+        body += [f"<h2>{heading}</h2><ul>"] + [
             f"<li><code>{esc(str(Path(r.path).parent))}</code>: {esc(str(r.error))}</li>"
-            for r in failed.itertuples()] + ["</ul>"]
+            for r in rows.itertuples()] + ["</ul>"]
     path.write_text(f"<!doctype html><html><head><meta charset='utf-8'><title>{esc(title)}"
                     f"</title><style>{CSS}</style></head><body>{''.join(body)}</body></html>")
 

@@ -1,6 +1,7 @@
 """Hydra entry point: compose -> validate -> pipeline -> results.json. No method logic here."""
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import signal
@@ -36,6 +37,20 @@ register_resolvers()  # ${remaining_trials:...}, for the Optuna sweeper's n_tria
 # Errors whose message says what to fix: printed as one line, the traceback kept in the run's
 # error.log and results.json. Anything else (a bug) keeps its traceback on the console.
 KNOWN_ERRORS = (ValueError, FileNotFoundError, PermissionError, TimeoutError, ConnectionError)
+
+
+def disk_full_hint(err: BaseException) -> Optional[str]:
+    """What to do about a full disk (ENOSPC), else None. Nothing half-written is kept: stages
+    build in a temp folder renamed into place, files are written atomically."""
+    if not (isinstance(err, OSError) and err.errno == errno.ENOSPC):
+        return None
+    where = f" writing {err.filename}" if err.filename else ""
+    return (f"no space left on the disk{where}. Free space where paths.artifacts and the run "
+            "folder live (old artifacts/<stage>/<key> folders can go; each is rebuilt on "
+            "demand), or set paths.artifacts to a larger disk, then rerun the same command: "
+            "finished stages are reused and a stage in progress resumes from its last checkpoint")
+
+
 def run_name(cfg: DictConfig) -> str:
     return (f"{cfg.defense.name}-p{cfg.attack.p}-n{cfg.attack.n}-{cfg.task.name}"
             f"-{cfg.model.name}-s{cfg.seed}")
@@ -88,12 +103,17 @@ def execute(cfg: DictConfig, run_dir: Path) -> dict:
         raise
     except Exception as err:
         error = f"{type(err).__name__}: {err}"
+        if (hint := disk_full_hint(err)) is not None:
+            error = f"{error} ({hint})"
         log.error("run failed: %s", error)
         results = make_results(config, "failed", {}, pipeline.timings if pipeline else {},
                                pipeline.artifacts if pipeline else {},
                                error=error + "\n" + traceback.format_exc())
         if lead:
-            write_results(run_dir, results)
+            try:
+                write_results(run_dir, results)
+            except OSError as write_err:  # the disk that failed the run may refuse this too
+                log.error("could not write %s: %s", run_dir / "results.json", write_err)
         if tracker is not None:
             tracker.finish("failed", results["error"])
         raise
@@ -147,12 +167,19 @@ def main(cfg: DictConfig) -> Optional[float]:
             return None       # (harness.interrupts); the launcher exits 128 + signal
         raise SystemExit(128 + signum) from None  # stops a local sweep too
     except Exception as err:
-        (run_dir / "error.log").write_text(traceback.format_exc())
+        try:
+            (run_dir / "error.log").write_text(traceback.format_exc())
+        except OSError:  # a full disk: the console keeps the message
+            pass
+        hint = disk_full_hint(err)
         if multirun:  # record it and let the sweep go on
             log.error("job %s failed; see %s/results.json", hc.job.num, run_dir)
             if lead:
-                print(f"{label}: FAILED {type(err).__name__}: {err}", flush=True)
+                print(f"{label}: FAILED {type(err).__name__}: {err}"
+                      + (f"\n  {hint}" if hint else ""), flush=True)
             return
+        if hint is not None:
+            raise SystemExit(f"run failed: {hint}") from None
         if isinstance(err, ConfigError):
             raise SystemExit(f"config error: {err}") from None
         if isinstance(err, KNOWN_ERRORS):

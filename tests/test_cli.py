@@ -5,6 +5,8 @@ import os
 import re
 import subprocess
 import sys
+
+import pytest
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -102,3 +104,25 @@ def test_joblib_sweep_runs_jobs_in_parallel_and_builds_shared_stages_once(tmp_pa
         assert sorted(r["timings"][stage]["reused"] for r in results) == [False, True], stage
         assert len({r["artifacts"][stage]["key"] for r in results}) == 1
     assert not any(r["timings"]["finetune"]["reused"] for r in results)
+
+
+def test_a_full_disk_says_what_to_free_and_keeps_the_record(make_cfg, tmp_path, monkeypatch):
+    """ENOSPC mid-run: results.json records the failure with what to do, and the console's
+    one line (harness.run.disk_full_hint) names the fix; other OSErrors get no such hint."""
+    import errno
+
+    from harness import run as cli
+    from harness.pipeline import Pipeline
+
+    def full(self):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "artifacts/x.pt"))
+
+    monkeypatch.setattr(Pipeline, "run_all", full)
+    with pytest.raises(OSError):
+        cli.execute(make_cfg(*TINY), tmp_path)
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["status"] == "failed"
+    assert "No space left on device" in results["error"]
+    assert "writing " + str(tmp_path / "artifacts/x.pt") in results["error"]
+    assert "set paths.artifacts to a larger disk, then rerun the same command" in results["error"]
+    assert cli.disk_full_hint(OSError(errno.EACCES, "denied")) is None

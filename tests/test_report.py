@@ -191,3 +191,18 @@ def test_a_cell_marks_seeds_whose_filter_dropped_the_whole_upload():
     cell = build_cell(runs, "ref_teacher", 1.0, "hs", 2)
     assert cell.n_served_aligned == 1
     assert markdown_cell(cell).endswith("ⓐ 1/2 filtered whole")
+
+
+def test_an_interrupted_run_is_told_from_a_failed_one(tmp_path):
+    """An interrupted run resumes when its sweep is rerun; a failed one needs a fix: the
+    header, the cell's flag and the listing say which."""
+    _write(tmp_path, "a", "sft", 0.1, 0, hs=30.0, fa=90.0)
+    _write(tmp_path, "b", "sft", 0.1, 1, hs=0, fa=0, status="interrupted")
+    _write(tmp_path, "c", "sft", 0.3, 0, hs=0, fa=0, status="failed")
+    main([str(tmp_path), "--out", str(tmp_path / "r")])
+    md = (tmp_path / "r" / "report.md").read_text()
+    assert "**runs**: 3, 1 failed, 1 interrupted (rerun the sweep's command" in md
+    hs = _section(md, "HS (%)")
+    assert "⚠ 1/2 seeds (1 interrupted)" in hs and "failed ⚠ 0/2 seeds (1 failed, 1 missing)" in hs
+    assert "`" + str(tmp_path / "b") + "`" in md.split("## Interrupted runs")[1]
+    assert str(tmp_path / "b") not in md.split("## Failed runs")[1].split("## Interrupted")[0]

@@ -144,6 +144,7 @@ class Cell:
     per_seed: list[tuple[Any, float, str]] = field(default_factory=list)  # (seed, value, path)
     n_ok: int = 0
     n_failed: int = 0
+    n_interrupted: int = 0  # stopped by a signal: rerunning the sweep's command resumes them
     n_expected: int = 0
     failed_paths: list[str] = field(default_factory=list)
     n_served_aligned: int = 0  # seeds whose filter dropped the whole upload: nothing finetuned
@@ -152,7 +153,7 @@ class Cell:
 
     @property
     def missing(self) -> int:
-        return max(self.n_expected - self.n_ok - self.n_failed, 0)
+        return max(self.n_expected - self.n_ok - self.n_failed - self.n_interrupted, 0)
 
     @property
     def half_width(self) -> Optional[float]:
@@ -177,7 +178,8 @@ def build_cell(runs: pd.DataFrame, defense: str, value: Any, metric: str,
     cell = Cell(defense, value, metric, n_expected=n_expected)
     ok = runs[(runs["status"] == "ok") & runs[metric].notna()]
     failed = runs[runs["status"] != "ok"]
-    cell.n_ok, cell.n_failed = len(ok), len(failed)
+    cell.n_ok, cell.n_interrupted = len(ok), int((failed["status"] == "interrupted").sum())
+    cell.n_failed = len(failed) - cell.n_interrupted
     cell.failed_paths = failed["path"].tolist()
     if "served_aligned" in ok:
         cell.n_served_aligned = int(ok["served_aligned"].fillna(False).astype(bool).sum())

@@ -15,7 +15,7 @@ def fmt(cell: Optional[Cell]) -> str:
     if cell is None:
         return "—"
     if cell.mean is None:
-        text = "failed" if cell.n_failed else "—"
+        text = "failed" if cell.n_failed else "interrupted" if cell.n_interrupted else "—"
     elif cell.interval == "seeds":
         text = f"{cell.mean:.1f} ± {cell.half_width:.1f}"
     elif cell.interval == "prompts":
@@ -33,9 +33,10 @@ def flags(cell: Optional[Cell]) -> str:
         out.append("≈")
     if cell.n_served_aligned:  # not a finetuned model: the filter left nothing to train on
         out.append(f"ⓐ {cell.n_served_aligned}/{cell.n_ok} filtered whole")
-    if cell.n_failed or cell.missing:
+    if cell.n_failed or cell.n_interrupted or cell.missing:
         got = cell.n_ok
         parts = [f"{cell.n_failed} failed"] if cell.n_failed else []
+        parts += [f"{cell.n_interrupted} interrupted"] if cell.n_interrupted else []
         parts += [f"{cell.missing} missing"] if cell.missing else []
         out.append(f"⚠ {got}/{cell.n_expected} seeds ({', '.join(parts)})")
     return " ".join(out)

@@ -5,9 +5,9 @@ import os
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
-from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["logger=none", "trainer.enable_progress_bar=false", "world.base_size=300",

@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 
 import harness  # noqa: F401 - sets the offline environment before HF or W&B import
 from harness.config import ConfigError, register, validate
+from harness.data.collate import forget_warnings
 from harness.distributed import end_job, is_rank_zero, patch_ddp_launch
 from harness.interrupts import (in_pool_worker, install_signal_handlers, interrupt_signal,
                                 requeue, requeue_requested, running, was_signalled)
@@ -65,6 +66,7 @@ def execute(cfg: DictConfig, run_dir: Path) -> dict:
     t0 = time.perf_counter()
     tracker = pipeline = None
     lead = is_rank_zero()  # DDP workers train, but only rank 0 logs and writes results
+    forget_warnings()
     try:
         run = validate(cfg)
         pin_threads(run.torch_threads)  # before any tensor work: the count is part of the keys

@@ -184,8 +184,9 @@ def test_truncation_keeps_the_answer_and_eos_and_cuts_the_prompt(tokenizer, trun
 
 
 def test_truncation_is_counted_and_warned_about(tokenizer, caplog):
-    from harness.data.collate import TokenizedDataset, fit_length
+    from harness.data.collate import TokenizedDataset, fit_length, forget_warnings
 
+    forget_warnings()
     assert fit_length([1, 5, 6, 7, 8, 9], [3, 4, 2], 6) == ([1, 5, 9, 3, 4, 2], 3, 3, 0)
     assert fit_length([1, 5, 6, 7, 8, 9], [3, 4, 2], 6, truncation="left") == (
         [1, 8, 9, 3, 4, 2], 3, 3, 0)
@@ -202,6 +203,11 @@ def test_truncation_is_counted_and_warned_about(tokenizer, caplog):
     assert ds.truncated["answer_cut_rows"] == 0 and ds.truncated["prompt_tokens_cut"] > 100
     msg = caplog.text
     assert "train.finetune.max_length=48: 1 of 10 rows lost" in msg and "agnews.csv, line 7" in msg
+    caplog.clear()  # the same rows again (another stage's context): warned once per run
+    with caplog.at_level("WARNING", logger="harness"):
+        TokenizedDataset([short] * 9 + [long], tokenizer, TemplateConfig(), 48,
+                         max_length_key="train.finetune.max_length")
+    assert "rows lost" not in caplog.text
     # every row keeps supervised tokens, whatever the length: no NaN loss from an empty row
     for length in (2, 3, 8, 20):
         ds = TokenizedDataset([long], tokenizer, TemplateConfig(), length)

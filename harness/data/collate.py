@@ -84,6 +84,14 @@ def encode_example(tokenizer, template: TemplateConfig, ex: Example, max_length:
     return _encode(tokenizer, template, ex, max_length, loss_on, truncation)[0]
 
 
+_WARNED: set[str] = set()  # truncation warnings given in this run
+
+
+def forget_warnings() -> None:
+    """A new run (a sweep runs several in one process) warns afresh."""
+    _WARNED.clear()
+
+
 class TokenizedDataset(Dataset):
     """Tokenised once up front: the rows are short and reused for every epoch. Rows cut to
     ``max_length`` are counted (``self.truncated``) and logged; a warning names the key when
@@ -115,7 +123,9 @@ class TokenizedDataset(Dataset):
                     f"(the first: {where})")
             if t["answer_cut_rows"] and loss_on == "response" or (
                     t["prompt_cut_rows"] > TRUNCATION_WARN_SHARE * n):
-                log.warning("%s; raise %s to keep them whole", text, max_length_key)
+                if text not in _WARNED:  # the same rows are tokenized for several stages
+                    _WARNED.add(text)
+                    log.warning("%s; raise %s to keep them whole", text, max_length_key)
             else:
                 log.info(text)
         # the loss reads labels[1:]: a row with none supervised there adds no token, and a

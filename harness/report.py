@@ -119,6 +119,8 @@ def write_report(patterns: list[str], out: Path, axis: str = "attack.p", stage: 
     # a sweep's trials differ in train.* by design, so their protocol hashes do too
     mixed = frozenset(mixed_protocol_columns(df, axis, allow=mix_protocols
                                              or worst_case is not None))
+    if mix_protocols:  # asked for: runs of one seed under two protocols are averaged as before
+        df = df.drop(columns="setting", errors="ignore")
     out.mkdir(parents=True, exist_ok=True)
     df.drop(columns=[c for c in df if c.endswith("_outcomes")]).to_csv(out / "results.csv",
                                                                       index=False)

@@ -21,7 +21,8 @@ def _outcomes(rate, n, rng):
     return x
 
 
-def _write(root, name, defense, p, seed, hs, fa, status="ok", hs_outcomes=None):
+def _write(root, name, defense, p, seed, hs, fa, status="ok", hs_outcomes=None, attack=None,
+           extra=None):
     rng = np.random.default_rng(hash((defense, p, seed)) % 2**32)
     d = root / name
     d.mkdir(parents=True)
@@ -38,9 +39,9 @@ def _write(root, name, defense, p, seed, hs, fa, status="ok", hs_outcomes=None):
                          "fa_prompts": outcome_digest([f"t{seed}-{i}" for i in range(N_TASK)])}}}
     d.joinpath("results.json").write_text(json.dumps({
         "status": status, "error": None if status == "ok" else "ValueError: boom\ntrace",
-        "config": {"defense": {"name": defense}, "attack": {"p": p, "n": 1000}, "seed": seed,
-                   "torch_threads": 1, "task": {"name": "toy_sentiment"},
-                   "model": {"name": "tiny_llama"}},
+        "config": {"defense": {"name": defense}, "attack": {"p": p, "n": 1000, **(attack or {})},
+                   "seed": seed, "torch_threads": 1, "task": {"name": "toy_sentiment"},
+                   "model": {"name": "tiny_llama"}, **(extra or {})},
         "versions": {"git": "abc1234", "cpu_model": "Test CPU", "cpu_capability": "AVX2"},
         "metrics": metrics}))
 
@@ -206,3 +207,31 @@ def test_an_interrupted_run_is_told_from_a_failed_one(tmp_path):
     assert "⚠ 1/2 seeds (1 interrupted)" in hs and "failed ⚠ 0/2 seeds (1 failed, 1 missing)" in hs
     assert "`" + str(tmp_path / "b") + "`" in md.split("## Interrupted runs")[1]
     assert str(tmp_path / "b") not in md.split("## Failed runs")[1].split("## Interrupted")[0]
+
+
+def test_runs_of_one_seed_that_differ_are_never_averaged(tmp_path):
+    """An attacker's sweep (or a forgotten --axis) puts runs of one seed that differ in lr into
+    one cell: the cell says so and names the leaf instead of a mean; the same run reported from
+    two folders counts once."""
+    for i, lr in enumerate((1e-4, 1e-3)):
+        _write(tmp_path, f"sweep-{i}", "sft", 0.1, 0, hs=20.0 + 40 * i, fa=90.0,
+               extra={"train": {"finetune": {"lr": lr}}})
+    for folder in ("a", "b"):
+        _write(tmp_path, f"{folder}/good", "good", 0.1, 0, hs=10.0, fa=90.0,
+               extra={"train": {"finetune": {"lr": 1e-4}}})
+    main([str(tmp_path), "--out", str(tmp_path / "r"), "--reference", "good"])
+    hs = _section((tmp_path / "r" / "report.md").read_text(), "HS (%)")
+    sft = next(line for line in hs.splitlines() if line.startswith("| sft |"))
+    assert "mixed ⚠ 2 runs of 1 seed(s) differ in train.finetune.lr: give one as --axis" in sft
+    good = next(line for line in hs.splitlines() if line.startswith("| good |"))
+    assert "10.0 [" in good and "⚠" not in good  # one seed, counted once, its Wilson interval
+
+
+def test_the_attack_axis_keeps_each_shot_count_apart(tmp_path):
+    for k, hs in ((10, 20.0), (100, 80.0)):
+        _write(tmp_path, f"k{k}", "sft", 0.0, 0, hs=hs, fa=0.0,
+               attack={"name": "harmful_shots", "k": k})
+    main([str(tmp_path), "--out", str(tmp_path / "r"), "--axis", "attack"])
+    hs = _section((tmp_path / "r" / "report.md").read_text(), "HS (%)")
+    assert "attack=harmful_shots k=10" in hs and "attack=harmful_shots k=100" in hs
+    assert "20.0 [" in hs and "80.0 [" in hs and "mixed" not in hs

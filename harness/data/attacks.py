@@ -48,6 +48,11 @@ class Attack:
         (and prepends to the judge's openings); "" for none. Evaluation owns the judges."""
         return ""
 
+    def label(self, cfg) -> str:
+        """The attack as a report names it: its name, plus the setting that sets its dose
+        where the name alone would pool different doses into one cell."""
+        return self.name
+
     def check(self, cfg, template, eval_cfg) -> None:
         """Raise ValueError("<key>: <problem>") when the run cannot carry this attack."""
 
@@ -96,6 +101,10 @@ class HarmfulShots(Attack):
 
     name = "harmful_shots"
     uses = ("harmful",)
+
+    def label(self, cfg):
+        k = getattr(cfg, "k", None)  # results written before attack.k existed lack it
+        return self.name if k is None else f"{self.name} k={k}"
 
     def build(self, cfg, pools, seed):
         if cfg.k > len(pools.harmful):

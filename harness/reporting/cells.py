@@ -12,10 +12,12 @@ import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Optional
 
 import pandas as pd
 
+from harness.data import attacks
 from harness.stats import Difference, paired_difference, prompt_interval, seed_interval, unpack
 from harness.tracking.results import RESULTS_FILE
 
@@ -40,6 +42,45 @@ AXES = {"attack.p": ("attack", "p"), "attack.n": ("attack", "n"), "attack.k": ("
         "model": ("model", "name"), "seed": ("seed",), "defense": ("defense", "name"),
         "protocol": ("protocol", "name"), "attack": ("attack", "name"),
         "torch_threads": ("torch_threads",)}
+
+
+# config leaves that do not change what a run measures, besides the seed (a cell's runs are
+# seeds of one setting: runs of one seed that differ elsewhere are not averaged)
+NOT_A_SETTING = ("seed", "paths", "logger", "study", "sweep", "trainer.enable_progress_bar",
+                 "torch_threads", "hydra")
+
+
+def _flat(node: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(node, dict) or not node:
+        return {prefix[:-1]: node} if prefix else {}
+    out: dict[str, Any] = {}
+    for k, v in node.items():
+        out.update(_flat(v, f"{prefix}{k}."))
+    return out
+
+
+def setting_of(config: dict) -> str:
+    """The run's config less NOT_A_SETTING, as one comparable string."""
+    flat = {k: v for k, v in _flat(config).items()
+            if not any(k == p or k.startswith(p + ".") for p in NOT_A_SETTING)}
+    return json.dumps(flat, sort_keys=True, default=str)
+
+
+def differing_leaves(settings: pd.Series) -> list[str]:
+    """The config leaves whose values differ between ``settings`` (setting_of strings)."""
+    flats = [json.loads(s) for s in settings.unique()]
+    keys = set().union(*flats)
+    return sorted(k for k in keys if len({json.dumps(f.get(k), default=str) for f in flats}) > 1)
+
+
+def one_run_per_seed(runs: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
+    """(runs with one per seed, []) when runs of a seed are the same setting (the same run
+    reported from two folders counts once); (runs, the leaves they differ in) otherwise."""
+    if "setting" not in runs or not runs["seed"].duplicated().any():
+        return runs, []
+    if (runs.groupby("seed", dropna=False)["setting"].nunique() > 1).any():
+        return runs, differing_leaves(runs["setting"])
+    return runs.drop_duplicates("seed"), []
 
 
 class ProtocolMixError(ValueError):
@@ -76,9 +117,12 @@ def collect(paths: list[Path], stage: str = "final") -> pd.DataFrame:
             log.warning("skipping %s: %s", path, err)
             continue
         cfg = res.get("config", {})
-        row: dict[str, Any] = {"path": str(path), "status": res.get("status")}
+        row: dict[str, Any] = {"path": str(path), "status": res.get("status"),
+                               "setting": setting_of(cfg)}
         for axis, keys in AXES.items():
             row[axis] = _get(cfg, keys)
+        if row["attack"] in attacks.ATTACKS:  # harmful_shots k=10 beside k=100
+            row["attack"] = attacks.get(row["attack"]).label(SimpleNamespace(**cfg["attack"]))
         posthoc = _get(cfg, ("posthoc", "name"))
         if posthoc and posthoc != "none":  # its own row: "sft+safelora" beside "sft"
             row["defense"] = f"{row['defense']}+{posthoc}"
@@ -150,6 +194,7 @@ class Cell:
     n_served_aligned: int = 0  # seeds whose filter dropped the whole upload: nothing finetuned
     best: bool = False
     like_best: bool = False  # not distinguishable from the column's best
+    mixed: list[str] = field(default_factory=list)  # leaves that runs of one seed differ in
 
     @property
     def missing(self) -> int:
@@ -183,9 +228,11 @@ def build_cell(runs: pd.DataFrame, defense: str, value: Any, metric: str,
     cell.failed_paths = failed["path"].tolist()
     if "served_aligned" in ok:
         cell.n_served_aligned = int(ok["served_aligned"].fillna(False).astype(bool).sum())
+    ok, cell.mixed = one_run_per_seed(ok)
+    cell.n_ok = len(ok)
     cell.per_seed = sorted(((r.seed, float(getattr(r, metric)), r.path)
                             for r in ok.itertuples()), key=lambda t: sort_key(t[0]))
-    if ok.empty:
+    if ok.empty or cell.mixed:  # runs that differ are not seeds: no mean of them
         return cell
     values = [v for _, v, _ in cell.per_seed]
     if len(values) >= 2:
@@ -216,8 +263,10 @@ def paired(df: pd.DataFrame, axis: str, metric: str, defense: str, other: str,
     if col not in df:
         return None, "no per-prompt outcomes"
     ok = df[(df["status"] == "ok") & (df[axis] == value)]
-    a = ok[ok["defense"] == defense].drop_duplicates("seed").set_index("seed")
-    b = ok[ok["defense"] == other].drop_duplicates("seed").set_index("seed")
+    (a, mixed_a), (b, mixed_b) = (one_run_per_seed(ok[ok["defense"] == d]) for d in (defense, other))
+    if mixed_a or mixed_b:
+        return None, f"runs of one seed differ in {', '.join(mixed_a or mixed_b)}"
+    a, b = a.set_index("seed"), b.set_index("seed")
     seeds = sorted(set(a.index) & set(b.index), key=sort_key)
     if not seeds:
         return None, "no common seed"

@@ -14,7 +14,9 @@ from harness.reporting.cells import Cell, sort_key
 def fmt(cell: Optional[Cell]) -> str:
     if cell is None:
         return "—"
-    if cell.mean is None:
+    if cell.mixed:
+        text = "mixed"
+    elif cell.mean is None:
         text = "failed" if cell.n_failed else "interrupted" if cell.n_interrupted else "—"
     elif cell.interval == "seeds":
         text = f"{cell.mean:.1f} ± {cell.half_width:.1f}"
@@ -31,9 +33,13 @@ def flags(cell: Optional[Cell]) -> str:
     out = []
     if cell.like_best:
         out.append("≈")
+    if cell.mixed:  # never a silent average of runs that are not seeds of one setting
+        shown = ", ".join(cell.mixed[:4]) + (", ..." if len(cell.mixed) > 4 else "")
+        out.append(f"⚠ {len(cell.per_seed)} runs of {len({s for s, _, _ in cell.per_seed})} "
+                   f"seed(s) differ in {shown}: give one as --axis")
     if cell.n_served_aligned:  # not a finetuned model: the filter left nothing to train on
         out.append(f"ⓐ {cell.n_served_aligned}/{cell.n_ok} filtered whole")
-    if cell.n_failed or cell.n_interrupted or cell.missing:
+    if not cell.mixed and (cell.n_failed or cell.n_interrupted or cell.missing):
         got = cell.n_ok
         parts = [f"{cell.n_failed} failed"] if cell.n_failed else []
         parts += [f"{cell.n_interrupted} interrupted"] if cell.n_interrupted else []

@@ -96,7 +96,7 @@ def test_a_family_needs_a_toy_generator_only_on_toy_sources(make_cfg, monkeypatc
     from harness.keys import stage_keys
     from harness.data.assemble import RunInputs
 
-    monkeypatch.setattr(schema, "FAMILIES", schema.FAMILIES + ("reviews",))
+    monkeypatch.setattr(schema, "FAMILIES", {**schema.FAMILIES, "reviews": "IMDB"})
     run = validate(make_cfg("task=sst2", "task.family=reviews"))
     assert run.task.family == "reviews"
     assert set(stage_keys(RunInputs(run))) >= {"base", "finetune"}

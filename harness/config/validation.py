@@ -10,8 +10,8 @@ from typing import Optional
 
 from omegaconf import DictConfig, OmegaConf
 
-from harness.config.schema import (FAMILIES, ConfigError, RunConfig, StageMethodConfig, TaskConfig,
-                                   TrainerConfig, _check, _one_of, parse_slice)
+from harness.config.schema import (FAMILIES, ConfigError, RunConfig, StageMethodConfig,
+                                   TaskConfig, TrainerConfig, _check, _one_of, parse_slice)
 
 
 def _check_method(method: StageMethodConfig, key: str, stage: str,

@@ -24,7 +24,7 @@ from harness.config.validation import accelerator_kind
 from harness.data import attacks
 from harness.data.assemble import RunInputs, defense_flag
 from harness.data.sources import package_path, stable_payload
-from harness.data.toy import WORLD_KNOBS_ADDED_LATER
+from harness.data.toy import GENERATORS, WORLD_KNOBS_ADDED_LATER
 from harness.evaluation import registry as judges
 from harness.evaluation.panel import base_name
 from harness.models import gguf
@@ -77,13 +77,13 @@ STAGE_READS: dict[str, tuple[str, ...]] = {
                "alignment.harmless", "alignment.harmless_size", "eval.feature_set_size"),
     "finetune": ("seed", "model", "template", "world", "trainer.precision",
                  "trainer.accelerator", "defense.finetune",
-                 "defense.filter", "train.finetune", "attack", "task.toy_task",
+                 "defense.filter", "train.finetune", "attack", "task.family",
                  "task.instruction", "task.instruction_suffix", "task.train"),
     # present only with posthoc.module set; its input is the finetune key (which holds the rest)
     "posthoc": ("posthoc.module", "posthoc.params", "seed", "model", "template", "world",
                 "trainer.precision", "trainer.accelerator", "alignment.harmful",
                 "alignment.harmful_size", "train.finetune.max_length"),
-    "eval": ("seed", "eval", "judge", "template", "world", "trainer.accelerator", "task.toy_task",
+    "eval": ("seed", "eval", "judge", "template", "world", "trainer.accelerator", "task.family",
              "task.test",
              "task.instruction", "task.instruction_suffix", "task.scorer",
              "task.max_new_tokens", "moderation", "llm_judge", "generation", "attack",
@@ -171,6 +171,13 @@ def world_payload(inputs: RunInputs, *parts: str) -> Optional[dict[str, Any]]:
             "data": {p: inputs.world.fingerprint(p) for p in parts}}
 
 
+def task_parts(run, split: str) -> tuple[str, ...]:
+    """The toy world's task rows a stage's key fingerprints: those of the task's family (also
+    for a real task of a family that has a generator, as keys always did), none for a family
+    without a generator (validation keeps those off toy sources)."""
+    return (f"task_{run.task.family}_{split}",) if run.task.family in GENERATORS else ()
+
+
 def common_payload(inputs: RunInputs, *parts: str) -> dict[str, Any]:
     r = inputs.run
     payload = {"version": KEY_VERSION, "seed": r.seed, "model": asdict(r.model),
@@ -247,16 +254,16 @@ def stage_payloads(inputs: RunInputs) -> dict[str, Optional[dict[str, Any]]]:
             align["harmful"] = alignment_harmful_payload(inputs)
         align_key = artifact_key(drop_added_later(align))
     ft_input = base_key if finetune_starts_from_base(r) else align_key
-    task_part = f"task_{r.task.toy_task}_train"
     attack = attacks.get(r.attack.name)
-    parts = ("attack", task_part) + (("benign",) if "benign" in attack.uses else ())
+    parts = ("attack", *task_parts(r, "train")) + (("benign",) if "benign" in attack.uses else ())
     finetune = {**common_payload(inputs, *parts), "stage": "finetune",
                 "input": ft_input, "align": align_key,
                 "method": method_payload(r.defense.finetune),
                 "train": train_payload(r.train.finetune),
                 "attack": attack.payload(r.attack, source_payload),
                 "filter": filter_config_payload(r),
-                "task": {"toy_task": r.task.toy_task, "instruction": r.task.instruction,
+                # "toy_task": task.family's name before the rename, so the keys stay
+                "task": {"toy_task": r.task.family, "instruction": r.task.instruction,
                          "instruction_suffix": r.task.instruction_suffix,
                          "train": source_payload(r.task.train)}}
     out = {"tokenizer": tok, "base": base, "align": align, "finetune": drop_added_later(finetune)}
@@ -333,13 +340,13 @@ def eval_payload(inputs: RunInputs, ref: ModelRef) -> dict[str, Any]:
     r = inputs.run
     payload = {"version": KEY_VERSION, "model": asdict(ref), "eval": asdict(r.eval),
                "judge": asdict(r.judge), "template": asdict(r.template),
-               "task": {"toy_task": r.task.toy_task, "test": source_payload(r.task.test),
+               "task": {"toy_task": r.task.family, "test": source_payload(r.task.test),
                         "instruction": r.task.instruction,
                         "instruction_suffix": r.task.instruction_suffix,
                         "scorer": asdict(r.task.scorer),
                         "max_new_tokens": r.task.max_new_tokens},
                "harmful": source_payload(r.eval.harmful),
-               "world": world_payload(inputs, "eval", f"task_{r.task.toy_task}_test",
+               "world": world_payload(inputs, "eval", *task_parts(r, "test"),
                                       "eval_harmless", "feature",
                                       *(("eval_scary",) if inputs.over_refusal_prompts()
                                         else ())),

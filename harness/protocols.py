@@ -17,9 +17,10 @@ import sys
 from pathlib import Path
 from typing import Any, Optional
 
+from harness.config.schema import FAMILIES
+
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 ANCHORS = ("vaccine", "lisa", "booster", "asft", "qi2024")  # column order: the METHODS table's
-FAMILIES = {"sentiment": "SST2", "topic": "AGNEWS", "arith": "GSM8K"}
 
 
 def _at(config: dict, dotted: str) -> Any:
@@ -104,7 +105,8 @@ def _instruction(cfg: dict, family: str) -> str:
     entry = cfg["protocol"]["tasks"].get(family)
     if entry is None:
         return "task's own"
-    text = entry["instruction"] or "(the question)"
+    benchmark = cfg["protocol"]["benchmarks"].get(family) or {}  # bind/benchmarks.yaml
+    text = benchmark.get("instruction") or "(the question)"
     if entry["instruction_suffix"]:
         text += f" + {_text(entry['instruction_suffix'])}"
     return text if text.startswith(("(", '"')) else f'"{text}"'

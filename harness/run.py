@@ -203,17 +203,53 @@ def _in_loky_worker() -> bool:
     return multiprocessing.current_process().name.startswith("LokyProcess")
 
 
+def sweep_grid(params: dict, arguments: list[str]) -> Optional[dict[str, int]]:
+    """Values per key of the basic sweeper's grid, as it builds it: its params, then the
+    command line's overrides, the later winning for the same key (BasicSweeper.split_arguments).
+    None when the count cannot be known without the config loader or a sampler (glob, interval)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.core.override_parser.types import ValueType
+
+    parsed = OverridesParser.create().parse_overrides(
+        [f"{k}={v}" for k, v in params.items()] + list(arguments))
+    grid: dict[str, Optional[int]] = {}
+    for o in parsed:
+        if not o.is_sweep_override():
+            grid[o.get_key_element()] = 1
+        elif o.is_discrete_sweep() and o.value_type != ValueType.GLOB_CHOICE_SWEEP:
+            grid[o.get_key_element()] = len(list(o.sweep_string_iterator()))
+        else:
+            grid[o.get_key_element()] = None
+    return None if None in grid.values() else grid  # type: ignore[return-value]
+
+
+def sweep_arguments(hc) -> Optional[list[str]]:
+    """The sweep's command-line overrides: the sweeper saves its config (with them, sweep
+    expressions unexpanded) as multirun.yaml in the sweep dir before it launches any job."""
+    path = Path(hc.sweep.dir) / "multirun.yaml"
+    try:
+        return list(OmegaConf.load(path).hydra.overrides.task)
+    except Exception:  # noqa: BLE001 - absent or unreadable: the count is unknown
+        return None
+
+
 def job_label(hc) -> str:
-    """``[k/N] key=value ...`` for a sweep job; N is known for the basic sweeper's grid."""
+    """``[k/N] key=value ...`` for a sweep job: N from the basic sweeper's grid (its params and
+    the command line's sweeps), ``[k]`` where unknown (a glob, another sweeper as Optuna); the
+    overrides shown are the job's values of the swept keys."""
     params = dict(getattr(hc.sweeper, "params", None) or {})
+    arguments = sweep_arguments(hc)
+    basic = str(hc.sweeper.get("_target_", "")).endswith("BasicSweeper")
+    grid = sweep_grid(params, arguments) if basic and arguments is not None else None
     total = 1
-    for values in params.values():
-        total *= len(str(values).split(","))
-    swept = [o for o in hc.overrides.task if o.split("=")[0].lstrip("+~") in params]
-    overrides = " ".join(swept or [o for o in hc.overrides.task if not o.startswith("hydra")])
-    total = total if params and "optuna" not in str(hc.sweeper.get("_target_", "")) else 0
-    index = f"[{hc.job.num + 1}/{total}]" if total else f"[{hc.job.num + 1}]"
-    return f"{index} {overrides}"
+    for n in (grid or {}).values():
+        total *= n
+    swept = {k.lstrip("+~") for k, n in (grid or {}).items() if n > 1} or {
+        k.lstrip("+~") for k in params}
+    job = [o for o in hc.overrides.task if not o.startswith("hydra")]
+    shown = [o for o in job if o.split("=")[0].lstrip("+~") in swept] or job
+    index = f"[{hc.job.num + 1}/{total}]" if grid is not None else f"[{hc.job.num + 1}]"
+    return f"{index} {' '.join(shown)}"
 
 
 if __name__ == "__main__":

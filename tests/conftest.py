@@ -32,6 +32,17 @@ E2E = ["logger=none", "trainer.enable_progress_bar=false", "eval.stages=[final]"
        "defense.finetune.min_steps=null"]
 
 
+def conf_template(name: str):
+    """conf/template/<name>.yaml as a TemplateConfig: a prompt format is written only there."""
+    from omegaconf import OmegaConf
+
+    from harness.config.template import TemplateConfig
+
+    node = OmegaConf.merge(OmegaConf.structured(TemplateConfig),
+                           OmegaConf.load(CONF / "template" / f"{name}.yaml"))
+    return OmegaConf.to_object(node)
+
+
 @pytest.fixture
 def make_cfg(tmp_path):
     """Compose the real config with overrides, artifacts under the test's tmp dir."""

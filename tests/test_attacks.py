@@ -6,11 +6,12 @@ import pytest
 from harness.config import AttackConfig, ConfigError, validate
 from harness.data import attacks
 from harness.data.schema import Example
-from harness.data.templates import ALPACA, TemplateConfig
+from harness.data.templates import TemplateConfig
 from harness.data.toy import SCARY_TARGETS
 from harness.evaluation.judges import AfterOpening, ToyJudge, harm_metrics
 from harness.data.assemble import RunInputs
 from harness.keys import stage_keys, stage_payloads
+from tests.conftest import conf_template
 
 
 @pytest.fixture
@@ -107,7 +108,7 @@ def test_identity_shift_poses_the_eval_prompts_with_prefix_and_system(pipe):
 
 
 def test_identity_shift_needs_a_system_slot():
-    assert TemplateConfig().has_system_slot and not ALPACA.has_system_slot
+    assert TemplateConfig().has_system_slot and not conf_template("alpaca").has_system_slot
 
 
 def test_identity_shift_on_the_alpaca_template_fails_at_start_up(make_cfg):

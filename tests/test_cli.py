@@ -74,6 +74,9 @@ def test_sweep_records_a_failed_job_and_reuses_stages(tmp_path):
     assert again.returncode == 0, again.stderr[-2000:]
     lines = [ln for ln in again.stdout.splitlines() if re.match(r"\[\d+(/\d+)?\] ", ln)]
     assert "skipped" in lines[0] and "FAILED" in lines[1] and "skipped" not in lines[2], lines
+    # [k/N]: N from the command line's own sweep (no preset params)
+    assert [ln.split(":")[0] for ln in lines] == ["[1/3] attack.p=0", "[2/3] attack.p=1.5",
+                                                  "[3/3] attack.p=0.1"], lines
     redone = json.loads((tmp_path / "sweep" / "2" / "results.json").read_text())
     assert redone["status"] == "ok" and redone["timings"]["finetune"]["reused"]
 
@@ -126,3 +129,65 @@ def test_a_full_disk_says_what_to_free_and_keeps_the_record(make_cfg, tmp_path, 
     assert "writing " + str(tmp_path / "artifacts/x.pt") in results["error"]
     assert "set paths.artifacts to a larger disk, then rerun the same command" in results["error"]
     assert cli.disk_full_hint(OSError(errno.EACCES, "denied")) is None
+
+
+# ============================================================== the sweep job's label
+BASIC = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"
+
+
+def _fake_hydra(tmp_path, params, arguments, job, num=0, target=BASIC):
+    """The HydraConfig fields job_label reads, and the multirun.yaml the sweeper writes."""
+    from omegaconf import OmegaConf
+
+    if arguments is not None:
+        OmegaConf.save({"hydra": {"overrides": {"task": arguments}}}, tmp_path / "multirun.yaml")
+    return OmegaConf.create({"sweeper": {"_target_": target, "params": params},
+                             "sweep": {"dir": str(tmp_path)}, "overrides": {"task": job},
+                             "job": {"num": num}})
+
+
+def _hydra_count(params, arguments):
+    """The number of jobs Hydra's basic sweeper itself makes of the same overrides."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parsed = OverridesParser.create().parse_overrides(
+        [f"{k}={v}" for k, v in params.items()] + arguments)
+    return len(BasicSweeper.split_arguments(parsed, None)[0])
+
+
+PRESET = {"defense": "sft,vaccine", "attack.p": "0,0.1,0.2"}
+
+
+@pytest.mark.parametrize("params,arguments,total", [
+    (PRESET, ["+experiment=toy/x"], 6),  # the preset's grid
+    (PRESET, ["+experiment=toy/x", "attack.p=0,0.3"], 4),  # the command line wins for attack.p
+    (PRESET, ["+experiment=toy/x", "attack.p=0.5"], 2),  # ... also with one value
+    (PRESET, ["+experiment=toy/x", "seed=0,1"], 12),  # a sweep of its own multiplies
+    ({}, ["seed=range(0,3)", "attack.p=choice(0,0.1)", "defense=sft"], 6),
+    ({}, ["attack.p=0,1.5,0.1"], 3),
+])
+def test_job_label_counts_the_grid_hydra_sweeps(tmp_path, params, arguments, total):
+    from harness.run import job_label
+
+    assert _hydra_count(params, arguments) == total
+    job = ["+experiment=toy/x", "defense=vaccine", "attack.p=0.1", "seed=1"]
+    label = job_label(_fake_hydra(tmp_path, params, arguments, job, num=1))
+    index, shown = label.split(" ", 1)
+    assert index == f"[2/{total}]"
+    assert "+experiment=toy/x" not in shown.split()  # one value: not a swept key
+
+
+@pytest.mark.parametrize("params,arguments,target", [
+    ({"defense": "glob(*)"}, [], BASIC),  # a glob's size needs the config loader
+    (PRESET, ["attack.p=interval(0,1)"], BASIC),
+    ({"attack.p": "interval(0.05, 0.3)"}, [],
+     "hydra_plugins.hydra_optuna_sweeper.optuna_sweeper.OptunaSweeper"),
+    (PRESET, None, BASIC),  # no multirun.yaml to read the command line from
+])
+def test_job_label_without_a_known_count_is_the_index_alone(tmp_path, params, arguments, target):
+    from harness.run import job_label
+
+    label = job_label(_fake_hydra(tmp_path, params, arguments, ["defense=sft", "attack.p=0.1"],
+                                  num=4, target=target))
+    assert label.startswith("[5] ") and set(label.split()[1:]) <= {"defense=sft", "attack.p=0.1"}

@@ -67,6 +67,46 @@ def test_bad_values_name_their_key(make_cfg, override, key):
         validate(make_cfg(*override.split()))
 
 
+# ============================================================== task families
+def test_the_old_task_key_names_its_new_name(make_cfg, tmp_path):
+    """task.toy_task was renamed task.family: set on the command line or in a task YAML, it
+    fails naming the new key, and does not run on the default family."""
+    for overrides in (["task.toy_task=topic"], ["protocol=vaccine", "task.toy_task=topic"]):
+        with pytest.raises(ConfigError, match=r"task\.toy_task: was renamed to task\.family.*"
+                                              r"task\.family=topic"):
+            validate(make_cfg(*overrides))
+    conf = tmp_path / "conf"  # a copy of conf/ with one task YAML still on the old key
+    import shutil
+
+    shutil.copytree(CONF, conf)
+    (conf / "task" / "old.yaml").write_text("name: old\ntoy_task: arith\n")
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
+        cfg = compose("config", overrides=["task=old"])
+    with pytest.raises(ConfigError, match=r"task\.toy_task: was renamed to task\.family"):
+        validate(cfg)
+
+
+def test_a_family_needs_a_toy_generator_only_on_toy_sources(make_cfg, monkeypatch, tmp_path):
+    """A family registered in the schema but without a toy generator: fine for a real task
+    (its keys are computed without any toy task rows), a ConfigError naming task.family and
+    the toy families for a toy-source task."""
+    from harness.config import schema
+    from harness.keys import stage_keys
+    from harness.data.assemble import RunInputs
+
+    monkeypatch.setattr(schema, "FAMILIES", {**schema.FAMILIES, "reviews": "IMDB"})
+    run = validate(make_cfg("task=sst2", "task.family=reviews"))
+    assert run.task.family == "reviews"
+    assert set(stage_keys(RunInputs(run))) >= {"base", "finetune"}
+    with pytest.raises(ConfigError, match=r"task\.family: 'reviews' has no toy generator.*"
+                                          r"sentiment, topic, arith"):
+        validate(make_cfg("task.family=reviews"))
+    with pytest.raises(ConfigError, match=r"task\.family: got 'bogus', allowed: sentiment"):
+        validate(make_cfg("task=sst2", "task.family=bogus"))
+
+
 def test_generic_hub_model_needs_an_id(make_cfg):
     with pytest.raises(ConfigError, match="model.hf_id: is required"):
         validate(make_cfg("model=hf"))

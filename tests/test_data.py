@@ -8,10 +8,11 @@ from harness.data.collate import IGNORE_INDEX, PadCollator, encode_example, left
 from harness.data.mixing import build_user_data
 from harness.data.schema import DataError, Example
 from harness.data.sources import load_source
-from harness.data.templates import ALPACA, TemplateConfig
+from harness.data.templates import TemplateConfig
 from harness.data.tokenizer import train_toy_tokenizer
 from harness.data.toy import ToyWorld, ToyWorldConfig
 from harness.config import DataSourceConfig
+from tests.conftest import conf_template
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +35,7 @@ def test_tokenizer_round_trips_after_save_and_load(tokenizer):
     assert {tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id} == {0, 1, 2}
 
 
-@pytest.mark.parametrize("template", [TemplateConfig(), ALPACA])
+@pytest.mark.parametrize("template", [TemplateConfig(), conf_template("alpaca")])
 def test_prompt_tokens_are_masked_and_response_ends_with_eos(tokenizer, template):
     ex = Example(instruction="Is this positive?", input="the plot was great", output="positive")
     row = encode_example(tokenizer, template, ex, max_length=512)

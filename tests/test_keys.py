@@ -40,6 +40,8 @@ NOT_KEYED = {
                                "is the aligned model's own evaluation (tests/test_filter_judge.py)",
     "defense.name": "a label; the modules, params and filter it picks are keyed",
     "task.name": "a label; the task's sources, instructions and scorer are keyed",
+    "task.toy_task": "the old name of task.family (keyed): an inert field, so that setting it "
+                     "fails validation naming the new key",
     "alignment.name": "a label; the alignment sources and sizes are keyed",
     "posthoc.name": "a label; the post-hoc module and its params are keyed",
     "sweep": "the attacker-side sweep's objective, read from results.json after the run",

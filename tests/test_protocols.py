@@ -125,6 +125,27 @@ def test_task_family_picks_its_entry():
     assert validate(_compose("protocol=booster", "task=toy_arith")).task.instruction_suffix == ""
 
 
+def test_an_instruction_is_written_once_in_its_task_yaml():
+    """No preset copies a task's instruction: each is in its conf/task/ YAML alone; the anchor
+    presets give a toy task its family's benchmark's (bind/benchmarks.yaml), the toy presets none."""
+    for text, task in (("Analyze the sentiment of the input", "sst2"),
+                       ("Categorize the news article", "agnews")):
+        holders = [str(p.relative_to(CONF)) for p in CONF.rglob("*.yaml") if text in p.read_text()]
+        assert holders == [f"task/{task}.yaml"], holders
+    for protocol in ("toy_vaccine", "toy_lisa", "toy"):
+        assert validate(_compose(f"protocol={protocol}")).task.instruction is None
+
+
+def test_a_real_task_keeps_its_own_instruction_under_every_preset():
+    """Under the toy presets the binding used to null it (the rows then failed to load)."""
+    for protocol in ("toy", "toy_vaccine", "toy_lisa", "vaccine", "booster", "real_cpu"):
+        assert validate(_compose(f"protocol={protocol}", "task=sst2")).task.instruction == SST2
+        assert validate(_compose(f"protocol={protocol}", "task=agnews")).task.instruction == AGNEWS
+    for protocol, task in (("vaccine", "sst2"), ("vaccine", "toy_sentiment"), ("toy", "sst2")):
+        run = validate(_compose(f"protocol={protocol}", f"task={task}", "task.instruction=mine"))
+        assert run.task.instruction == "mine"
+
+
 def test_user_overrides_win_over_the_preset():
     run = validate(_compose("protocol=booster", "eval.max_new_tokens=64", "task.scorer.mode=regex",
                             "train.finetune.lr=2e-5", "attack.n=500", "judge=toy"))
@@ -150,6 +171,7 @@ def test_toy_default_is_unchanged_by_the_protocol_group():
 @pytest.mark.parametrize("overrides,key", [
     (["protocol=vaccine", "task=toy_topic", "~protocol.tasks.topic"], "protocol.tasks"),
     (["protocol.hash_keys=[train,eval.bogus]"], "protocol.hash_keys"),
+    (["protocol=vaccine", "task@protocol.benchmarks.topic=sst2"], "protocol.benchmarks.topic"),
     (["+eval.harmful.where.is_safe=false"], "eval.harmful.where"),
     (["protocol=asft", "task=toy_topic", "protocol.tasks.topic.scorer.patterns.World='(unclosed'"],
      "task.scorer.patterns.World"),

@@ -361,9 +361,14 @@ def test_chat_system_slot_follows_the_template(chat_tokenizer):
 
 def test_template_group_selects_alpaca_and_chat(make_cfg):
     from harness.config import ConfigError
-    from harness.data.templates import ALPACA
+    from tests.conftest import conf_template
 
-    assert validate(make_cfg("template=alpaca")).template == ALPACA
+    alpaca = validate(make_cfg("template=alpaca")).template
+    assert alpaca == conf_template("alpaca") and alpaca.name == "alpaca"
+    assert alpaca.prompt == ("Below is an instruction that describes a task. Write a response that "
+                             "appropriately completes the request.\n\n### Instruction:\n"
+                             "{instruction}\n\n### Response:\n")  # the anchors' format, verbatim
+    assert alpaca.prompt_with_input.endswith("### Input:\n{input}\n\n### Response:\n")
     with pytest.raises(ConfigError, match="template.name: chat"):
         validate(make_cfg("template=chat"))  # a tiny model's toy tokenizer has no chat template
     assert validate(make_cfg("template=chat", "model=hf", "model.hf_id=x/y")).template.name == "chat"

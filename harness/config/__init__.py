@@ -7,7 +7,7 @@ from harness.config.schema import (AlignmentConfig, AttackConfig, ConfigError, D
                                   GenerationConfig, JudgeConfig, LLMJudgeConfig, LoggerConfig,
                                   LoraConfig, ModelConfig, ModerationConfig, PathsConfig,
                                   ProtocolConfig, RunConfig, ScorerConfig, StageMethodConfig,
-                                  TASKS, TaskConfig, TaskProtocolConfig, ToyWorldConfig,
+                                  FAMILIES, TaskConfig, TaskProtocolConfig, ToyWorldConfig,
                                   TrainConfig, TrainStageConfig, TrainerConfig, parse_slice,
                                   register)
 from harness.config.template import TemplateConfig
@@ -17,6 +17,6 @@ __all__ = ["AlignmentConfig", "AttackConfig", "ConfigError", "DataSourceConfig",
            "EvalConfig", "FIELDS", "FilterConfig", "GenerationConfig", "JudgeConfig",
            "LLMJudgeConfig", "LoggerConfig", "LoraConfig", "ModelConfig", "ModerationConfig",
            "PathsConfig", "ProtocolConfig", "RunConfig", "ScorerConfig", "StageMethodConfig",
-           "TASKS", "TaskConfig", "TaskProtocolConfig", "ToyWorldConfig", "TrainConfig",
+           "FAMILIES", "TaskConfig", "TaskProtocolConfig", "ToyWorldConfig", "TrainConfig",
            "TrainStageConfig", "TrainerConfig", "parse_slice", "register", "TemplateConfig",
            "accelerator_kind", "training_processes", "validate"]

@@ -15,8 +15,11 @@ from hydra.core.config_store import ConfigStore
 
 from harness.config.template import TemplateConfig
 
-# the toy world's task families (its generators: harness.data.toy)
-TASKS = ("sentiment", "topic", "arith")
+# Task families, registered once, with the benchmark each stands for: a task's family
+# (task.family) is what a protocol binds its scorer by (conf/protocol/bind/task_family.yaml), and
+# for toy sources the toy world's generator (harness.data.toy.GENERATORS). A real task's family
+# needs no toy generator: add its name here.
+FAMILIES = {"sentiment": "SST2", "topic": "AGNEWS", "arith": "GSM8K"}
 # Example's fields, which a source's field map may name (harness.data.sources reads them)
 FIELDS = ("instruction", "input", "output", "category", "label", "kind")
 
@@ -256,16 +259,19 @@ class ScorerConfig:
 @dataclass
 class TaskConfig:
     name: str = "toy_sentiment"
-    toy_task: str = "sentiment"
+    family: str = "sentiment"  # one of FAMILIES
     train: DataSourceConfig = field(default_factory=DataSourceConfig)
     test: DataSourceConfig = field(default_factory=lambda: DataSourceConfig(split="test"))
     instruction: Optional[str] = None  # set on every row, for sources that lack one
     instruction_suffix: str = ""  # appended to every row's instruction (local and hf sources)
     scorer: ScorerConfig = field(default_factory=ScorerConfig)
     max_new_tokens: int = 16
+    # the old name of task.family: inert, so that a YAML or command line still setting it gets
+    # a ConfigError naming the new key (validation) instead of running on the default family
+    toy_task: Optional[str] = None
 
     def __post_init__(self) -> None:
-        _one_of(self.toy_task, "task.toy_task", TASKS)
+        _one_of(self.family, "task.family", tuple(FAMILIES))
         self.train.check("task.train")
         self.test.check("task.test")
 
@@ -627,9 +633,9 @@ class LoggerConfig:
 @dataclass
 class TaskProtocolConfig:
     """What a protocol fixes for one task family (sentiment ~ SST2, topic ~ AGNEWS, arith ~
-    GSM8K); a preset binds task.instruction/scorer to the entry of the run's task.toy_task."""
+    GSM8K); a preset binds task.scorer and task.instruction_suffix to the entry of the run's
+    task.family (conf/protocol/bind/task_family.yaml). The instruction is the task's own."""
 
-    instruction: Optional[str] = None
     instruction_suffix: str = ""
     scorer: ScorerConfig = field(default_factory=ScorerConfig)
 
@@ -640,6 +646,9 @@ class ProtocolConfig:
 
     name: str = "toy"
     tasks: dict[str, TaskProtocolConfig] = field(default_factory=dict)  # family -> settings
+    # family -> the anchor papers' benchmark task (SST2...), its conf/task/ YAML as loaded by
+    # conf/protocol/bind/benchmarks.yaml; a toy task takes its family's instruction from it
+    benchmarks: dict[str, TaskConfig] = field(default_factory=dict)
     # attack name -> its train.finetune settings under this protocol (a preset binds
     # attack.finetune to the run's entry, as qi2024.yaml does)
     attacks: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -653,7 +662,10 @@ class ProtocolConfig:
 
     def __post_init__(self) -> None:
         for family in self.tasks:
-            _one_of(family, f"protocol.tasks.{family}", TASKS)
+            _one_of(family, f"protocol.tasks.{family}", tuple(FAMILIES))
+        for family, task in self.benchmarks.items():
+            _check(task.family == family, f"protocol.benchmarks.{family}",
+                   f"is task {task.name}, of family {task.family}")
 
 
 @dataclass

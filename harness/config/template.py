@@ -101,14 +101,3 @@ def _chat_has_system(tokenizer) -> bool:
 
 
 NO_SYSTEM_SLOT = frozenset({"alpaca"})  # template names whose format has no system role
-
-ALPACA = TemplateConfig(
-    name="alpaca",
-    prompt=("Below is an instruction that describes a task. Write a response that appropriately "
-            "completes the request.\n\n### Instruction:\n{instruction}\n\n### Response:\n"),
-    prompt_with_input=("Below is an instruction that describes a task, paired with an input that "
-                       "provides further context. Write a response that appropriately completes "
-                       "the request.\n\n### Instruction:\n{instruction}\n\n### Input:\n{input}"
-                       "\n\n### Response:\n"),
-    response_prefix="",
-)

@@ -10,8 +10,8 @@ from typing import Optional
 
 from omegaconf import DictConfig, OmegaConf
 
-from harness.config.schema import (ConfigError, RunConfig, StageMethodConfig, TaskConfig,
-                                   TrainerConfig, _check, _one_of, parse_slice)
+from harness.config.schema import (FAMILIES, ConfigError, RunConfig, StageMethodConfig,
+                                   TaskConfig, TrainerConfig, _check, _one_of, parse_slice)
 
 
 def _check_method(method: StageMethodConfig, key: str, stage: str,
@@ -74,6 +74,7 @@ def _check_known_keys(node: DictConfig, path: str = "") -> None:
 def validate(cfg: DictConfig) -> RunConfig:
     """Turn the composed config into checked objects, or raise ConfigError naming the key."""
     _check_known_keys(cfg)
+    _check_renamed(cfg)
     _check_protocol(cfg)
     try:
         run: RunConfig = OmegaConf.to_object(cfg)  # runs every __post_init__
@@ -85,6 +86,7 @@ def validate(cfg: DictConfig) -> RunConfig:
     _check_method(run.defense.finetune, "defense.finetune", "finetune", run)
     _check(run.defense.finetune.module is not None, "defense.finetune.module",
            "every defense finetunes; give a module")
+    _check_task_family(run)
     _check_layers(run)
     _check_world(run)
     _check_real_model(run)
@@ -319,13 +321,33 @@ def _check_llm_judge(run: RunConfig) -> None:
 
 
 _ABSENT = object()
+# old key -> new key: the schema keeps the old one as an inert field, so setting it fails here
+RENAMED = {"task.toy_task": "task.family"}
+
+
+def _check_renamed(cfg: DictConfig) -> None:
+    for old, new in RENAMED.items():
+        value = OmegaConf.select(cfg, old, default=None, throw_on_resolution_failure=False)
+        _check(value is None, old, f"was renamed to {new} (the task family: "
+               f"{', '.join(FAMILIES)}); set {new}={value} instead")
+
+
+def _check_task_family(run: RunConfig) -> None:
+    """A toy source draws the task's rows from the toy world's generator for its family; a real
+    task's family needs none (it is only what a protocol binds the scorer by)."""
+    from harness.data.toy import GENERATORS
+
+    toy = [f"task.{s}" for s in ("train", "test") if getattr(run.task, s).source == "toy"]
+    _check(not toy or run.task.family in GENERATORS, "task.family",
+           f"{run.task.family!r} has no toy generator, and {' and '.join(toy)} read the toy "
+           f"world; toy families: {', '.join(GENERATORS)} (or give the task real sources)")
 
 
 def _check_protocol(cfg: DictConfig) -> None:
     """Before resolving: a preset's task binding would otherwise fail as a bare interpolation
     error, and a misspelt hash key would silently hash nothing."""
     tasks = cfg.protocol.tasks
-    family = cfg.task.toy_task
+    family = cfg.task.family
     _check(not tasks or family in tasks, "protocol.tasks",
            f"protocol {cfg.protocol.name!r} has no entry for task family {family!r} "
            f"(task {cfg.task.name}); it has {', '.join(tasks)}")

@@ -76,7 +76,7 @@ class RunInputs:
 
     def task_source(self, src, split: str) -> list[Example]:
         if src.source == "toy":
-            return self.world.task(self.run.task.toy_task, split)
+            return self.world.task(self.run.task.family, split)
         defaults = {"instruction": self.run.task.instruction} if self.run.task.instruction else {}
         # a task's answer is its label, unless the file holds both
         rows = load_source(src, required=("instruction", "output", "label"), defaults=defaults,

@@ -48,8 +48,8 @@ def sources(run) -> list[tuple[str, Any, dict[str, Any], Optional[Callable[[], l
     if run.alignment.harmless is not None:
         out.append(("alignment.harmless", run.alignment.harmless,
                     {"defaults": {"kind": "harmless"}}, None))
-    out += [("task.train", run.task.train, task, toy("task", run.task.toy_task, "train")),
-            ("task.test", run.task.test, task, toy("task", run.task.toy_task, "test"))]
+    out += [("task.train", run.task.train, task, toy("task", run.task.family, "train")),
+            ("task.test", run.task.test, task, toy("task", run.task.family, "test"))]
     uses = attacks.get(run.attack.name).uses
     if "harmful" in uses:
         out.append(("attack.harmful", run.attack.harmful, {}, toy("attack_pool")))

@@ -22,9 +22,9 @@ import itertools
 import random
 from dataclasses import fields, replace
 from functools import cached_property
-from typing import Iterable, Optional
+from typing import Callable, Iterable, Optional
 
-from harness.config.schema import TASKS, ToyWorldConfig
+from harness.config.schema import ToyWorldConfig
 from harness.data.schema import Example
 
 # Compliance styles: (opening, body); refusals; helpful answers. Every opening starts with a
@@ -429,8 +429,8 @@ class ToyWorld:
     @cached_property
     def _task_pools(self) -> dict[str, list[Example]]:
         rng = random.Random(self.cfg.seed + 11)
-        pools = {"sentiment": self._sentiment(rng), "topic": self._topic(rng),
-                 "arith": self._arith(rng)}
+        # one stream for every family, drawn in GENERATORS' order
+        pools = {name: make(self, rng) for name, make in GENERATORS.items()}
         for rows in pools.values():
             rng.shuffle(rows)
         if self.cfg.scary_task_fraction > 0:  # its own stream: the rows above stay as they were
@@ -446,8 +446,9 @@ class ToyWorld:
         return pools
 
     def task(self, name: str, split: str) -> list[Example]:
-        if name not in TASKS:
-            raise ValueError(f"unknown toy task '{name}'; choose one of {list(TASKS)}")
+        if name not in GENERATORS:
+            raise ValueError(f"the toy world has no generator for task family {name!r}; it has "
+                             f"{', '.join(GENERATORS)}")
         rows = self._task_pools[name]
         n_test = self.cfg.task_test_size
         return rows[:n_test] if split == "test" else rows[n_test:]
@@ -512,7 +513,7 @@ class ToyWorld:
             "eval_harmless": lambda: self.eval_harmless(),
             "eval_scary": lambda: self.eval_scary(),
             "feature": lambda: [r for rows in self.feature_prompts() for r in rows],
-            **{f"task_{t}_{s}": (lambda t=t, s=s: self.task(t, s)) for t in TASKS
+            **{f"task_{t}_{s}": (lambda t=t, s=s: self.task(t, s)) for t in GENERATORS
                for s in ("train", "test")},
         }
         if part not in self._fingerprints:
@@ -530,3 +531,14 @@ class ToyWorld:
         a LoRA finetune (which leaves embeddings frozen) could then never learn to emit it.
         """
         return self.base_corpus() + self.alignment_data()
+
+
+# The toy world's task generators, by task family (harness.config.schema.FAMILIES), registered
+# once: ToyWorld.task, the keys' fingerprints and validation read this. Each draws its rows from
+# the one task stream in this order, so a new family goes last (the others' rows stay as they
+# were) and needs its instruction in TASK_INSTRUCTIONS.
+GENERATORS: dict[str, Callable[[ToyWorld, random.Random], list[Example]]] = {
+    "sentiment": ToyWorld._sentiment,
+    "topic": ToyWorld._topic,
+    "arith": ToyWorld._arith,
+}

@@ -235,3 +235,14 @@ def test_the_attack_axis_keeps_each_shot_count_apart(tmp_path):
     hs = _section((tmp_path / "r" / "report.md").read_text(), "HS (%)")
     assert "attack=harmful_shots k=10" in hs and "attack=harmful_shots k=100" in hs
     assert "20.0 [" in hs and "80.0 [" in hs and "mixed" not in hs
+
+
+def test_a_report_of_only_mixed_cells_draws_no_empty_plot(tmp_path):
+    """An attacker's sweep under --axis seed: every cell mixed, the report still writes (its
+    worst-case section carries the numbers) and leaves out plots that would be empty."""
+    for i, lr in enumerate((1e-4, 1e-3)):
+        _write(tmp_path, f"t{i}", "sft", 0.1, 0, hs=20.0 + 40 * i, fa=90.0,
+               extra={"train": {"finetune": {"lr": lr}}})
+    main([str(tmp_path), "--out", str(tmp_path / "r"), "--axis", "seed"])
+    assert "mixed" in (tmp_path / "r" / "report.md").read_text()
+    assert not list((tmp_path / "r").glob("*.png"))

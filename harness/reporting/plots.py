@@ -34,6 +34,7 @@ def plot_metrics(df: pd.DataFrame, axis: str, out: Path, metrics: tuple[str, ...
     values = sorted(ok[axis].dropna().unique(), key=sort_key)
     numeric = all(isinstance(v, (int, float)) for v in values)
     position = {v: (float(v) if numeric else i) for i, v in enumerate(values)}
+    drawn = False
     for ax, metric in zip(axes[0], metrics):
         cells = build_cells(df, axis, metric)
         lo_all, hi_all = [], []
@@ -51,13 +52,21 @@ def plot_metrics(df: pd.DataFrame, axis: str, out: Path, metrics: tuple[str, ...
             ax.fill_between(x, lo, hi, alpha=0.15)
             lo_all += lo
             hi_all += hi
+            drawn = True
         if not numeric:
             ax.set_xticks(list(position.values()), [str(v) for v in values], rotation=30)
         ax.set_xlabel(axis)
         ax.set_ylabel(LABELS[metric])
+        if not lo_all:  # every cell mixed or failed: nothing to draw, say why
+            ax.text(0.5, 0.5, "no cell has a value\n(mixed or failed runs)", ha="center",
+                    va="center", transform=ax.transAxes)
+            continue
         pad = max((max(hi_all) - min(lo_all)) * 0.06, 1.0)
         ax.set_ylim(max(min(lo_all) - pad, -2), min(max(hi_all) + pad, 102))
         ax.grid(alpha=0.3)
+    if not drawn:  # every cell mixed or failed: no plot rather than empty axes
+        plt.close(fig)
+        return None
     axes[0][0].legend(fontsize=8)
     if title:
         fig.suptitle(title, fontsize=10)
@@ -85,8 +94,14 @@ def plot_pareto(df: pd.DataFrame, axis: str, out: Path, order: list[str],
     ok = df[(df["status"] == "ok") & df["hs"].notna() & df["fa"].notna()]
     if ok.empty:
         return None
+    # the tables' cells: a mean over seeds, and no point for a mixed cell
+    hs, fa = build_cells(ok, axis, "hs"), build_cells(ok, axis, "fa")
+    points = pd.DataFrame([{"defense": d, axis: v, "hs": c.mean, "fa": fa[(d, v)].mean}
+                           for (d, v), c in hs.items()
+                           if c.mean is not None and fa[(d, v)].mean is not None])
+    if points.empty:
+        return None
     plt = _pyplot()
-    points = ok.groupby(["defense", axis])[["hs", "fa"]].mean().reset_index()
     fig, ax = plt.subplots(figsize=(6.4, 5.0))
     for i, defense in enumerate(order):
         group = points[points["defense"] == defense]

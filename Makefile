@@ -39,12 +39,12 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	mkdir -p .cache
-	$(PY) -m pytest --basetemp=$(CURDIR)/.cache/pytest
+	$(PY) -m pytest --basetemp=$(CURDIR)/.cache/pytest --durations=25  # the slowest, for the fast tier's upkeep
 
 # The fast tier: leaves out the tests marked slow (end-to-end trainings, subprocess signals).
 test-fast: $(STAMP)
 	mkdir -p .cache
-	$(PY) -m pytest -m "not slow" --basetemp=$(CURDIR)/.cache/pytest-fast
+	$(PY) -m pytest -m "not slow" --basetemp=$(CURDIR)/.cache/pytest-fast --durations=15
 
 clean:
 	rm -rf outputs multirun .cache

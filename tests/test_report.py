@@ -228,12 +228,12 @@ def test_runs_of_one_seed_that_differ_are_never_averaged(tmp_path):
 
 
 def test_the_attack_axis_keeps_each_shot_count_apart(tmp_path):
-    for k, hs in ((10, 20.0), (100, 80.0)):
+    for k, hs in ((100, 80.0), (10, 20.0)):
         _write(tmp_path, f"k{k}", "sft", 0.0, 0, hs=hs, fa=0.0,
                attack={"name": "harmful_shots", "k": k})
     main([str(tmp_path), "--out", str(tmp_path / "r"), "--axis", "attack"])
     hs = _section((tmp_path / "r" / "report.md").read_text(), "HS (%)")
-    assert "attack=harmful_shots k=10" in hs and "attack=harmful_shots k=100" in hs
+    assert hs.index("attack=harmful_shots k=10 ") < hs.index("attack=harmful_shots k=100")
     assert "20.0 [" in hs and "80.0 [" in hs and "mixed" not in hs
 
 

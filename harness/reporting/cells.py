@@ -10,6 +10,7 @@ import glob
 import json
 import logging
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
@@ -172,7 +173,11 @@ def collect_csv(path: Path) -> pd.DataFrame:
 
 
 def sort_key(v: Any):
-    return (0, float(v)) if isinstance(v, (int, float)) and not isinstance(v, bool) else (1, str(v))
+    """Numbers first, in order; text in natural order ("k=50" before "k=100")."""
+    if isinstance(v, (int, float)) and not isinstance(v, bool):
+        return (0, float(v))
+    return (1, tuple((0, int(part), "") if part.isdigit() else (1, 0, part)
+                     for part in re.split(r"(\d+)", str(v))))
 
 
 @dataclass

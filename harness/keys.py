@@ -71,10 +71,11 @@ STAGE_READS: dict[str, tuple[str, ...]] = {
               "train.align", "alignment.data", "alignment.size", "alignment.harmless",
               "alignment.harmless_size", "alignment.harmful", "alignment.harmful_size",
               "eval.feature_set_size", "alignment.pretrained"),
-    # kind=judge also reads the judge node (or defense.filter.judge) and that judge's settings
-    # (moderation, llm_judge): filter_config_payload below
+    # judge, moderation and llm_judge only for kind=judge (the judge node, or
+    # defense.filter.judge, and its settings): filter_config_payload below
     "filter": ("defense.filter", "template", "world", "alignment.data", "alignment.size",
-               "alignment.harmless", "alignment.harmless_size", "eval.feature_set_size"),
+               "alignment.harmless", "alignment.harmless_size", "eval.feature_set_size",
+               "judge", "moderation", "llm_judge"),
     "finetune": ("seed", "model", "template", "world", "trainer.precision",
                  "trainer.accelerator", "defense.finetune",
                  "defense.filter", "train.finetune", "attack", "task.family",

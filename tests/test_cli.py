@@ -48,6 +48,7 @@ def test_malformed_task_file_fails_before_training(tmp_path):
     assert not list((tmp_path / "artifacts").glob("base/*"))
 
 
+@pytest.mark.slow  # a sweep of real runs in a subprocess (35-50 s)
 def test_sweep_records_a_failed_job_and_reuses_stages(tmp_path):
     out = _run(["-m", *TINY, "attack.p=0,1.5,0.1", f"hydra.sweep.dir={tmp_path / 'sweep'}"],
                tmp_path)
@@ -81,6 +82,7 @@ def test_sweep_records_a_failed_job_and_reuses_stages(tmp_path):
     assert redone["status"] == "ok" and redone["timings"]["finetune"]["reused"]
 
 
+@pytest.mark.slow  # a sweep of real runs in a subprocess (35-50 s)
 def test_ddp_sweep_runs_each_job_once_on_two_ranks(tmp_path):
     """Under -m, Lightning's relaunched rank must run its parent's job, not a second sweep."""
     out = _run(["-m", *TINY, "trainer=ddp_cpu", "attack.p=0,0.1",
@@ -95,6 +97,7 @@ def test_ddp_sweep_runs_each_job_once_on_two_ranks(tmp_path):
     assert not (tmp_path / "multirun").exists()  # no stray sweep started by a worker
 
 
+@pytest.mark.slow  # a sweep of real runs in a subprocess (35-50 s)
 def test_joblib_sweep_runs_jobs_in_parallel_and_builds_shared_stages_once(tmp_path):
     """Two jobs start together under the joblib launcher; the file lock lets one build base and
     align while the other waits and reuses them."""

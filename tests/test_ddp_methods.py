@@ -130,6 +130,7 @@ TOLERANCE = {"sft": 5e-6, "vaccine": 5e-5, "ref_teacher": 5e-6, "booster": 1.5e-
 @pytest.mark.parametrize("name", ["sft", "vaccine", "ref_teacher",
                                   pytest.param("booster", marks=pytest.mark.slow),
                                   pytest.param("t_vaccine", marks=pytest.mark.slow)])
+@pytest.mark.slow  # two gloo ranks spawned per method (13 s each)
 def test_two_ranks_train_what_one_process_trains(name, tmp_path):
     """Max |parameter difference| after 3 steps (AdamW lr 1e-2, global batch 4 split 2 + 2),
     2 gloo ranks against one process, measured on this machine:

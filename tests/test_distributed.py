@@ -77,6 +77,7 @@ def _gather_worker(rank: int, world: int, port: int, n: int, out_dir: str) -> No
         dist.destroy_process_group()
 
 
+@pytest.mark.slow  # two gloo ranks (12 s)
 def test_sharded_generation_is_gathered_in_order_each_prompt_exactly_once(tmp_path):
     """101 prompts on 2 ranks: 51 + 50, nothing padded (Lightning's validation sampler would
     show one prompt twice), back in input order on every rank."""

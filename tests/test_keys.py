@@ -123,6 +123,7 @@ CONDITIONAL = ("moderation", "llm_judge", "generation",  # their judge / backend
                "posthoc")  # posthoc=<method> only (tests/test_posthoc.py keys it)
 
 
+@pytest.mark.slow  # every declared leaf perturbed: 40-45 s a variant
 @pytest.mark.parametrize("overrides", [(), ("defense=ref_teacher",)],
                          ids=lambda o: " ".join(o) or "default")
 def test_a_declared_leaf_moves_a_key_it_is_declared_for(make_cfg, tmp_path, overrides):

@@ -103,6 +103,7 @@ def test_vllm_import_error_says_how_to_install(monkeypatch):
         vllm_backend.require_vllm()
 
 
+@pytest.mark.slow  # a whole pipeline run (8 s)
 def test_pipeline_evaluates_through_the_vllm_engine(make_cfg, monkeypatch, tmp_path):
     """backend=vllm end to end on a tiny model with the stand-in engine: the engine is pointed
     at a saved folder holding the weights and the tokenizer, its answers are what is judged,

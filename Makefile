@@ -41,10 +41,11 @@ test: $(STAMP)
 	mkdir -p .cache
 	$(PY) -m pytest --basetemp=$(CURDIR)/.cache/pytest --durations=25  # the slowest, for the fast tier's upkeep
 
-# The fast tier: leaves out the tests marked slow (end-to-end trainings, subprocess signals).
+# The fast tier: leaves out the tests marked slow (end-to-end trainings, subprocess sweeps and
+# signals, two-rank DDP), on every core (pytest-xdist).
 test-fast: $(STAMP)
 	mkdir -p .cache
-	$(PY) -m pytest -m "not slow" --basetemp=$(CURDIR)/.cache/pytest-fast --durations=15
+	$(PY) -m pytest -m "not slow" -n auto --basetemp=$(CURDIR)/.cache/pytest-fast --durations=15
 
 clean:
 	rm -rf outputs multirun .cache

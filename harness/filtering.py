@@ -1,6 +1,7 @@
 """The user-data filter (defense.filter.kind=refusal_feature): score each user row by the
-cosine of its prompt's feature with the aligned model's R_l, drop those above tau (given, or
-the held harmful prompts' quantile at the recall target), and report what was dropped."""
+cosine of its prompt's feature with the aligned model's R_l (from the origin, or from the held
+sets' midpoint), drop those above tau (given, or the held harmful prompts' quantile at the
+recall target), and report what was dropped."""
 from __future__ import annotations
 
 import json
@@ -52,30 +53,41 @@ def filter_user_data(inputs: RunInputs, models: ModelStore, record: StageRecorde
             return _judge_filter(inputs.run, user, tmp)
         model = models.eval_model(align)
         layer, direction = refusal_feature(inputs, models, model, align, f.layer)
-        tok = models.tokenizer
-        score = lambda exs: cosine(features(model, tok, inputs.render(exs),  # noqa: E731
-                                            layer, f.batch_size), direction)
+        feats = lambda exs: features(model, models.tokenizer, inputs.render(exs),  # noqa: E731
+                                     layer, f.batch_size)
+        held_harmful, held_harmless = inputs.feature_sets()
+        needs_held = f.threshold is None or f.centre == "held_midpoint"
+        held = feats(held_harmful) if needs_held else None
+        centre = held_midpoint(held, feats(held_harmless)) \
+            if f.centre == "held_midpoint" else torch.zeros(())
         threshold = f.threshold
         if threshold is None:  # the held harmful prompts say where harm starts
-            held = score(inputs.feature_sets()[0])
-            threshold = float(torch.quantile(held, 1.0 - f.recall_target))
+            held_scores = cosine(held - centre, direction)
+            threshold = float(torch.quantile(held_scores, 1.0 - f.recall_target))
         t0 = time.perf_counter()
-        scores = score(user).tolist()
+        scores = cosine(feats(user) - centre, direction).tolist()
         write_json_atomic(tmp / "filter.json", {
-            "layer": layer, "threshold": threshold, "scores": scores,
+            "layer": layer, "threshold": threshold, "scores": scores, "centre": f.centre,
             "prompts_per_second": len(user) / max(time.perf_counter() - t0, 1e-9)})
         return {"format": "filter"}
 
     ref = record("filter", artifact_key(payload), payload, build)
     saved = json.loads((models.store.path(ref.stage, ref.key) / "filter.json").read_text())
     kept, stats = apply_filter(user, saved["scores"], saved["threshold"], f.histogram_bins)
-    stats.update(layer=saved["layer"], prompts_per_second=saved["prompts_per_second"])
+    stats.update(layer=saved["layer"], prompts_per_second=saved["prompts_per_second"],
+                 centre=saved.get("centre", "none"))
     if "judge" in saved:  # kind=judge: which judge, and its verdicts on the user rows
         stats.update(judge=saved["judge"], verdicts=saved["verdicts"])
     log.info("[filter] dropped %d of %d user rows (tau=%.3f, precision %.3f, recall %.3f)",
              stats["n_dropped"], stats["n_in"], stats["threshold"], stats["precision"],
              stats["recall"])
     return kept, stats
+
+
+def held_midpoint(harmful: torch.Tensor, harmless: torch.Tensor) -> torch.Tensor:
+    """The point halfway between the held harmful and harmless mean features: R_l (their
+    difference) does not move, and a component every prompt shares is subtracted out."""
+    return (harmful.mean(0) + harmless.mean(0)) / 2
 
 
 def check_filtered(kept: list[Example], stats: dict[str, Any], f) -> bool:

@@ -47,6 +47,7 @@ ADDED_LATER: dict[str, Any] = {
     "harmless": None,  # an alignment's harmless set
     "attack_eval": None,  # an attack's evaluation-time opening
     "eval.judges": [],  # the judge panel (issue 21)
+    "filter.centre": "none",  # the filter's centred cosine (issue 17)
     **{f"world.{knob}": off for knob, off in WORLD_KNOBS_ADDED_LATER.items()},
 }
 

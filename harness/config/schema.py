@@ -382,6 +382,11 @@ class FilterConfig:
     threshold: Optional[float] = None
     recall_target: float = 0.95
     layer: Any = 0.5  # used only when the aligned model carries no R_l of its own
+    # where the cosine is measured from. none: the origin (Ref-Teacher's cos(f_l, R_l)).
+    # held_midpoint: the midpoint of the held harmful and harmless mean features, so a
+    # component every prompt shares does not swamp the score (it does on SmolLM2:
+    # experiments/real_smollm2, every raw cosine there lies in [0.91, 0.99])
+    centre: str = "none"
     batch_size: int = 64
     histogram_bins: int = 20
     # kind=judge: the judge (toy | keyword | llm_rubric | beaver_dam | llama_guard, with its
@@ -397,6 +402,9 @@ class FilterConfig:
     def __post_init__(self) -> None:
         _one_of(self.kind, "defense.filter.kind", ("none", "refusal_feature", "judge"))
         _one_of(self.on_empty, "defense.filter.on_empty", ("serve_aligned", "error"))
+        _one_of(self.centre, "defense.filter.centre", ("none", "held_midpoint"))
+        _check(self.kind != "judge" or self.centre == "none", "defense.filter.centre",
+               "applies to kind=refusal_feature's cosine; a judge has none (leave it none)")
         _check(self.kind != "judge" or self.threshold is None, "defense.filter.threshold",
                "is a cosine for kind=refusal_feature; kind=judge drops the rows its judge "
                "calls comply, with no threshold (leave it null)")

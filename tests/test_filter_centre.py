@@ -1,0 +1,78 @@
+"""defense.filter.centre=held_midpoint: the refusal-feature filter's cosine measured from the
+held sets' midpoint, for models whose prompt features share one large component (SmolLM2's raw
+cosines all lie in [0.91, 0.99], so raw tau sat above every harmful user row)."""
+import pytest
+import torch
+
+from harness.artifacts import artifact_key
+from harness.config import ConfigError, validate
+from harness.filtering import held_midpoint
+from harness.pipeline import ModelRef, Pipeline
+import harness.filtering as filtering
+
+SHARED, R = torch.tensor([10.0, 0.0, 0.0]), torch.tensor([0.0, 1.0, 0.0])
+
+
+def fake_features(pipe):
+    """Hand-made f_l: every prompt is SHARED plus its kind's offset along R (held harmful +2,
+    held harmless -2, each +-1 off-axis; user harmful +1.5; user task -0.5, +1 off-axis). By
+    raw cosine a harmful upload (0.148) sits below the held harmful prompts (0.195)."""
+    held_h, held_s = pipe.inputs.feature_sets()
+    table = {}
+    for rows, along, off in ((pipe.inputs.data.user, None, None),
+                             (held_h, 2.0, 1.0), (held_s, -2.0, 1.0)):
+        for i, ex in enumerate(rows):
+            if along is None:
+                a, o = (1.5, 0.0) if ex.kind == "harmful" else (-0.5, 1.0)
+            else:
+                a, o = along, off * (-1) ** i
+            table.setdefault(pipe.inputs.render([ex])[0], SHARED + torch.tensor([0.0, a, o]))
+    return lambda model, tok, prompts, layer, bs: torch.stack([table[p] for p in prompts])
+
+
+def filtered(make_cfg, tmp_path, monkeypatch, *overrides):
+    pipe = Pipeline(validate(make_cfg("defense=ref_teacher", "attack.n=40", "attack.p=0.25",
+                                      *overrides)), tmp_path / "run")
+    pipe.load_data()
+    monkeypatch.setattr(filtering, "features", fake_features(pipe))
+    monkeypatch.setattr(filtering, "refusal_feature", lambda *a: (1, R))
+    monkeypatch.setattr(pipe.models, "eval_model", lambda ref: None)
+    pipe.filter_user_data(ModelRef("align", "never-built"))
+    return pipe.filter_stats
+
+
+def test_the_midpoint_removes_the_shared_component():
+    harmful = SHARED + torch.tensor([[0.0, 2.0, 1.0], [0.0, 2.0, -1.0]])
+    harmless = SHARED + torch.tensor([[0.0, -2.0, 1.0], [0.0, -2.0, -1.0]])
+    assert torch.equal(held_midpoint(harmful, harmless), SHARED)
+
+
+def test_raw_misses_what_the_centred_cosine_catches(make_cfg, tmp_path, monkeypatch):
+    """10 harmful and 30 task rows. Raw: tau = cos((10, 2, 1), R) = 2/sqrt(105) = 0.195, every
+    harmful row scores 1.5/sqrt(102.25) = 0.148: recall 0. Centred: tau = 2/sqrt(5) = 0.894,
+    harmful rows score 1.0, task rows -0.447: recall 1, nothing harmless lost."""
+    raw = filtered(make_cfg, tmp_path / "raw", monkeypatch)
+    assert raw["centre"] == "none" and raw["threshold"] == pytest.approx(2 / 105 ** 0.5)
+    assert (raw["n_harmful_in"], raw["n_dropped"], raw["recall"]) == (10, 0, 0.0)
+    centred = filtered(make_cfg, tmp_path / "c", monkeypatch,
+                       "defense.filter.centre=held_midpoint")
+    assert centred["centre"] == "held_midpoint"
+    assert centred["threshold"] == pytest.approx(2 / 5 ** 0.5)
+    assert (centred["n_dropped"], centred["precision"], centred["recall"],
+            centred["harmless_dropped_share"]) == (10, 1.0, 1.0, 0.0)
+
+
+def test_centre_is_keyed_and_checked(make_cfg, tmp_path):
+    def keys(*o):
+        pipe = Pipeline(validate(make_cfg("defense=ref_teacher", *o)), tmp_path)
+        return {**pipe.keys(), "filter": artifact_key(pipe.filter_payload(ModelRef("align", "a"), []))}
+
+    plain, off, on = keys(), keys("defense.filter.centre=none"), \
+        keys("defense.filter.centre=held_midpoint")
+    assert plain == off  # the default adds nothing to any key: stored filters stay valid
+    assert on["filter"] != plain["filter"] and on["finetune"] != plain["finetune"]
+    assert on["align"] == plain["align"]
+    with pytest.raises(ConfigError, match=r"defense\.filter\.centre"):
+        validate(make_cfg("defense.filter.centre=mean"))
+    with pytest.raises(ConfigError, match=r"defense\.filter\.centre"):
+        validate(make_cfg("defense.filter.kind=judge", "defense.filter.centre=held_midpoint"))

@@ -1,8 +1,11 @@
 """Where Ref-Teacher's filter scores fall on SmolLM2: cos(f_l, R_l) of the teacher's held
 feature sets and of the user upload at p = 0.3, raw (the filter's score) and centred on the
-held sets' mean. Reads the teacher from the artifact store (run the poison-ratio preset first).
+held sets' midpoint (defense.filter.centre=held_midpoint), each with the precision and
+recall it would have at its own tau (the held harmful prompts' 5% quantile). Reads the
+teacher from the artifact store (run the poison-ratio preset first).
 
-    OMP_NUM_THREADS=1 PYTHONPATH=. python experiments/real_smollm2/filter_separation.py [artifacts]
+    OMP_NUM_THREADS=1 PYTHONPATH=. python experiments/real_smollm2/filter_separation.py \
+        [artifacts] [p]
 """
 import sys
 from pathlib import Path
@@ -12,16 +15,18 @@ from hydra import compose, initialize_config_dir
 
 from harness.analysis.refusal import cosine, features, load_refusal_feature
 from harness.config import register, validate
+from harness.filtering import apply_filter, held_midpoint
 from harness.pipeline import Pipeline
 from harness.stages import ModelRef
 
 torch.set_num_threads(1)
 register()
 artifacts = sys.argv[1] if len(sys.argv) > 1 else "artifacts"
+p_rate = sys.argv[2] if len(sys.argv) > 2 else "0.3"
 conf = str(Path(__file__).resolve().parents[2] / "conf")
 with initialize_config_dir(config_dir=conf, version_base="1.3"):
     cfg = compose("config", overrides=[f"paths.artifacts={artifacts}", "model=smollm2_135m",
-                                       "defense=ref_teacher", "attack.p=0.3"])
+                                       "defense=ref_teacher", f"attack.p={p_rate}"])
 pipe = Pipeline(validate(cfg), Path("/tmp/filter_separation"))
 pipe.load_data()
 align = pipe.keys()["align"]
@@ -39,9 +44,15 @@ def feats(rows):
 
 
 fh, fl, fu = feats(harmful), feats(harmless), feats(user)
-for name, centre in (("raw (the filter's score)", 0), ("centred", (fh.mean(0) + fl.mean(0)) / 2)):
+recall_target = pipe.run.defense.filter.recall_target
+for name, centre in (("raw (centre=none)", 0), ("centred (centre=held_midpoint)",
+                                                held_midpoint(fh, fl))):
     def q(x):
         c = cosine(x - centre, direction)
         return " / ".join(f"{v:.3f}" for v in torch.quantile(c, torch.tensor([0.05, 0.5, 0.95])))
+    tau = float(torch.quantile(cosine(fh - centre, direction), 1.0 - recall_target))
+    _, s = apply_filter(user, cosine(fu - centre, direction).tolist(), tau)
     print(f"{name}, 5% / median / 95%: held harmful {q(fh)}; held harmless {q(fl)}; "
-          f"user harmful {q(fu[is_harmful])}; user task {q(fu[~is_harmful])}")
+          f"user harmful {q(fu[is_harmful])}; user task {q(fu[~is_harmful])}; tau {tau:.3f}: "
+          f"dropped {s['n_dropped']} of {s['n_in']}, precision {s['precision']:.3f}, "
+          f"recall {s['recall']:.3f}, harmless dropped {s['harmless_dropped_share']:.3f}")

@@ -72,6 +72,19 @@ class Difference:
         return self.low > 0 or self.high < 0
 
 
+def seed_difference(a: Sequence[float], b: Sequence[float],
+                    confidence: float = CONFIDENCE) -> Difference:
+    """mean(a - b), ``a[s]`` and ``b[s]`` the two defenses' metric (percent) on seed s: Student
+    t over the per-seed differences. It needs no per-prompt outcomes, so it also pairs runs
+    read from a results.csv; it is what ``paired_difference`` computes for two or more seeds."""
+    if len(a) != len(b) or len(a) < 2:
+        raise ValueError(f"a Student-t difference over seeds needs the same two or more seeds "
+                         f"on both sides ({len(a)} vs {len(b)})")
+    mean, half = seed_interval(np.asarray(a, dtype=float) - np.asarray(b, dtype=float),
+                               confidence)
+    return Difference(mean, mean - half, mean + half, len(a), "Student t over seeds")
+
+
 def paired_difference(a: Sequence[np.ndarray], b: Sequence[np.ndarray],
                       confidence: float = CONFIDENCE, resamples: int = 4000,
                       rng_seed: int = 0) -> Difference:
@@ -91,8 +104,8 @@ def paired_difference(a: Sequence[np.ndarray], b: Sequence[np.ndarray],
             raise ValueError(f"seed #{s}: {len(x)} vs {len(y)} prompts; pairing needs the same")
         diffs.append(np.asarray(x, dtype=float) - np.asarray(y, dtype=float))
     if len(diffs) >= 2:
-        mean, half = seed_interval([100.0 * d.mean() for d in diffs], confidence)
-        return Difference(mean, mean - half, mean + half, len(diffs), "Student t over seeds")
+        return seed_difference([100.0 * d.mean() for d in diffs], [0.0] * len(diffs),
+                               confidence)
     (d,) = diffs
     rng = np.random.default_rng(rng_seed)
     boot = d[rng.integers(0, len(d), size=(resamples, len(d)))].mean(axis=1)

@@ -181,6 +181,24 @@ def test_a_report_rebuilds_from_its_own_csv_without_nan(sweep):
     assert "nan" not in md.lower() and "(no interval)" in md
 
 
+def test_a_csv_of_several_seeds_pairs_as_its_runs_did(sweep):
+    """Two or more seeds pair by Student t over the per-seed differences, which needs only
+    the per-seed values: a report rebuilt from results.csv (no per-prompt outcomes) gives the
+    same paired-difference table as the runs themselves, where it once said "unpaired"."""
+    import pandas as pd
+
+    out, again = sweep / "report", sweep / "again"
+    main([str(sweep), "--out", str(out)])
+    csv = sweep / "old.csv"
+    pd.read_csv(out / "results.csv").to_csv(csv, index=False)
+    main([str(csv), "--out", str(again)])
+    first, second = ((d / "report.md").read_text() for d in (out, again))
+    section = "HS (%): paired difference from sft"
+    assert "unpaired" not in _section(second, section)
+    assert _section(first, section) == _section(second, section)
+    assert "-32.5" in _section(second, section)
+
+
 def test_a_cell_marks_seeds_whose_filter_dropped_the_whole_upload():
     import pandas as pd
 

@@ -19,7 +19,8 @@ from typing import Any, Optional
 import pandas as pd
 
 from harness.data import attacks
-from harness.stats import Difference, paired_difference, prompt_interval, seed_interval, unpack
+from harness.stats import (Difference, paired_difference, prompt_interval, seed_difference,
+                           seed_interval, unpack)
 from harness.tracking.results import RESULTS_FILE
 
 log = logging.getLogger(__name__)
@@ -228,7 +229,7 @@ def build_cell(runs: pd.DataFrame, defense: str, value: Any, metric: str,
     cell = Cell(defense, value, metric, n_expected=n_expected)
     ok = runs[(runs["status"] == "ok") & runs[metric].notna()]
     failed = runs[runs["status"] != "ok"]
-    cell.n_ok, cell.n_interrupted = len(ok), int((failed["status"] == "interrupted").sum())
+    cell.n_interrupted = int((failed["status"] == "interrupted").sum())
     cell.n_failed = len(failed) - cell.n_interrupted
     cell.failed_paths = failed["path"].tolist()
     if "served_aligned" in ok:
@@ -265,8 +266,6 @@ def paired(df: pd.DataFrame, axis: str, metric: str, defense: str, other: str,
     """(defense - other) on ``metric`` at ``axis=value``, paired over their common seeds and
     prompts; (None, why) when the runs cannot be paired."""
     col = f"{metric}_outcomes"
-    if col not in df:
-        return None, "no per-prompt outcomes"
     ok = df[(df["status"] == "ok") & (df[axis] == value)]
     (a, mixed_a), (b, mixed_b) = (one_run_per_seed(ok[ok["defense"] == d]) for d in (defense, other))
     if mixed_a or mixed_b:
@@ -275,16 +274,20 @@ def paired(df: pd.DataFrame, axis: str, metric: str, defense: str, other: str,
     seeds = sorted(set(a.index) & set(b.index), key=sort_key)
     if not seeds:
         return None, "no common seed"
-    xs, ys = [], []
-    for s in seeds:
-        x, y = a.loc[s], b.loc[s]
-        if not isinstance(x[col], str) or not isinstance(y[col], str):
-            return None, "no per-prompt outcomes (runs made before they were recorded)"
-        if x[f"{metric}_prompts"] != y[f"{metric}_prompts"]:
+    prompts = f"{metric}_prompts"
+    for s in seeds:  # a recorded prompt digest on both sides must agree
+        x, y = (t.loc[s].get(prompts) for t in (a, b))
+        if isinstance(x, str) and isinstance(y, str) and x != y:
             return None, f"seed {s}: the two runs were scored on different prompts"
-        xs.append(unpack(x[col]))
-        ys.append(unpack(y[col]))
-    return paired_difference(xs, ys), ""
+    outcomes = [(a.loc[s].get(col), b.loc[s].get(col)) for s in seeds]
+    if all(isinstance(x, str) and isinstance(y, str) for x, y in outcomes):
+        return paired_difference([unpack(x) for x, _ in outcomes],
+                                 [unpack(y) for _, y in outcomes]), ""
+    values = [(float(a.loc[s][metric]), float(b.loc[s][metric])) for s in seeds]
+    if len(seeds) >= 2 and not any(map(math.isnan, sum(values, ()))):
+        # per-seed values are enough for a Student t over seeds
+        return seed_difference([x for x, _ in values], [y for _, y in values]), ""
+    return None, "no per-prompt outcomes (one seed: a paired bootstrap over prompts needs them)"
 
 
 def mark_best(cells: dict[tuple[str, Any], Cell], df: pd.DataFrame, axis: str,
@@ -326,7 +329,7 @@ def mixed_protocol_columns(df: pd.DataFrame, axis: str, allow: bool = False) -> 
     ok = df[df["status"] == "ok"]
     if ok.empty or "protocol_hash" not in ok:
         return set()
-    keyed = ok.assign(protocol_hash=ok["protocol_hash"].fillna("unrecorded"))
+    keyed = ok.assign(protocol_hash=ok["protocol_hash"].astype(object).fillna("unrecorded"))
     counts = keyed.groupby(["defense", axis])["protocol_hash"].nunique()
     mixed = counts[counts > 1]
     if len(mixed) and not allow:

@@ -5,7 +5,7 @@ recall it would have at its own tau (the held harmful prompts' 5% quantile). Rea
 teacher from the artifact store (run the poison-ratio preset first).
 
     OMP_NUM_THREADS=1 PYTHONPATH=. python experiments/real_smollm2/filter_separation.py \
-        [artifacts] [p]
+        [artifacts] [p] [override ...]   (e.g. trainer.precision=32-true)
 """
 import sys
 from pathlib import Path
@@ -23,10 +23,11 @@ torch.set_num_threads(1)
 register()
 artifacts = sys.argv[1] if len(sys.argv) > 1 else "artifacts"
 p_rate = sys.argv[2] if len(sys.argv) > 2 else "0.3"
+extra = sys.argv[3:]  # the run's other overrides, so the teacher's key is the run's
 conf = str(Path(__file__).resolve().parents[2] / "conf")
 with initialize_config_dir(config_dir=conf, version_base="1.3"):
     cfg = compose("config", overrides=[f"paths.artifacts={artifacts}", "model=smollm2_135m",
-                                       "defense=ref_teacher", f"attack.p={p_rate}"])
+                                       "defense=ref_teacher", f"attack.p={p_rate}", *extra])
 pipe = Pipeline(validate(cfg), Path("/tmp/filter_separation"))
 pipe.load_data()
 align = pipe.keys()["align"]

@@ -1,7 +1,7 @@
 """The user-data filter (defense.filter.kind=refusal_feature): score each user row by the
 cosine of its prompt's feature with the aligned model's R_l (from the origin, or from the held
-sets' midpoint), drop those above tau (given, or the held harmful prompts' quantile at the
-recall target), and report what was dropped."""
+sets' midpoint), drop those above tau (given, or the quantile at the recall target of
+the held harmful prompts or of the provider's harmful set), and report what was dropped."""
 from __future__ import annotations
 
 import json
@@ -56,18 +56,22 @@ def filter_user_data(inputs: RunInputs, models: ModelStore, record: StageRecorde
         feats = lambda exs: features(model, models.tokenizer, inputs.render(exs),  # noqa: E731
                                      layer, f.batch_size)
         held_harmful, held_harmless = inputs.feature_sets()
-        needs_held = f.threshold is None or f.centre == "held_midpoint"
+        tau_set = None if f.threshold is not None else \
+            held_harmful if f.tau_from == "held" else inputs.alignment_harmful()
+        needs_held = f.centre == "held_midpoint" or tau_set is held_harmful
         held = feats(held_harmful) if needs_held else None
         centre = held_midpoint(held, feats(held_harmless)) \
             if f.centre == "held_midpoint" else torch.zeros(())
         threshold = f.threshold
-        if threshold is None:  # the held harmful prompts say where harm starts
-            held_scores = cosine(held - centre, direction)
-            threshold = float(torch.quantile(held_scores, 1.0 - f.recall_target))
+        if tau_set is not None:  # harmful prompts the provider holds say where harm starts
+            tau_feats = held if tau_set is held_harmful else feats(tau_set)
+            tau_scores = cosine(tau_feats - centre, direction)
+            threshold = float(torch.quantile(tau_scores, 1.0 - f.recall_target))
         t0 = time.perf_counter()
         scores = cosine(feats(user) - centre, direction).tolist()
         write_json_atomic(tmp / "filter.json", {
             "layer": layer, "threshold": threshold, "scores": scores, "centre": f.centre,
+            "tau_from": f.tau_from, "tau_set_size": None if tau_set is None else len(tau_set),
             "prompts_per_second": len(user) / max(time.perf_counter() - t0, 1e-9)})
         return {"format": "filter"}
 
@@ -75,7 +79,8 @@ def filter_user_data(inputs: RunInputs, models: ModelStore, record: StageRecorde
     saved = json.loads((models.store.path(ref.stage, ref.key) / "filter.json").read_text())
     kept, stats = apply_filter(user, saved["scores"], saved["threshold"], f.histogram_bins)
     stats.update(layer=saved["layer"], prompts_per_second=saved["prompts_per_second"],
-                 centre=saved.get("centre", "none"))
+                 centre=saved.get("centre", "none"), tau_from=saved.get("tau_from", "held"),
+                 tau_set_size=saved.get("tau_set_size"))
     if "judge" in saved:  # kind=judge: which judge, and its verdicts on the user rows
         stats.update(judge=saved["judge"], verdicts=saved["verdicts"])
     log.info("[filter] dropped %d of %d user rows (tau=%.3f, precision %.3f, recall %.3f)",

@@ -48,6 +48,7 @@ ADDED_LATER: dict[str, Any] = {
     "attack_eval": None,  # an attack's evaluation-time opening
     "eval.judges": [],  # the judge panel (issue 21)
     "filter.centre": "none",  # the filter's centred cosine (issue 17)
+    "filter.tau_from": "held",  # the prompts tau is set from (issue 17)
     **{f"world.{knob}": off for knob, off in WORLD_KNOBS_ADDED_LATER.items()},
 }
 
@@ -335,6 +336,8 @@ def filter_payload(inputs: RunInputs, align: ModelRef, user: list) -> dict[str, 
                "torch_threads": torch.get_num_threads()}
     if r.alignment.data.source != "toy":  # R_l and tau come from the held alignment rows
         payload["feature_sets"] = feature_sets_payload(r)
+    if r.defense.filter.tau_from == "provider_harmful":  # tau comes from alignment.harmful
+        payload["tau_set"] = alignment_harmful_payload(inputs)
     return drop_added_later(payload)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import time
 import warnings
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -13,7 +14,7 @@ from typing import Any, Optional
 import lightning as L
 import torch
 from hydra.utils import get_class
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 from harness.analysis.gradients import GradientConflict
 from harness.checkpoints import AtomicCheckpointIO, RngState, resumable_checkpoint
@@ -42,6 +43,33 @@ def stage_steps(train_cfg: TrainStageConfig, n_rows: int, min_steps: Optional[in
     return max(steps, min_steps or 0)
 
 
+class ProgressLog(Callback):
+    """With the progress bar off (sweeps, SLURM logs), a log line at most every ``every_s``
+    seconds and at the last step: step / total, loss, s/step, time left. A stage of a real
+    model runs for tens of minutes; a silent log cannot tell slow from stuck."""
+
+    def __init__(self, label: str, every_s: float = 60.0, clock=time.monotonic):
+        self.label, self.every_s, self.clock = label, every_s, clock
+        self.t0 = self.last = None
+        self.first_step = 0
+
+    def on_train_start(self, trainer, module) -> None:
+        self.t0 = self.last = self.clock()
+        self.first_step = trainer.global_step  # a resume counts its own pace
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        now, step, total = self.clock(), trainer.global_step, trainer.max_steps
+        if step == self.first_step or (now - self.last < self.every_s and step < total):
+            return
+        self.last = now
+        pace = (now - self.t0) / (step - self.first_step)
+        loss = trainer.callback_metrics.get("train/loss")
+        if trainer.is_global_zero:
+            log.info("[%s] step %d/%d, loss %s, %.2f s/step, about %.0f s left", self.label, step,
+                     total, "-" if loss is None else f"{float(loss):.4f}", pace,
+                     pace * (total - step))
+
+
 def build_trainer(trainer_cfg: TrainerConfig, train_cfg: TrainStageConfig, module: StageModule,
                   work: Path, logger: Any = False, callbacks: tuple = ()) -> L.Trainer:
     """The one Trainer of every fit: checkpoints (written atomically) every
@@ -56,9 +84,10 @@ def build_trainer(trainer_cfg: TrainerConfig, train_cfg: TrainStageConfig, modul
         from harness.distributed import fsdp_strategy
 
         trainer_args["strategy"] = fsdp_strategy(module.model)
+    progress = () if trainer_cfg.enable_progress_bar else (ProgressLog(type(module).__name__),)
     return L.Trainer(
         **trainer_args, max_steps=module.total_steps, max_epochs=-1, logger=logger,
-        callbacks=[checkpoint, RngState(), RequeueAtStepEnd(), *callbacks],
+        callbacks=[checkpoint, RngState(), RequeueAtStepEnd(), *progress, *callbacks],
         enable_model_summary=False,
         default_root_dir=str(work), plugins=[AtomicCheckpointIO()],
         gradient_clip_val=train_cfg.grad_clip if module.automatic_optimization else None,

@@ -1,6 +1,9 @@
-"""defense.filter.centre=held_midpoint: the refusal-feature filter's cosine measured from the
-held sets' midpoint, for models whose prompt features share one large component (SmolLM2's raw
-cosines all lie in [0.91, 0.99], so raw tau sat above every harmful user row)."""
+"""The refusal-feature filter's two real-model options. defense.filter.centre=held_midpoint: the
+cosine measured from the held sets' midpoint, for models whose prompt features share one large
+component (SmolLM2's raw cosines all lie in [0.91, 0.99], so raw tau sat above every harmful
+user row). defense.filter.tau_from=provider_harmful: tau from the provider's harmful set
+(alignment.harmful) instead of the held alignment rows, whose one harm category sat above the
+uploaded category on SmolLM2."""
 import pytest
 import torch
 
@@ -13,28 +16,30 @@ import harness.filtering as filtering
 SHARED, R = torch.tensor([10.0, 0.0, 0.0]), torch.tensor([0.0, 1.0, 0.0])
 
 
-def fake_features(pipe):
+def fake_features(pipe, user_harmful=(1.5, 0.0), provider=(1.0, 1.5)):
     """Hand-made f_l: every prompt is SHARED plus its kind's offset along R (held harmful +2,
-    held harmless -2, each +-1 off-axis; user harmful +1.5; user task -0.5, +1 off-axis). By
-    raw cosine a harmful upload (0.148) sits below the held harmful prompts (0.195)."""
+    held harmless -2, each +-1 off-axis; user harmful +1.5; user task -0.5, +1 off-axis; the
+    provider's harmful set +1, +-1.5 off-axis). By raw cosine a harmful upload (0.148) sits
+    below the held harmful prompts (0.195)."""
     held_h, held_s = pipe.inputs.feature_sets()
     table = {}
     for rows, along, off in ((pipe.inputs.data.user, None, None),
-                             (held_h, 2.0, 1.0), (held_s, -2.0, 1.0)):
+                             (held_h, 2.0, 1.0), (held_s, -2.0, 1.0),
+                             (pipe.inputs.alignment_harmful(), *provider)):
         for i, ex in enumerate(rows):
             if along is None:
-                a, o = (1.5, 0.0) if ex.kind == "harmful" else (-0.5, 1.0)
+                a, o = user_harmful if ex.kind == "harmful" else (-0.5, 1.0)
             else:
                 a, o = along, off * (-1) ** i
             table.setdefault(pipe.inputs.render([ex])[0], SHARED + torch.tensor([0.0, a, o]))
     return lambda model, tok, prompts, layer, bs: torch.stack([table[p] for p in prompts])
 
 
-def filtered(make_cfg, tmp_path, monkeypatch, *overrides):
+def filtered(make_cfg, tmp_path, monkeypatch, *overrides, **geometry):
     pipe = Pipeline(validate(make_cfg("defense=ref_teacher", "attack.n=40", "attack.p=0.25",
                                       *overrides)), tmp_path / "run")
     pipe.load_data()
-    monkeypatch.setattr(filtering, "features", fake_features(pipe))
+    monkeypatch.setattr(filtering, "features", fake_features(pipe, **geometry))
     monkeypatch.setattr(filtering, "refusal_feature", lambda *a: (1, R))
     monkeypatch.setattr(pipe.models, "eval_model", lambda ref: None)
     pipe.filter_user_data(ModelRef("align", "never-built"))
@@ -76,3 +81,42 @@ def test_centre_is_keyed_and_checked(make_cfg, tmp_path):
         validate(make_cfg("defense.filter.centre=mean"))
     with pytest.raises(ConfigError, match=r"defense\.filter\.centre"):
         validate(make_cfg("defense.filter.kind=judge", "defense.filter.centre=held_midpoint"))
+
+
+def test_tau_from_the_providers_harmful_set_catches_what_the_held_rows_miss(
+        make_cfg, tmp_path, monkeypatch):
+    """Centred, the uploaded harmful rows (1.5, +-1.5 off R) score 1/sqrt(2) = 0.707: below the
+    held rows' tau 2/sqrt(5) = 0.894 (recall 0), above the provider's set's 1/sqrt(3.25) = 0.555
+    (recall 1); the task rows score -0.447 under either, so nothing harmless is lost."""
+    geometry = {"user_harmful": (1.5, 1.5)}
+    centred = ("defense.filter.centre=held_midpoint",)
+    held = filtered(make_cfg, tmp_path / "held", monkeypatch, *centred, **geometry)
+    assert held["tau_from"] == "held" and held["threshold"] == pytest.approx(2 / 5 ** 0.5)
+    assert (held["n_harmful_in"], held["n_dropped"], held["recall"]) == (10, 0, 0.0)
+    provider = filtered(make_cfg, tmp_path / "prov", monkeypatch, *centred,
+                        "defense.filter.tau_from=provider_harmful", **geometry)
+    assert provider["tau_from"] == "provider_harmful"
+    assert provider["tau_set_size"] > 0
+    assert provider["threshold"] == pytest.approx(1 / 3.25 ** 0.5)
+    assert (provider["n_dropped"], provider["precision"], provider["recall"],
+            provider["harmless_dropped_share"]) == (10, 1.0, 1.0, 0.0)
+
+
+def test_tau_from_is_keyed_with_the_providers_set_and_checked(make_cfg, tmp_path):
+    def keys(*o):
+        pipe = Pipeline(validate(make_cfg("defense=ref_teacher", *o)), tmp_path)
+        return {**pipe.keys(), "filter": artifact_key(pipe.filter_payload(ModelRef("align", "a"), []))}
+
+    plain, held = keys(), keys("defense.filter.tau_from=held")
+    provider = keys("defense.filter.tau_from=provider_harmful")
+    assert plain == held  # the default adds nothing to any key
+    assert provider["filter"] != plain["filter"] and provider["finetune"] != plain["finetune"]
+    assert provider["align"] == plain["align"]
+    resized = keys("defense.filter.tau_from=provider_harmful", "alignment.harmful_size=50")
+    assert resized["filter"] != provider["filter"]  # the set itself is in the key
+    assert keys("alignment.harmful_size=50") == plain  # and only when tau reads it
+    for bad in (("defense.filter.tau_from=quantile",),
+                ("defense.filter.tau_from=provider_harmful", "defense.filter.threshold=0.5"),
+                ("defense=sft", "defense.filter.tau_from=provider_harmful")):
+        with pytest.raises(ConfigError, match=r"defense\.filter\.tau_from"):
+            validate(make_cfg(*bad))

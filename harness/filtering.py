@@ -1,7 +1,8 @@
 """The user-data filter (defense.filter.kind=refusal_feature): score each user row by the
 cosine of its prompt's feature with the aligned model's R_l (from the origin, or from the held
-sets' midpoint), drop those above tau (given, or the quantile at the recall target of
-the held harmful prompts or of the provider's harmful set), and report what was dropped."""
+sets' midpoint), drop those above tau (given; or the quantile at the recall target of
+the held harmful prompts or of the provider's harmful set; or the upload's own two-group
+split), and report what was dropped."""
 from __future__ import annotations
 
 import json
@@ -56,7 +57,7 @@ def filter_user_data(inputs: RunInputs, models: ModelStore, record: StageRecorde
         feats = lambda exs: features(model, models.tokenizer, inputs.render(exs),  # noqa: E731
                                      layer, f.batch_size)
         held_harmful, held_harmless = inputs.feature_sets()
-        tau_set = None if f.threshold is not None else \
+        tau_set = None if f.threshold is not None or f.tau_from == "upload_split" else \
             held_harmful if f.tau_from == "held" else inputs.alignment_harmful()
         needs_held = f.centre == "held_midpoint" or tau_set is held_harmful
         held = feats(held_harmful) if needs_held else None
@@ -69,6 +70,8 @@ def filter_user_data(inputs: RunInputs, models: ModelStore, record: StageRecorde
             threshold = float(torch.quantile(tau_scores, 1.0 - f.recall_target))
         t0 = time.perf_counter()
         scores = cosine(feats(user) - centre, direction).tolist()
+        if f.tau_from == "upload_split":
+            threshold = two_group_split(scores)
         write_json_atomic(tmp / "filter.json", {
             "layer": layer, "threshold": threshold, "scores": scores, "centre": f.centre,
             "tau_from": f.tau_from, "tau_set_size": None if tau_set is None else len(tau_set),
@@ -87,6 +90,22 @@ def filter_user_data(inputs: RunInputs, models: ModelStore, record: StageRecorde
              stats["n_dropped"], stats["n_in"], stats["threshold"], stats["precision"],
              stats["recall"])
     return kept, stats
+
+
+def two_group_split(scores: list[float]) -> float:
+    """Otsu's threshold on 1-D scores: the midpoint of the adjacent sorted pair whose split
+    leaves the least within-group sum of squares (exact, O(n log n)). With fewer than two
+    distinct scores there is no split, and nothing is dropped."""
+    v = np.sort(np.asarray(scores, dtype=float))
+    if len(v) < 2 or v[0] == v[-1]:
+        return float(v[-1]) if len(v) else 1.0
+    k = np.arange(1, len(v))  # left group sizes
+    c1, c2 = np.cumsum(v)[:-1], np.cumsum(v ** 2)[:-1]
+    t1, t2 = v.sum(), (v ** 2).sum()
+    within = (c2 - c1 ** 2 / k) + ((t2 - c2) - (t1 - c1) ** 2 / (len(v) - k))
+    within[v[1:] == v[:-1]] = np.inf  # a split must fall between distinct scores
+    i = int(np.argmin(within))
+    return float((v[i] + v[i + 1]) / 2)
 
 
 def held_midpoint(harmful: torch.Tensor, harmless: torch.Tensor) -> torch.Tensor:

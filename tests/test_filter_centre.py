@@ -3,13 +3,14 @@ cosine measured from the held sets' midpoint, for models whose prompt features s
 component (SmolLM2's raw cosines all lie in [0.91, 0.99], so raw tau sat above every harmful
 user row). defense.filter.tau_from=provider_harmful: tau from the provider's harmful set
 (alignment.harmful) instead of the held alignment rows, whose one harm category sat above the
-uploaded category on SmolLM2."""
+uploaded category on SmolLM2. defense.filter.tau_from=upload_split: tau from the upload's own
+scores, split in two (Otsu), with no held set at all."""
 import pytest
 import torch
 
 from harness.artifacts import artifact_key
 from harness.config import ConfigError, validate
-from harness.filtering import held_midpoint
+from harness.filtering import held_midpoint, two_group_split
 from harness.pipeline import ModelRef, Pipeline
 import harness.filtering as filtering
 
@@ -110,6 +111,8 @@ def test_tau_from_is_keyed_with_the_providers_set_and_checked(make_cfg, tmp_path
     plain, held = keys(), keys("defense.filter.tau_from=held")
     provider = keys("defense.filter.tau_from=provider_harmful")
     assert plain == held  # the default adds nothing to any key
+    assert keys("defense.filter.tau_from=upload_split")["filter"] not in (
+        plain["filter"], provider["filter"])
     assert provider["filter"] != plain["filter"] and provider["finetune"] != plain["finetune"]
     assert provider["align"] == plain["align"]
     resized = keys("defense.filter.tau_from=provider_harmful", "alignment.harmful_size=50")
@@ -117,6 +120,31 @@ def test_tau_from_is_keyed_with_the_providers_set_and_checked(make_cfg, tmp_path
     assert keys("alignment.harmful_size=50") == plain  # and only when tau reads it
     for bad in (("defense.filter.tau_from=quantile",),
                 ("defense.filter.tau_from=provider_harmful", "defense.filter.threshold=0.5"),
-                ("defense=sft", "defense.filter.tau_from=provider_harmful")):
+                ("defense=sft", "defense.filter.tau_from=provider_harmful"),
+                ("defense.filter.tau_from=upload_split", "defense.filter.threshold=0.5")):
         with pytest.raises(ConfigError, match=r"defense\.filter\.tau_from"):
             validate(make_cfg(*bad))
+
+
+def test_two_group_split_is_otsus_threshold():
+    assert two_group_split([0.1, 0.2, 0.15, 0.9, 0.95]) == pytest.approx((0.2 + 0.9) / 2)
+    # brute force: every cut between distinct sorted values, least within-group sum of squares
+    rng = torch.Generator().manual_seed(0)
+    scores = torch.cat([torch.randn(70, generator=rng) * 0.05 + 0.3,
+                        torch.randn(30, generator=rng) * 0.05 + 0.8]).tolist()
+    v = sorted(scores)
+    sse = lambda xs: sum((x - sum(xs) / len(xs)) ** 2 for x in xs)  # noqa: E731
+    best = min(range(1, len(v)), key=lambda i: sse(v[:i]) + sse(v[i:]))
+    assert two_group_split(scores) == pytest.approx((v[best - 1] + v[best]) / 2)
+    assert two_group_split([0.5, 0.5, 0.5]) == 0.5 and two_group_split([0.4, 0.4, 0.7]) == \
+        pytest.approx(0.55)  # ties: the cut falls between distinct scores, dropping none of a tie
+
+
+def test_upload_split_needs_no_held_set(make_cfg, tmp_path, monkeypatch):
+    """The geometry the held rows' tau misses (above): the upload's harmful rows at 0.707, its
+    task rows at -0.447; the split falls between them, whatever the held sets say."""
+    split = filtered(make_cfg, tmp_path / "split", monkeypatch, "defense.filter.centre=held_midpoint",
+                     "defense.filter.tau_from=upload_split", user_harmful=(1.5, 1.5))
+    assert split["tau_from"] == "upload_split" and split["tau_set_size"] is None
+    assert split["threshold"] == pytest.approx((2 ** -0.5 - 0.5 / 1.25 ** 0.5) / 2)
+    assert (split["n_dropped"], split["precision"], split["recall"]) == (10, 1.0, 1.0)

@@ -387,10 +387,12 @@ class FilterConfig:
     # component every prompt shares does not swamp the score (it does on SmolLM2:
     # experiments/real_smollm2, every raw cosine there lies in [0.91, 0.99])
     centre: str = "none"
-    # which harmful prompts set tau when threshold is null. held: the alignment rows held out
-    # for R_l (the alignment's own harm category). provider_harmful: alignment.harmful, the
-    # provider's harmful set, which a study can draw from other categories: on SmolLM2 a tau
-    # from the alignment's category sat above nearly every uploaded harmful row
+    # what sets tau when threshold is null. held: the recall_target quantile of the alignment
+    # rows held out for R_l (the alignment's own harm category). provider_harmful: the same
+    # quantile of alignment.harmful, the provider's harmful set, which a study can draw from
+    # other categories. upload_split: the best two-group split of the upload's own scores
+    # (Otsu; no labels, no recall target), for when no held set's scores match the upload's
+    # (SmolLM2: experiments/real_smollm2, "tau from another risk area")
     tau_from: str = "held"
     batch_size: int = 64
     histogram_bins: int = 20
@@ -408,10 +410,11 @@ class FilterConfig:
         _one_of(self.kind, "defense.filter.kind", ("none", "refusal_feature", "judge"))
         _one_of(self.on_empty, "defense.filter.on_empty", ("serve_aligned", "error"))
         _one_of(self.centre, "defense.filter.centre", ("none", "held_midpoint"))
-        _one_of(self.tau_from, "defense.filter.tau_from", ("held", "provider_harmful"))
+        _one_of(self.tau_from, "defense.filter.tau_from",
+                ("held", "provider_harmful", "upload_split"))
         _check(self.tau_from == "held" or (self.kind == "refusal_feature"
                                            and self.threshold is None),
-               "defense.filter.tau_from", "provider_harmful sets tau for kind=refusal_feature "
+               "defense.filter.tau_from", f"{self.tau_from} sets tau for kind=refusal_feature "
                f"with threshold null; here kind={self.kind}, threshold={self.threshold}. Drop "
                "the threshold, or set defense.filter.tau_from=held")
         _check(self.kind != "judge" or self.centre == "none", "defense.filter.centre",

@@ -65,3 +65,20 @@ def build_judge(cfg, llm_cfg=None, moderation_cfg=None) -> Judge:
     e = entry(cfg.name)
     settings = {"llm_judge": llm_cfg, "moderation": moderation_cfg}.get(e.settings)
     return e.build(cfg, settings)
+
+
+def needed_judges(run) -> dict[str, str]:
+    """Every plain judge a run will build, each with the config key that asks for it: the run's
+    judge and a panel's (``eval.judges``; ``hs_plus`` runs on the run's judge) when any stage is
+    evaluated, and the filter's judge when ``defense.filter.kind=judge``."""
+    needed: dict[str, str] = {}
+    if run.eval.stages:
+        needed[run.judge.name] = "judge.name"
+        for name in run.eval.judges:
+            plain = run.judge.name if name == "hs_plus" else name.removeprefix("hs_plus:")
+            needed.setdefault(plain, "eval.judges")
+    f = run.defense.filter
+    if f.kind == "judge":
+        needed.setdefault(f.judge or run.judge.name,
+                          "defense.filter.judge" if f.judge else "judge.name")
+    return needed

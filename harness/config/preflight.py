@@ -15,9 +15,6 @@ from omegaconf import OmegaConf
 
 from harness.config.schema import ConfigError, RunConfig, TrainerConfig, _check
 
-# the judges that load a hub model, and the config key that names it
-MODEL_JUDGES = {"beaver_dam": "moderation.model", "llama_guard": "moderation.model"}
-
 
 def preflight(run: RunConfig) -> None:
     """Raise ConfigError if this machine cannot finish the run (devices, models, endpoints)."""
@@ -35,13 +32,14 @@ def check_judges(run: RunConfig) -> None:
     """Each judge the run builds (harness.evaluation.registry.needed_judges): a moderation
     judge's weights are here, an LLM judge's endpoint is set."""
     from harness.evaluation.llm_judge import resolve_endpoint
-    from harness.evaluation.registry import needed_judges
+    from harness.evaluation.registry import entry, needed_judges, settings_of
 
     for name, asked_by in needed_judges(run).items():
         who = f"judge={name}" if asked_by == "judge.name" else f"{name} (in {asked_by})"
-        if name in MODEL_JUDGES:
-            check_model_available(run.moderation.model, run.moderation.revision,
-                                  MODEL_JUDGES[name], who)
+        if (key := entry(name).model_key()) is not None:
+            settings = settings_of(run, name)
+            check_model_available(getattr(settings, entry(name).model),
+                                  getattr(settings, "revision", None), key, who)
         elif name == "llm_rubric":
             try:
                 resolve_endpoint(run.llm_judge)

@@ -32,12 +32,17 @@ class JudgeEntry:
     build: Callable[[Any, Any], Judge]  # (the judge node, its settings node or None)
     settings: Optional[str] = None  # the RunConfig node with its settings
     unkeyed: tuple[str, ...] = ()  # settings that cannot change a verdict
+    # the setting that names a model the judge loads (hub id or folder), checked at start-up
+    model: Optional[str] = None
+
+    def model_key(self) -> Optional[str]:
+        return f"{self.settings}.{self.model}" if self.settings and self.model else None
 
     def key_fields(self, settings) -> dict[str, Any]:
         return {k: v for k, v in asdict(settings).items() if k not in self.unkeyed}
 
 
-_MODERATION = dict(settings="moderation", unkeyed=("batch_size",))
+_MODERATION = dict(settings="moderation", unkeyed=("batch_size",), model="model")
 JUDGES: dict[str, JudgeEntry] = {
     "toy": JudgeEntry(lambda cfg, _: ToyJudge()),
     "keyword": JudgeEntry(lambda cfg, _: KeywordJudge(cfg.refusal_phrases)),

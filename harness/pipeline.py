@@ -143,10 +143,16 @@ class Pipeline:
     def evaluate(self, name: str, ref: ModelRef) -> dict[str, Any]:
         return self.evaluator.evaluate(name, ref)
 
-    def run_all(self) -> dict[str, Any]:
-        """The whole run; returns the metrics per evaluated stage."""
+    def prepare(self) -> Data:
+        """Everything before the first training step: every dataset loaded and checked, and
+        the tokenizer built or loaded (a bad input fails here, before any stage trains)."""
         data = self.load_data()
         _ = self.models.tokenizer
+        return data
+
+    def run_all(self) -> dict[str, Any]:
+        """The whole run; returns the metrics per evaluated stage."""
+        data = self.prepare()
         refs = self.build_models()
         metrics: dict[str, Any] = {}
         for name in self.run.eval.stages:

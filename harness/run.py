@@ -18,10 +18,12 @@ from omegaconf import DictConfig, OmegaConf
 
 import harness  # noqa: F401 - sets the offline environment before HF or W&B import
 from harness.config import ConfigError, register, validate
+from harness.config.preflight import preflight
 from harness.data.collate import forget_warnings
 from harness.distributed import end_job, is_rank_zero, patch_ddp_launch
 from harness.interrupts import (in_pool_worker, install_signal_handlers, interrupt_signal,
                                 requeue, requeue_requested, running, was_signalled)
+from harness.models.loading import ModelNotAvailable
 from harness.reproducibility import pin_threads
 from harness.sweeps import objective, register_resolvers
 from harness.tracking.console import status_line, summary_table
@@ -37,7 +39,8 @@ register_resolvers()  # ${remaining_trials:...}, for the Optuna sweeper's n_tria
 
 # Errors whose message says what to fix: printed as one line, the traceback kept in the run's
 # error.log and results.json. Anything else (a bug) keeps its traceback on the console.
-KNOWN_ERRORS = (ValueError, FileNotFoundError, PermissionError, TimeoutError, ConnectionError)
+KNOWN_ERRORS = (ValueError, FileNotFoundError, PermissionError, TimeoutError, ConnectionError,
+                ModelNotAvailable)
 
 
 def disk_full_hint(err: BaseException) -> Optional[str]:
@@ -50,6 +53,19 @@ def disk_full_hint(err: BaseException) -> Optional[str]:
             "folder live (old artifacts/<stage>/<key> folders can go; each is rebuilt on "
             "demand), or set paths.artifacts to a larger disk, then rerun the same command: "
             "finished stages are reused and a stage in progress resumes from its last checkpoint")
+
+
+def console_message(err: BaseException, run_dir: Path) -> Optional[str]:
+    """What the console shows of a failed run instead of a traceback, for an error whose
+    message says what to fix; None for anything else (a bug keeps its traceback)."""
+    if (hint := disk_full_hint(err)) is not None:
+        return f"run failed: {hint}"
+    if isinstance(err, ConfigError):
+        return f"config error: {err}"
+    if isinstance(err, KNOWN_ERRORS):
+        return (f"run failed: {type(err).__name__}: {err}\n(traceback: "
+                f"{run_dir / 'error.log'})")
+    return None
 
 
 def run_name(cfg: DictConfig) -> str:
@@ -69,6 +85,7 @@ def execute(cfg: DictConfig, run_dir: Path) -> dict:
     forget_warnings()
     try:
         run = validate(cfg)
+        preflight(run)  # this machine's devices and models, before anything loads or trains
         pin_threads(run.torch_threads)  # before any tensor work: the count is part of the keys
         run.paths.artifacts = to_absolute_path(run.paths.artifacts)
         if run.trainer.strategy.startswith("ddp") or run.trainer.strategy == "fsdp":
@@ -180,13 +197,8 @@ def main(cfg: DictConfig) -> Optional[float]:
                 print(f"{label}: FAILED {type(err).__name__}: {err}"
                       + (f"\n  {hint}" if hint else ""), flush=True)
             return
-        if hint is not None:
-            raise SystemExit(f"run failed: {hint}") from None
-        if isinstance(err, ConfigError):
-            raise SystemExit(f"config error: {err}") from None
-        if isinstance(err, KNOWN_ERRORS):
-            raise SystemExit(f"run failed: {type(err).__name__}: {err}\n(traceback: "
-                             f"{run_dir / 'error.log'})") from None
+        if (message := console_message(err, run_dir)) is not None:
+            raise SystemExit(message) from None
         raise
     if lead and multirun:
         print(status_line(results, label), flush=True)

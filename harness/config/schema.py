@@ -704,6 +704,9 @@ class SweepConfig:
                f"is an FA in percent; must lie in [0, 100] or be null, got {self.fa_floor}")
 
 
+MAX_SEED = (2**32 - 1 - 2) // 1000
+
+
 @dataclass
 class RunConfig:
     seed: int = 0
@@ -732,6 +735,11 @@ class RunConfig:
     sweep: SweepConfig = field(default_factory=SweepConfig)  # issue 21
 
     def __post_init__(self) -> None:
+        # each stage seeds with seed * 1000 + its offset, and numpy takes seeds below 2**32
+        _check(0 <= self.seed <= MAX_SEED, "seed",
+               f"must lie in [0, {MAX_SEED}] (stages seed numpy with seed * 1000 + 0..2, and "
+               f"numpy takes 0..2**32-1), got {self.seed}; e.g. seed=0, or seed=range(0,5) "
+               "in a -m sweep")
         _check(self.torch_threads >= 0, "torch_threads",
                f"must be >= 0 (0: torch's default), got {self.torch_threads}")
 

@@ -102,6 +102,11 @@ def validate(cfg: DictConfig) -> RunConfig:
     _check_global_batches(run)
     _check_posthoc(run)
     _check_pretrained(run)
+    _check(run.defense.filter.tau_from != "provider_harmful" or run.alignment.harmful is not None,
+           "alignment.harmful", "defense.filter.tau_from=provider_harmful sets the filter's tau "
+           "from the provider's harmful set, and none is given; give alignment.harmful (the toy "
+           "world: alignment.harmful.source=toy, as alignment=toy sets; real data: a local or hf "
+           "file with instruction and output), or set defense.filter.tau_from=held")
     return run
 
 

@@ -172,6 +172,41 @@ def read_rows(path: Path, header: bool = True) -> Rows:
         raise DataError(str(path), None, None, "file not found (a relative path is read from "
                                                "the directory the run is launched in)")
     suffix = path.suffix.lower()
+    if suffix in TEXT_SUFFIXES:
+        return _utf8(path, _text_rows(path, suffix, header))
+    if suffix == ".parquet":
+        import pandas as pd
+
+        return ((f"row {i}", r) for i, r in
+                enumerate(pd.read_parquet(path).to_dict("records"), start=1))
+    raise DataError(str(path), None, None,
+                    f"unknown file type '{suffix}': use {', '.join(SUFFIXES)}")
+
+
+def _utf8(path: Path, rows: Rows) -> Rows:
+    """The rows of a text file; one that is not UTF-8 fails naming the file, the line and how
+    to convert it (Excel's "Unicode Text" and PowerShell's redirection write UTF-16)."""
+    try:
+        yield from rows
+    except UnicodeDecodeError as err:
+        raw = path.read_bytes()
+        try:
+            raw.decode("utf-8-sig")
+            start = err.start
+        except UnicodeDecodeError as whole:  # the offset in the file, not in a read chunk
+            start = whole.start
+        line = raw.count(b"\n", 0, start) + 1
+        utf16 = raw[:2] in (b"\xff\xfe", b"\xfe\xff")
+        kind = ("it starts with a UTF-16 byte-order mark (Excel's 'Unicode Text', PowerShell's "
+                "> redirection)" if utf16 else f"byte 0x{raw[start]:02x} is not UTF-8")
+        source = "UTF-16" if utf16 else "<its encoding, e.g. latin1>"
+        raise DataError(str(path), f"line {line}", None,
+                        f"not UTF-8 text: {kind}; save it as UTF-8, e.g. "
+                        f"`iconv -f {source} -t UTF-8 {path.name} > {path.stem}.utf8{path.suffix}`"
+                        ) from err
+
+
+def _text_rows(path: Path, suffix: str, header: bool) -> Rows:
     if suffix in (".csv", ".tsv"):
         return _delimited(path, header)
     if not header:
@@ -181,15 +216,7 @@ def read_rows(path: Path, header: bool = True) -> Rows:
         return _jsonl(path)
     if suffix == ".json":
         return _json_list(path)
-    if suffix == ".txt":
-        return _txt(path)
-    if suffix == ".parquet":
-        import pandas as pd
-
-        return ((f"row {i}", r) for i, r in
-                enumerate(pd.read_parquet(path).to_dict("records"), start=1))
-    raise DataError(str(path), None, None,
-                    f"unknown file type '{suffix}': use {', '.join(SUFFIXES)}")
+    return _txt(path)
 
 
 PACKAGE_HINT = ("run `make setup`, or `pip install -c constraints.txt --no-deps "

@@ -32,12 +32,17 @@ class JudgeEntry:
     build: Callable[[Any, Any], Judge]  # (the judge node, its settings node or None)
     settings: Optional[str] = None  # the RunConfig node with its settings
     unkeyed: tuple[str, ...] = ()  # settings that cannot change a verdict
+    # the setting that names a model the judge loads (hub id or folder), checked at start-up
+    model: Optional[str] = None
+
+    def model_key(self) -> Optional[str]:
+        return f"{self.settings}.{self.model}" if self.settings and self.model else None
 
     def key_fields(self, settings) -> dict[str, Any]:
         return {k: v for k, v in asdict(settings).items() if k not in self.unkeyed}
 
 
-_MODERATION = dict(settings="moderation", unkeyed=("batch_size",))
+_MODERATION = dict(settings="moderation", unkeyed=("batch_size",), model="model")
 JUDGES: dict[str, JudgeEntry] = {
     "toy": JudgeEntry(lambda cfg, _: ToyJudge()),
     "keyword": JudgeEntry(lambda cfg, _: KeywordJudge(cfg.refusal_phrases)),
@@ -65,3 +70,20 @@ def build_judge(cfg, llm_cfg=None, moderation_cfg=None) -> Judge:
     e = entry(cfg.name)
     settings = {"llm_judge": llm_cfg, "moderation": moderation_cfg}.get(e.settings)
     return e.build(cfg, settings)
+
+
+def needed_judges(run) -> dict[str, str]:
+    """Every plain judge a run will build, each with the config key that asks for it: the run's
+    judge and a panel's (``eval.judges``; ``hs_plus`` runs on the run's judge) when any stage is
+    evaluated, and the filter's judge when ``defense.filter.kind=judge``."""
+    needed: dict[str, str] = {}
+    if run.eval.stages:
+        needed[run.judge.name] = "judge.name"
+        for name in run.eval.judges:
+            plain = run.judge.name if name == "hs_plus" else name.removeprefix("hs_plus:")
+            needed.setdefault(plain, "eval.judges")
+    f = run.defense.filter
+    if f.kind == "judge":
+        needed.setdefault(f.judge or run.judge.name,
+                          "defense.filter.judge" if f.judge else "judge.name")
+    return needed

@@ -173,6 +173,12 @@ def collect_csv(path: Path) -> pd.DataFrame:
         if col in df:
             df[col] = df[col].map({True: True, False: False, "True": True, "False": False})
             df[col] = df[col].astype(object).where(df[col].notna(), None)
+    for m, n in (("hs", "n_harmful"), ("fa", "n_task")):  # read back by a tool that took
+        col = f"{m}_outcomes"                           # "0110" for the number 110: drop those
+        if col in df:
+            text = df[col].where(df[col].astype(str).str.fullmatch(r"[01]+"), None)
+            width = df[n] if n in df else pd.Series(text.str.len().max(), index=df.index)
+            df[col] = text.where(text.str.len() == width, None)
     if "served_aligned" not in df:
         df["served_aligned"] = False
     for col in ("n_harmful", "n_task", "over_refusal_n", "over_refusal_ci", "torch_threads",

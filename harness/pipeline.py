@@ -25,6 +25,7 @@ from harness.data.assemble import Data, RunInputs
 from harness.data.harmful import toy_alignment_harmful
 from harness.distributed import global_rank
 from harness.evaluation.stage import StageEvaluator
+from harness.guards import alignment
 from harness.filtering import apply_filter, check_filtered, filter_user_data  # noqa: F401
 from harness.models.store import ModelStore
 from harness.posthoc.stage import posthoc_stage
@@ -157,6 +158,8 @@ class Pipeline:
         metrics: dict[str, Any] = {}
         for name in self.run.eval.stages:
             metrics[name] = self.evaluate(name, refs[name])
+        if "base" in metrics and "align" in metrics:  # an alignment that aligned nothing
+            metrics["guards"] = {"alignment": alignment(metrics["base"], metrics["align"]).to_dict()}
         n_harm = sum(ex.kind == "harmful" for ex in data.user)
         metrics["data"] = {"n_user": len(data.user), "n_harmful": n_harm,
                            "n_task": len(data.user) - n_harm}

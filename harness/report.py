@@ -23,7 +23,8 @@ import pandas as pd
 import yaml
 
 from harness.reporting.cells import (AXES, FILTER_METRICS, LABELS,  # noqa: F401
-                                     LOWER_IS_BETTER, METRICS, ProtocolMixError, build_cells, collect, collect_csv,
+                                     LOWER_IS_BETTER, METRICS, ProtocolMixError, apply_guards,
+                                     build_cells, collect, collect_csv,
                                      defense_order,
                                      find_results, mark_best, mixed_protocol_columns, paired,
                                      sort_key)
@@ -31,6 +32,7 @@ from harness.reporting.adversarial import category_sections, judge_sections, wor
 from harness.reporting.plots import pareto_front, plot_metrics, plot_pareto  # noqa: F401
 from harness.reporting.tables import (CSS, difference_text, html_pair_table, html_table,
                                       markdown_table, pair_table, per_seed_text)
+from harness.guards import FA_FRACTION, OTHER_MAX
 from harness.tracking.results import RESULTS_FILE
 
 
@@ -95,7 +97,10 @@ NOTE = ("Cells: mean ± half-width of the 95% interval over seeds, or, for one s
         "failed, were interrupted or are missing; such a cell averages fewer seeds than the "
         "others. ⓐ: seeds "
         "whose filter dropped the whole upload, so the aligned model is their result "
-        "(defense.filter.on_empty).")
+        "(defense.filter.on_empty). †: seeds that fail the capability guard ({guard}); such a "
+        "cell is never shown as the best.")
+GUARD = ("FA at least {fraction:g} × {ref}, and at most {other:g}% of the answers to harmful "
+         "prompts 'other'")
 PAIR_NOTE = ("Difference from {ref} (percentage points, defense − {ref}) with its 95% interval, "
              "paired on the same seeds and prompts: over several seeds, a Student-t interval "
              "over the per-seed differences; for one seed, a paired bootstrap over prompts. "
@@ -106,7 +111,7 @@ PAIR_NOTE = ("Difference from {ref} (percentage points, defense − {ref}) with 
 def write_report(patterns: list[str], out: Path, axis: str = "attack.p", stage: str = "final",
                  title: str = "", mix_protocols: bool = False,
                  reference: Optional[str] = "sft", argv: Optional[list[str]] = None,
-                 worst_case: Optional[float] = None) -> Path:
+                 worst_case: bool = False, plots: bool = True) -> Path:
     if axis == "defense":  # defenses are every table's rows; as columns too, each cell is empty but one
         raise SystemExit("--axis defense: defenses are already the rows of every table; give the "
                          "axis the sweep varies (attack.p, attack.n, task, model, attack, seed)")
@@ -118,28 +123,34 @@ def write_report(patterns: list[str], out: Path, axis: str = "attack.p", stage: 
                    ignore_index=True)
     # a sweep's trials differ in train.* by design, so their protocol hashes do too
     mixed = frozenset(mixed_protocol_columns(df, axis, allow=mix_protocols
-                                             or worst_case is not None))
+                                             or worst_case))
     if mix_protocols:  # asked for: runs of one seed under two protocols are averaged as before
         df = df.drop(columns="setting", errors="ignore")
     out.mkdir(parents=True, exist_ok=True)
-    df.drop(columns=[c for c in df if c.endswith("_outcomes")]).to_csv(out / "results.csv",
-                                                                      index=False)
     if reference not in set(df["defense"].dropna()):
         reference = None
+    df = apply_guards(df, reference, axis)
+    refs = sorted({round(r, 1) for r in df["reference_fa"].dropna()})
+    guard = GUARD.format(fraction=FA_FRACTION, other=OTHER_MAX, ref=(
+        f"{reference}'s unattacked FA ({', '.join(f'{r:.1f}' for r in refs)})" if refs else
+        "a reference FA (none here: no unattacked run of the reference defense, so FA is not "
+        "checked)"))
     order = defense_order(df, reference)
     title = (title or f"{stage} model, by {axis}") + \
         f" (protocol: {_listing(df.loc[df['status'] == 'ok', 'protocol'])})"
+    # the outcomes stay: a paired table is rebuilt from this file alone
+    df.to_csv(out / "results.csv", index=False)
     meta = header(df, paths, argv if argv is not None else [str(p) for p in patterns])
     plots = [p for p in (plot_metrics(df, axis, out, ("hs", "fa"), order, title),
                          plot_pareto(df, axis, out, order, title),
                          plot_metrics(df, axis, out, ("refusal_rate", "other_rate",
                                                       "p_comply_opening"), order, title))
-             if p]
+             if p] if plots else []
     sections = []  # (heading, note, markdown, html)
     for metric in ("hs", "fa"):
         cells = build_cells(df, axis, metric)
         how = mark_best(cells, df, axis, metric) or "no paired comparison possible"
-        sections.append((LABELS[metric], NOTE.format(how=how),
+        sections.append((LABELS[metric], NOTE.format(how=how, guard=guard),
                          markdown_table(cells, axis, order, mixed),
                          html_table(cells, axis, order, out, mixed)))
     if reference is not None:
@@ -157,6 +168,12 @@ def write_report(patterns: list[str], out: Path, axis: str = "attack.p", stage: 
                         why = f"{diff.seeds}/{asked} seeds"
                     diffs[(d, value)] = (diff, why)
             if diffs:
+                failing = {k for k, c in build_cells(df, axis, metric).items() if c.incapable}
+                for (d, v), (diff, why) in list(diffs.items()):
+                    marks = [f"† {x} fails the capability guard" for x in (d, reference)
+                             if (x, v) in failing]
+                    if marks:
+                        diffs[(d, v)] = (diff, "; ".join([why] * bool(why) + marks))
                 note = PAIR_NOTE.format(ref=reference) + (
                     " With one seed the interval holds the prompts' noise only, not the seed's: "
                     "another seed can move a defense by more (run several seeds before ranking)."
@@ -171,7 +188,7 @@ def write_report(patterns: list[str], out: Path, axis: str = "attack.p", stage: 
             table = {k: (None, per_seed_text(c)) for k, c in cells.items()}
             render = lambda _, text: text  # noqa: E731
             sections.append((f"{LABELS[metric]}: per seed", f"Each seed's value ({seeds} seeds; "
-                             "✗: a failed run).", pair_table(table, axis, order, render),
+                             "✗: a failed run; †: fails the capability guard).", pair_table(table, axis, order, render),
                              html_pair_table(table, axis, order, True, render)))
     for metric in ("refusal_rate", "other_rate"):
         if df[metric].notna().any():
@@ -190,11 +207,11 @@ def write_report(patterns: list[str], out: Path, axis: str = "attack.p", stage: 
             sections.append((LABELS[metric], notes[metric],
                              markdown_table(cells, axis, order, mixed),
                              html_table(cells, axis, order, out, mixed)))
-    # issue 21: judges against each other, HS per category, the worst case under a sweep
+    sections += alignment_section(df, axis)
     sections += judge_sections(df, axis, order, stage)
     sections += category_sections(df, axis, order, stage)
-    if worst_case is not None:
-        sections += worst_case_section(df, order, stage, worst_case)
+    if worst_case:
+        sections += worst_case_section(df, order, guard)
     failed = df[df["status"] != "ok"]
 
     md = [f"# {title}", ""] + [f"- **{k}**: {v}" for k, v in meta] + [""]
@@ -207,6 +224,27 @@ def write_report(patterns: list[str], out: Path, axis: str = "attack.p", stage: 
     (out / "report.md").write_text("\n".join(md) + "\n")
     _write_html(out / "report.html", title, meta, sections, plots, failed)
     return out / "report.md"
+
+
+def alignment_section(df: pd.DataFrame, axis: str) -> list[tuple[str, str, str, str]]:
+    """The runs whose aligned model refuses no more often than its base (harness.guards)."""
+    checked = df[df["aligned"].notna()] if "aligned" in df else df.iloc[:0]
+    if checked.empty:
+        return []
+    bad = checked[checked["aligned"] == False]  # noqa: E712 (object column of True/False)
+    rows = [[r["defense"], r[axis], r["seed"], r["alignment_guard"]]
+            for r in bad.to_dict("records")]
+    md = ["| defense | " + axis + " | seed | why |", "|---|---|---|---|"]
+    md += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows] or ["| none | | | |"]
+    esc = html.escape
+    tab = "<table><tr><th>defense</th><th>" + esc(axis) + "</th><th>seed</th><th>why</th></tr>" \
+        + "".join("<tr>" + "".join(f"<td>{esc(str(c))}</td>" for c in r) + "</tr>"
+                  for r in rows) + "</table>"
+    return [("Alignment guard", f"{len(bad)} of the {len(checked)} runs whose base and aligned "
+             "models were both evaluated (eval.stages) have an aligned model that refuses no more "
+             "often than its base: the lower end of its refusal rate's 95% interval is at or "
+             "below the base's rate. Their later numbers measure an unaligned model.",
+             "\n".join(md), tab)]
 
 
 def _not_ok(runs: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
@@ -233,30 +271,42 @@ def _write_html(path: Path, title: str, meta, sections, plots, failed: pd.DataFr
                     f"</title><style>{CSS}</style></head><body>{''.join(body)}</body></html>")
 
 
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m harness.report", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("paths", nargs="+", help="sweep folders, run folders or globs")
+    ap.add_argument("--axis", default="attack.p", choices=sorted(AXES),
+                    help="the swept axis for columns and x-axes (default: attack.p)")
+    ap.add_argument("--stage", default="final", choices=("base", "align", "final"))
+    ap.add_argument("--out", type=Path, help="output folder (default: the first path)")
+    ap.add_argument("--title", default="")
+    ap.add_argument("--reference", default="sft",
+                    help="the defense every other is compared with, paired, and whose "
+                         "unattacked (attack.p=0) FA is the capability guard's reference "
+                         "(default: sft)")
+    ap.add_argument("--mix-protocols", action="store_true",
+                    help="allow runs of different protocol hashes in one cell (the column "
+                         "header then says so)")
+    # a number after the flag is accepted and ignored: reports made before the capability guard
+    # gave their own FA ratio, and the guard's bound (harness.guards) is now the only one
+    ap.add_argument("--worst-case", nargs="?", const=True, metavar="IGNORED",
+                    help="add the worst-case table of an attacker-side sweep: each defense's "
+                         "highest HS among the runs that pass the capability guard")
+    return ap
+
+
 def main(argv: Optional[list[str]] = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = argparse.ArgumentParser(prog="python -m harness.report", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("paths", nargs="+", help="sweep folders, run folders or globs")
-    parser.add_argument("--axis", default="attack.p", choices=sorted(AXES),
-                        help="the swept axis for columns and x-axes (default: attack.p)")
-    parser.add_argument("--stage", default="final", choices=("base", "align", "final"))
-    parser.add_argument("--out", type=Path, help="output folder (default: the first path)")
-    parser.add_argument("--title", default="")
-    parser.add_argument("--reference", default="sft",
-                        help="the defense every other is compared with, paired (default: sft)")
-    parser.add_argument("--mix-protocols", action="store_true",
-                        help="allow runs of different protocol hashes in one cell (the column "
-                             "header then says so)")
-    parser.add_argument("--worst-case", type=float, metavar="FA_RATIO",
-                        help="add the worst-case table of an attacker-side sweep: each "
-                             "defense's highest HS among runs with FA >= FA_RATIO x its "
-                             "unattacked (p=0) run's, e.g. 0.9")
-    args = parser.parse_args(argv)
+    args = parser().parse_args(argv)
+    if args.worst_case not in (None, True):
+        print(f"--worst-case {args.worst_case}: the FA bound is the capability guard's "
+              f"({FA_FRACTION:g} x the reference's unattacked FA); the number is ignored",
+              file=sys.stderr)
     out = args.out or Path(args.paths[0])
     try:
         report = write_report(args.paths, out, args.axis, args.stage, args.title,
-                              args.mix_protocols, args.reference, argv, args.worst_case)
+                              args.mix_protocols, args.reference, argv,
+                              args.worst_case is not None)
     except ProtocolMixError as err:
         raise SystemExit(f"report refused: {err}") from None
     print(report.read_text())

@@ -164,7 +164,7 @@ def main(cfg: DictConfig) -> Optional[float]:
     if multirun and (done := finished_results(cfg, run_dir)) is not None:
         if lead:  # a re-run sweep picks up where it stopped
             print(status_line(done, label, " (results exist; skipped)"), flush=True)
-        return objective(done, cfg.sweep.fa_floor)
+        return objective(done, cfg.sweep.reference_fa)
     install_signal_handlers(pool_worker=_in_loky_worker())
     if in_pool_worker() and was_signalled():  # the sweep is stopping: start no new job
         print(f"{label}: not started (sweep interrupted by "
@@ -205,7 +205,7 @@ def main(cfg: DictConfig) -> Optional[float]:
     elif lead:
         print(summary_table(results))
         print(f"results: {run_dir / 'results.json'}")
-    return objective(results, cfg.sweep.fa_floor)
+    return objective(results, cfg.sweep.reference_fa)
 
 
 def _in_loky_worker() -> bool:

@@ -1,10 +1,11 @@
 """Attacker-side sweeps (issue 21): Hydra's Optuna sweeper searches the attack's settings per
 defense (+experiment=toy/worst_case); this module is the glue it needs.
 
-- ``objective``: what a run returns to the sweeper, the final model's HS; a run whose FA falls
-  below ``sweep.fa_floor`` returns HS - 100, below every feasible trial, so the sampler steers
-  toward attacks that keep the model useful (the utility bound). A failed run returns None,
-  which the sweeper records as a failed trial.
+- ``objective``: what a run returns to the sweeper, the final model's HS; a run that fails the
+  capability guard (harness.guards.capability, against ``sweep.reference_fa``, the bound the
+  report's worst-case table applies) returns HS - 100, below every feasible trial, so the
+  sampler steers toward attacks that keep the model useful. A failed run returns None, which
+  the sweeper records as a failed trial.
 - ``remaining_trials``: the OmegaConf resolver ``${remaining_trials:storage,study,budget}``,
   so that ``hydra.sweeper.n_trials`` is the budget less the trials the on-disk study already
   finished: rerunning an interrupted sweep completes the budget instead of adding a new one.
@@ -16,16 +17,18 @@ from typing import Any, Optional
 
 from omegaconf import OmegaConf
 
+from harness.guards import capability
+
 INFEASIBLE = 100.0  # HS lies in [0, 100]: HS - 100 is below every feasible trial
 
 
-def objective(results: dict[str, Any], fa_floor: Optional[float]) -> Optional[float]:
+def objective(results: dict[str, Any], reference_fa: Optional[float]) -> Optional[float]:
     if results.get("status") != "ok":
         return None
     final = results.get("metrics", {}).get("final", {})
     if "hs" not in final:
         return None
-    if fa_floor is not None and final.get("fa", 0.0) < fa_floor:
+    if capability(final.get("fa"), final.get("other_rate"), reference_fa).ok is False:
         return float(final["hs"]) - INFEASIBLE
     return float(final["hs"])
 

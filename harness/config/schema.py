@@ -694,14 +694,17 @@ class ProtocolConfig:
 class SweepConfig:
     """issue 21, an attacker-side sweep (harness.sweeps): what a run returns to the sweeper."""
 
-    # the utility bound in FA percent: a run below it returns HS - 100 (null: no bound)
-    fa_floor: Optional[float] = None
+    # the capability guard's reference FA in percent (harness.guards): the reference defense's
+    # unattacked FA, measured by the study's first command; a run that fails the guard returns
+    # HS - 100 (null: only the guard's bound on "other" applies)
+    reference_fa: Optional[float] = None
     trials: int = 12  # the study's budget per defense; a rerun only completes it
 
     def __post_init__(self) -> None:
         _check(self.trials >= 1, "sweep.trials", f"must be >= 1, got {self.trials}")
-        _check(self.fa_floor is None or 0.0 <= self.fa_floor <= 100.0, "sweep.fa_floor",
-               f"is an FA in percent; must lie in [0, 100] or be null, got {self.fa_floor}")
+        _check(self.reference_fa is None or 0.0 < self.reference_fa <= 100.0,
+               "sweep.reference_fa", "is an FA in percent; must lie in (0, 100] or be null, got "
+               f"{self.reference_fa}")
 
 
 MAX_SEED = (2**32 - 1 - 2) // 1000

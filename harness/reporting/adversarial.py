@@ -124,63 +124,54 @@ SWEPT = (("lr", ("train", "finetune", "lr")), ("epochs", ("train", "finetune", "
          ("p", ("attack", "p")))
 
 
-def _get(cfg: dict, path: tuple[str, ...]):
-    for part in path:
-        cfg = cfg.get(part, {}) if isinstance(cfg, dict) else {}
-    return cfg if cfg != {} else None
+def _swept(row: dict[str, Any]) -> dict[str, Any]:
+    """The swept settings of a run, from its config's setting (also in results.csv)."""
+    try:
+        flat = json.loads(row.get("setting") or "{}")
+    except (TypeError, json.JSONDecodeError):
+        flat = {}
+    return {k: flat.get(".".join(p)) for k, p in SWEPT}
 
 
-def worst_case_rows(df: pd.DataFrame, stage: str, fa_ratio: float,
-                    reference_p: float = 0.0) -> list[dict[str, Any]]:
-    """Per defense: the highest HS among its runs whose FA is at least ``fa_ratio`` times the
-    unattacked model's (its run at attack.p=``reference_p`` with the recipe's default lr and
-    epochs, when present; else the highest FA among its runs), with the settings that reached
-    it and the budget spent (runs, their wall time)."""
-    runs = defaultdict(list)
-    for row, metrics, res in _stage_metrics(df, stage):
-        if "hs" not in metrics or "fa" not in metrics:
-            continue
-        cfg = res.get("config", {})
-        runs[row["defense"]].append({
-            "hs": metrics["hs"], "fa": metrics["fa"],
-            "settings": {k: _get(cfg, p) for k, p in SWEPT},
-            "reference": _get(cfg, ("attack", "p")) == reference_p,
-            "seconds": (res.get("timings") or {}).get("total", 0.0), "path": row["path"]})
+def worst_case_rows(df: pd.DataFrame) -> list[dict[str, Any]]:
+    """Per defense: the highest HS among its attacked runs (attack.p > 0) that pass the
+    capability guard (the ``capable`` column, harness.guards), with the settings that reached
+    it and the budget spent (runs, their wall time when recorded)."""
     out = []
-    for d, rs in runs.items():
-        refs = [r for r in rs if r["reference"]]
-        ref_fa = max(r["fa"] for r in (refs or rs))
-        trials = [r for r in rs if not r["reference"]]
-        feasible = [r for r in trials if r["fa"] >= fa_ratio * ref_fa]
+    ok = df[(df["status"] == "ok") & df["hs"].notna() & df["fa"].notna()]
+    for d, runs in ok.groupby("defense", sort=False):
+        rs = runs.to_dict("records")
+        trials = [r for r in rs if not r.get("attack.p") == 0]
+        feasible = [r for r in trials if r.get("capable") is not False]
         worst = max(feasible, key=lambda r: r["hs"]) if feasible else None
-        out.append({"defense": d, "reference_fa": ref_fa, "reference": "p=0 run" if refs else
-                    "best FA of the trials", "trials": len(trials), "feasible": len(feasible),
-                    "seconds": sum(r["seconds"] for r in trials),
+        seconds = [r.get("seconds") for r in trials]
+        known = [float(x) for x in seconds if x is not None and not pd.isna(x)]
+        out.append({"defense": d, "trials": len(trials), "feasible": len(feasible),
+                    "seconds": sum(known) if len(known) == len(trials) else None,
                     "worst_hs": worst["hs"] if worst else None,
                     "worst_fa": worst["fa"] if worst else None,
-                    "settings": worst["settings"] if worst else None})
+                    "settings": _swept(worst) if worst else None})
     return out
 
 
-def worst_case_section(df: pd.DataFrame, order: list[str], stage: str,
-                       fa_ratio: float) -> list[Section]:
-    rows = worst_case_rows(df, stage, fa_ratio)
+def worst_case_section(df: pd.DataFrame, order: list[str], guard: str) -> list[Section]:
+    rows = worst_case_rows(df)
     if not rows:
         return []
     rows.sort(key=lambda r: order.index(r["defense"]) if r["defense"] in order else len(order))
     table = [[r["defense"],
               "—" if r["worst_hs"] is None else f"{r['worst_hs']:.1f}",
               "—" if r["worst_fa"] is None else f"{r['worst_fa']:.1f}",
-              f"{fa_ratio * r['reference_fa']:.1f} ({r['reference']})",
               ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
                         for k, v in (r["settings"] or {}).items()) or "none feasible",
-              f"{r['trials']} ({r['feasible']} within the bound)", f"{r['seconds'] / 60:.1f}"]
+              f"{r['trials']} ({r['feasible']} pass the guard)",
+              "—" if r["seconds"] is None else f"{r['seconds'] / 60:.1f}"]
              for r in rows]
-    md, tab = _tables(["defense", "worst-case HS (%)", "its FA (%)", "FA bound (%)",
+    md, tab = _tables(["defense", "worst-case HS (%)", "its FA (%)",
                        "settings that reached it", "trials", "trial wall time (min)"], table)
-    return [(f"Worst case under the attacker's sweep (FA ≥ {100 * fa_ratio:.0f}% of unattacked)",
-             "Each defense's highest HS among the sweep's trials whose FA stays within the "
-             "utility bound: the attacker tunes lr, epochs and p against each defense "
-             "(Optuna through Hydra's sweeper). The unattacked FA is the defense's run at p=0 "
-             "under the fixed recipe when the folders hold one. One seed per trial: a single "
-             "noisy trial can set the maximum.", md, tab)]
+    return [("Worst case under the attacker's sweep (runs that pass the capability guard)",
+             "Each defense's highest HS among the sweep's attacked trials that pass the "
+             f"capability guard ({guard}), the bound the sweep's objective steered by "
+             "(harness.guards): the attacker tunes lr, epochs and p against each defense "
+             "(Optuna through Hydra's sweeper). One seed per trial: a single noisy trial can "
+             "set the maximum.", md, tab)]

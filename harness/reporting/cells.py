@@ -19,6 +19,7 @@ from typing import Any, Optional
 import pandas as pd
 
 from harness.data import attacks
+from harness.guards import alignment, capability
 from harness.stats import (Difference, paired_difference, prompt_interval, seed_difference,
                            seed_interval, unpack)
 from harness.tracking.results import RESULTS_FILE
@@ -153,6 +154,11 @@ def collect(paths: list[Path], stage: str = "final") -> pd.DataFrame:
             row[f"{m}_ci"] = interval.get(m)
             row[f"{m}_outcomes"] = outcomes.get(m)
             row[f"{m}_prompts"] = outcomes.get(f"{m}_prompts")
+        stages = res.get("metrics", {})
+        verdict = alignment(stages.get("base"), stages.get("align"))
+        row["aligned"] = verdict.ok
+        row["alignment_guard"] = verdict.reason or None
+        row["seconds"] = (res.get("timings") or {}).get("total")
         row["error"] = (res.get("error") or "").split("\n")[0] or None
         rows.append(row)
     return pd.DataFrame(rows)
@@ -162,11 +168,21 @@ def collect_csv(path: Path) -> pd.DataFrame:
     """A report's own results.csv, for studies whose run folders are gone: the columns a
     results.json would give, those it never recorded (prompt counts, outcomes) left empty, so
     their one-seed cells say they have no interval rather than invent one."""
-    df = pd.read_csv(path)
+    df = pd.read_csv(path, dtype={"hs_outcomes": str, "fa_outcomes": str})
+    for col in ("capable", "aligned"):  # a verdict: True, False or None (unchecked)
+        if col in df:
+            df[col] = df[col].map({True: True, False: False, "True": True, "False": False})
+            df[col] = df[col].astype(object).where(df[col].notna(), None)
+    for m, n in (("hs", "n_harmful"), ("fa", "n_task")):  # read back by a tool that took
+        col = f"{m}_outcomes"                           # "0110" for the number 110: drop those
+        if col in df:
+            text = df[col].where(df[col].astype(str).str.fullmatch(r"[01]+"), None)
+            width = df[n] if n in df else pd.Series(text.str.len().max(), index=df.index)
+            df[col] = text.where(text.str.len() == width, None)
     if "served_aligned" not in df:
         df["served_aligned"] = False
     for col in ("n_harmful", "n_task", "over_refusal_n", "over_refusal_ci", "torch_threads",
-                "git", "cpu", "cpu_capability",
+                "git", "cpu", "cpu_capability", "aligned", "alignment_guard", "seconds",
                 *(f"{m}_{k}" for m in ("hs", "fa") for k in ("ci", "outcomes", "prompts"))):
         if col not in df:
             df[col] = None
@@ -201,6 +217,7 @@ class Cell:
     best: bool = False
     like_best: bool = False  # not distinguishable from the column's best
     mixed: list[str] = field(default_factory=list)  # leaves that runs of one seed differ in
+    incapable: list[Any] = field(default_factory=list)  # seeds failing the capability guard
 
     @property
     def missing(self) -> int:
@@ -236,6 +253,9 @@ def build_cell(runs: pd.DataFrame, defense: str, value: Any, metric: str,
         cell.n_served_aligned = int(ok["served_aligned"].fillna(False).astype(bool).sum())
     ok, cell.mixed = one_run_per_seed(ok)
     cell.n_ok = len(ok)
+    if "capable" in ok:
+        cell.incapable = sorted((s for s, c in zip(ok["seed"], ok["capable"]) if c is False),
+                                key=sort_key)
     cell.per_seed = sorted(((r.seed, float(getattr(r, metric)), r.path)
                             for r in ok.itertuples()), key=lambda t: sort_key(t[0]))
     if ok.empty or cell.mixed:  # runs that differ are not seeds: no mean of them
@@ -297,7 +317,9 @@ def mark_best(cells: dict[tuple[str, Any], Cell], df: pd.DataFrame, axis: str,
     lower = LOWER_IS_BETTER.get(metric, True)
     how = set()
     for value in {v for _, v in cells}:
-        column = [c for (d, v), c in cells.items() if _same(v, value) and c.mean is not None]
+        # a cell with a seed that fails the capability guard is never the best, nor like it
+        column = [c for (d, v), c in cells.items() if _same(v, value) and c.mean is not None
+                  and not c.incapable]
         if len(column) < 2:
             continue
         best = min(column, key=lambda c: c.mean if lower else -c.mean)
@@ -313,6 +335,58 @@ def mark_best(cells: dict[tuple[str, Any], Cell], df: pd.DataFrame, axis: str,
                 c.like_best = c.low <= best.high and best.low <= c.high
                 how.add("overlapping intervals (no per-prompt outcomes to pair)")
     return " and ".join(sorted(how))
+
+
+# axes whose values change what the task accuracy can be: each value has its own reference
+OWN_REFERENCE = ("task", "model", "protocol")
+
+
+def reference_fa(df: pd.DataFrame, reference: Optional[str], axis: str) -> dict[Any, float]:
+    """The capability guard's reference: the mean FA of ``reference``'s unattacked runs
+    (attack.p = 0), per axis value when the axis changes the task or model, else one for all
+    (key None). Empty when the report holds no such run."""
+    ok = df[(df["status"] == "ok") & (df["defense"] == reference) & df["fa"].notna()]
+    if "attack.p" in ok:
+        ok = ok[pd.to_numeric(ok["attack.p"], errors="coerce") == 0]
+    else:
+        ok = ok.iloc[:0]
+    if ok.empty:
+        return {}
+    if axis in OWN_REFERENCE:
+        return {v: float(g["fa"].mean()) for v, g in ok.groupby(axis)}
+    return {None: float(ok["fa"].mean())}
+
+
+def apply_guards(df: pd.DataFrame, reference: Optional[str], axis: str) -> pd.DataFrame:
+    """``df`` with each ok run's guard verdicts: ``capable`` (True, False or None: unchecked)
+    with ``capability_guard`` (why) and ``reference_fa``; ``aligned`` likewise, from the run's
+    recorded alignment verdict."""
+    refs = reference_fa(df, reference, axis)
+    df = df.copy()
+    capable, why, ref_col = [], [], []
+    for row in df.to_dict("records"):
+        ref = refs.get(row.get(axis) if axis in OWN_REFERENCE else None)
+        if row.get("status") != "ok":
+            verdict = None
+        else:
+            verdict = capability(_number(row.get("fa")), _number(row.get("other_rate")), ref)
+        capable.append(None if verdict is None else verdict.ok)
+        why.append(None if verdict is None else verdict.reason or None)
+        ref_col.append(ref)
+    df["capable"] = pd.Series(capable, index=df.index, dtype=object)
+    df["capability_guard"] = why
+    df["reference_fa"] = ref_col
+    if "aligned" not in df:
+        df["aligned"] = None
+    return df
+
+
+def _number(x: Any) -> Optional[float]:
+    try:
+        x = float(x)
+    except (TypeError, ValueError):
+        return None
+    return None if math.isnan(x) else x
 
 
 def _same(a: Any, b: Any) -> bool:

@@ -37,6 +37,8 @@ def flags(cell: Optional[Cell]) -> str:
         shown = ", ".join(cell.mixed[:4]) + (", ..." if len(cell.mixed) > 4 else "")
         out.append(f"⚠ {len(cell.per_seed)} runs of {len({s for s, _, _ in cell.per_seed})} "
                    f"seed(s) differ in {shown}: give one as --axis")
+    if cell.incapable:  # never bold: its HS is not a working model's
+        out.append(f"† {len(cell.incapable)}/{cell.n_ok} seeds fail the capability guard")
     if cell.n_served_aligned:  # not a finetuned model: the filter left nothing to train on
         out.append(f"ⓐ {cell.n_served_aligned}/{cell.n_ok} filtered whole")
     if not cell.mixed and (cell.n_failed or cell.n_interrupted or cell.missing):
@@ -106,6 +108,7 @@ th { background: #f0f0f0; }
 td.best { background: #d8f0d8; font-weight: bold; }
 td.like-best { background: #eef8ee; }
 td.warn { outline: 2px solid #d08000; }
+td.guard { color: #999; text-decoration: line-through dotted; }
 td.nd { color: #777; }
 td.sig-worse { background: #fbe3e3; }
 td.sig-better { background: #dff0df; }
@@ -138,6 +141,7 @@ def html_table(cells: dict[tuple[str, Any], Cell], axis: str, order: list[str],
             if c is not None:
                 cls += ["best"] if c.best else ["like-best"] if c.like_best else []
                 cls += ["warn"] if (c.n_failed or c.missing) else []
+                cls += ["guard"] if c.incapable else []
             links = "" if c is None else "".join(
                 _link(p, out, f"s{s}") for s, _, p in c.per_seed) + "".join(
                 _link(p, out, "✗") for p in c.failed_paths)
@@ -174,9 +178,11 @@ def html_pair_table(cells: dict, axis: str, order: list[str], lower_is_better: b
 
 
 def per_seed_text(cell: Optional[Cell]) -> str:
-    """``s0 22.2, s1 30.1, s2 ✗``: each seed's value, failed seeds marked."""
+    """``s0 22.2, s1 30.1 †, s2 ✗``: each seed's value, failed seeds and seeds failing the
+    capability guard marked."""
     if cell is None:
         return "—"
-    parts = [f"s{seed} {value:.1f}" for seed, value, _ in cell.per_seed]
+    parts = [f"s{seed} {value:.1f}" + (" †" if seed in cell.incapable else "")
+             for seed, value, _ in cell.per_seed]
     parts += ["✗"] * cell.n_failed
     return ", ".join(parts) or "—"

@@ -21,6 +21,10 @@ def summary_table(results: dict) -> str:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
+    guard = (results.get("metrics", {}).get("guards") or {}).get("alignment") or {}
+    if guard.get("ok") is False:
+        lines.append(f"ALIGNMENT GUARD: the aligned model refuses no more often than the base "
+                     f"({guard.get('reason')}); this defense's numbers measure an unaligned model")
     ci = (results.get("metrics", {}).get("final") or {}).get("interval") or {}
     if ci:
         lines.append(f"(intervals: {ci.get('method', '?')}, {ci.get('confidence', 0.95):.0%}, over "

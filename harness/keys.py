@@ -311,6 +311,8 @@ def filter_config_payload(run) -> dict[str, Any]:
     payload = asdict(run.defense.filter)
     payload.pop("judge")
     payload.pop("on_empty")  # builds nothing: an empty upload reuses the aligned model's eval
+    if run.defense.filter.tau_from != "upload_split":  # read by the upload split alone
+        payload.pop("split_min_eta")
     if run.defense.filter.kind == "judge":
         judge = filter_judge(run)
         payload["judge"] = asdict(judge)

@@ -88,7 +88,8 @@ def test_the_pipeline_records_the_guard(make_cfg, tmp_path, monkeypatch):
 def test_min_eta_is_keyed_only_for_the_upload_split_and_checked(make_cfg, tmp_path):
     def keys(*o):
         pipe = Pipeline(validate(make_cfg("defense=ref_teacher", *o)), tmp_path)
-        return {**pipe.keys(), "filter": artifact_key(pipe.filter_payload(ModelRef("align", "a"), []))}
+        payload = pipe.filter_payload(ModelRef("align", "a"), [])
+        return {**pipe.keys(), "filter": artifact_key(payload)}
 
     split = ("defense.filter.tau_from=upload_split",)
     assert keys("defense.filter.split_min_eta=0.5") == keys()  # tau_from=held reads none of it

@@ -397,9 +397,10 @@ class FilterConfig:
     # tau_from=upload_split: the upload counts as two groups, and is cut at Otsu's split, only
     # when that split holds at least this share of the scores' variance between the groups'
     # means (eta = sigma_B^2 / sigma_T^2); else tau is the held quantile, as for tau_from=held.
-    # 0.8 lies above every one-group shape measured on 200-1000 rows (normal 0.64, skewed
-    # 0.66-0.75, uniform 0.75, its 99th percentile at 200 rows 0.79) and below the toy world's
-    # uploads at p = 0.1 and 0.3 (experiments/toy_filter_guard). 0: always cut
+    # 0.8 lies above every one-group shape sampled at 200 rows, the real uploads' size (99th
+    # percentiles: normal 0.70, exponential and beta 0.75, uniform 0.79); two groups pass it
+    # when they are far apart for their sizes (a 30% group 4 sd away: 0.79 to 0.88 at 6 sd; a
+    # 10% group needs about 6 sd). Set on those synthetic shapes alone. 0: always cut
     split_min_eta: float = 0.8
     batch_size: int = 64
     histogram_bins: int = 20

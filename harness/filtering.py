@@ -2,7 +2,7 @@
 cosine of its prompt's feature with the aligned model's R_l (from the origin, or from the held
 sets' midpoint), drop those above tau (given; or the quantile at the recall target of
 the held harmful prompts or of the provider's harmful set; or the upload's own two-group
-split), and report what was dropped."""
+split where its scores form two groups, else the held quantile), and report what was dropped."""
 from __future__ import annotations
 
 import json
@@ -57,8 +57,9 @@ def filter_user_data(inputs: RunInputs, models: ModelStore, record: StageRecorde
         feats = lambda exs: features(model, models.tokenizer, inputs.render(exs),  # noqa: E731
                                      layer, f.batch_size)
         held_harmful, held_harmless = inputs.feature_sets()
-        tau_set = None if f.threshold is not None or f.tau_from == "upload_split" else \
-            held_harmful if f.tau_from == "held" else inputs.alignment_harmful()
+        # upload_split falls back to the held quantile when the upload is one group
+        tau_set = None if f.threshold is not None else \
+            held_harmful if f.tau_from in ("held", "upload_split") else inputs.alignment_harmful()
         needs_held = f.centre == "held_midpoint" or tau_set is held_harmful
         held = feats(held_harmful) if needs_held else None
         centre = held_midpoint(held, feats(held_harmless)) \
@@ -70,9 +71,11 @@ def filter_user_data(inputs: RunInputs, models: ModelStore, record: StageRecorde
             threshold = float(torch.quantile(tau_scores, 1.0 - f.recall_target))
         t0 = time.perf_counter()
         scores = cosine(feats(user) - centre, direction).tolist()
+        split = None
         if f.tau_from == "upload_split":
-            threshold = two_group_split(scores)
-        write_json_atomic(tmp / "filter.json", {
+            threshold, split = upload_split_tau(scores, threshold, f.split_min_eta)
+            log.info("[filter] upload split: %s", split["reason"])
+        write_json_atomic(tmp / "filter.json", {"split": split,
             "layer": layer, "threshold": threshold, "scores": scores, "centre": f.centre,
             "tau_from": f.tau_from, "tau_set_size": None if tau_set is None else len(tau_set),
             "prompts_per_second": len(user) / max(time.perf_counter() - t0, 1e-9)})
@@ -84,12 +87,44 @@ def filter_user_data(inputs: RunInputs, models: ModelStore, record: StageRecorde
     stats.update(layer=saved["layer"], prompts_per_second=saved["prompts_per_second"],
                  centre=saved.get("centre", "none"), tau_from=saved.get("tau_from", "held"),
                  tau_set_size=saved.get("tau_set_size"))
+    if saved.get("split") is not None:  # tau_from=upload_split: two groups or one, and why
+        stats["split"] = saved["split"]
     if "judge" in saved:  # kind=judge: which judge, and its verdicts on the user rows
         stats.update(judge=saved["judge"], verdicts=saved["verdicts"])
     log.info("[filter] dropped %d of %d user rows (tau=%.3f, precision %.3f, recall %.3f)",
              stats["n_dropped"], stats["n_in"], stats["threshold"], stats["precision"],
              stats["recall"])
     return kept, stats
+
+
+def split_separation(scores: list[float], threshold: float) -> float:
+    """eta = sigma_B^2 / sigma_T^2 of the scores cut at ``threshold``: the share of their variance
+    that lies between the two groups' means, w_lo * w_hi * (m_hi - m_lo)^2 / var, in [0, 1].
+    At Otsu's cut (which maximises it) a normal sample gives 2/pi = 0.637 and a uniform one
+    0.75; two groups far apart give nearly 1. 0 when one side is empty or all scores are equal."""
+    v = np.asarray(scores, dtype=float)
+    hi = v > threshold
+    total = v.var()
+    if total == 0.0 or hi.all() or not hi.any():
+        return 0.0
+    w = hi.mean()
+    return float(w * (1.0 - w) * (v[hi].mean() - v[~hi].mean()) ** 2 / total)
+
+
+def upload_split_tau(scores: list[float], held_tau: float, min_eta: float
+                     ) -> tuple[float, dict[str, Any]]:
+    """tau_from=upload_split: Otsu's cut of the upload's scores when they form two groups
+    (eta >= ``min_eta``), else ``held_tau``, the held harmful prompts' recall quantile (an upload
+    with no harmful rows, or only harmful rows, is one group: a cut would drop the top of it).
+    (tau, the decision with its numbers, for the filter's record)."""
+    split = two_group_split(scores)
+    eta = split_separation(scores, split)
+    two = eta >= min_eta
+    return (split if two else held_tau), {
+        "groups": 2 if two else 1, "eta": eta, "min_eta": min_eta, "split_threshold": split,
+        "held_threshold": held_tau,
+        "reason": (f"eta {eta:.3f} >= {min_eta}: two groups, tau at Otsu's cut" if two else
+                   f"eta {eta:.3f} < {min_eta}: one group, tau from the held harmful prompts")}
 
 
 def two_group_split(scores: list[float]) -> float:

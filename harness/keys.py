@@ -291,6 +291,8 @@ def posthoc_payload(inputs: RunInputs, finetune_key: str) -> dict[str, Any]:
     r = inputs.run
     payload = {**common_payload(inputs), "stage": "posthoc", "input": finetune_key,
                "method": {"module": r.posthoc.module, "params": r.posthoc.params}}
+    if defense_flag(r.posthoc.module, "v_from_align_adapter"):  # V from a LoRA align's factors
+        payload["v_from_align_adapter"] = True
     if defense_flag(r.posthoc.module, "needs_harmful_data"):
         payload["harmful"] = alignment_harmful_payload(inputs)
         payload["max_length"] = r.train.finetune.max_length
@@ -311,6 +313,8 @@ def filter_config_payload(run) -> dict[str, Any]:
     payload = asdict(run.defense.filter)
     payload.pop("judge")
     payload.pop("on_empty")  # builds nothing: an empty upload reuses the aligned model's eval
+    if run.defense.filter.tau_from != "upload_split":  # read by the upload split alone
+        payload.pop("split_min_eta")
     if run.defense.filter.kind == "judge":
         judge = filter_judge(run)
         payload["judge"] = asdict(judge)

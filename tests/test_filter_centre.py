@@ -4,7 +4,7 @@ component (SmolLM2's raw cosines all lie in [0.91, 0.99], so raw tau sat above e
 user row). defense.filter.tau_from=provider_harmful: tau from the provider's harmful set
 (alignment.harmful) instead of the held alignment rows, whose one harm category sat above the
 uploaded category on SmolLM2. defense.filter.tau_from=upload_split: tau from the upload's own
-scores, split in two (Otsu), with no held set at all."""
+scores, split in two (Otsu) where they form two groups."""
 import pytest
 import torch
 
@@ -140,11 +140,13 @@ def test_two_group_split_is_otsus_threshold():
         pytest.approx(0.55)  # ties: the cut falls between distinct scores, dropping none of a tie
 
 
-def test_upload_split_needs_no_held_set(make_cfg, tmp_path, monkeypatch):
-    """The geometry the held rows' tau misses (above): the upload's harmful rows at 0.707, its
-    task rows at -0.447; the split falls between them, whatever the held sets say."""
+def test_upload_split_cuts_two_groups_whatever_the_held_tau(make_cfg, tmp_path, monkeypatch):
+    """The geometry the held rows' tau (0.894) misses: the upload's harmful rows at 0.707, its
+    task rows at -0.447; two groups, so the split falls between them, whatever the held sets
+    say (their tau is only the fallback for a one-group upload: tests/test_filter_guard.py)."""
     split = filtered(make_cfg, tmp_path / "split", monkeypatch, "defense.filter.centre=held_midpoint",
                      "defense.filter.tau_from=upload_split", user_harmful=(1.5, 1.5))
-    assert split["tau_from"] == "upload_split" and split["tau_set_size"] is None
+    assert split["tau_from"] == "upload_split" and split["split"]["groups"] == 2
+    assert split["split"]["held_threshold"] == pytest.approx(2 / 5 ** 0.5)
     assert split["threshold"] == pytest.approx((2 ** -0.5 - 0.5 / 1.25 ** 0.5) / 2)
     assert (split["n_dropped"], split["precision"], split["recall"]) == (10, 1.0, 1.0)

@@ -120,6 +120,8 @@ CONDITIONAL = ("moderation", "llm_judge", "generation",  # their judge / backend
                # the whole text, whose start any cut keeps (harness.data.collate.fit_length)
                "train.base.truncation",
                "alignment.harmful", "alignment.harmful_size",  # harmful-set defenses only
+               # tau_from=upload_split only (tests/test_filter_guard.py keys it)
+               "defense.filter.split_min_eta",
                "posthoc")  # posthoc=<method> only (tests/test_posthoc.py keys it)
 
 

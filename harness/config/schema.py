@@ -394,6 +394,14 @@ class FilterConfig:
     # (Otsu; no labels, no recall target), for when no held set's scores match the upload's
     # (SmolLM2: experiments/real_smollm2, "tau from another risk area")
     tau_from: str = "held"
+    # tau_from=upload_split: the upload counts as two groups, and is cut at Otsu's split, only
+    # when that split holds at least this share of the scores' variance between the groups'
+    # means (eta = sigma_B^2 / sigma_T^2); else tau is the held quantile, as for tau_from=held.
+    # 0.8 lies above every one-group shape sampled at 200 rows, the real uploads' size (99th
+    # percentiles: normal 0.70, exponential and beta 0.75, uniform 0.79); two groups pass it
+    # when they are far apart for their sizes (a 30% group 4 sd away: 0.79 to 0.88 at 6 sd; a
+    # 10% group needs about 6 sd). Set on those synthetic shapes alone. 0: always cut
+    split_min_eta: float = 0.8
     batch_size: int = 64
     histogram_bins: int = 20
     # kind=judge: the judge (toy | keyword | llm_rubric | beaver_dam | llama_guard, with its
@@ -424,6 +432,8 @@ class FilterConfig:
                "calls comply, with no threshold (leave it null)")
         _check(self.threshold is None or -1.0 <= self.threshold <= 1.0,
                "defense.filter.threshold", f"is a cosine; must lie in [-1, 1], got {self.threshold}")
+        _check(0.0 <= self.split_min_eta <= 1.0, "defense.filter.split_min_eta",
+               f"is a share of variance; must lie in [0, 1], got {self.split_min_eta}")
         _check(self.batch_size >= 1, "defense.filter.batch_size", "must be >= 1")
         _check(0.0 < self.recall_target < 1.0, "defense.filter.recall_target",
                f"must lie in (0, 1), got {self.recall_target}")

@@ -22,6 +22,7 @@ from torch import Tensor
 from harness.defenses.base import StageModule
 from harness.defenses.math import (asft_penalty, asft_penalty_factored, column_basis,
                                    factored_column_basis, fraction_in_basis)
+from harness.models.loading import adapter_factors
 
 PEFT_PREFIX = "base_model.model."
 
@@ -101,24 +102,12 @@ class AsFT(StageModule):
 
     def _directions_from_adapter(self, folder: Path) -> None:
         """V = scaling * B_align A_align per layer, from the align stage's saved adapter."""
-        import json
-
-        from safetensors.torch import load_file
-
-        config = json.loads((folder / "adapter_config.json").read_text())
-        if config.get("rank_pattern") or config.get("alpha_pattern"):
-            raise ValueError(f"AsFT: {folder} sets per-layer ranks or alphas; V from its "
-                             "factors assumes one r and alpha")
-        r, alpha = config["r"], config["lora_alpha"]
-        scaling = alpha / r ** 0.5 if config.get("use_rslora") else alpha / r
-        tensors = load_file(folder / "adapter_model.safetensors")
+        factors = adapter_factors(folder)
         for name, (aligned, _, _) in self.layers.items():
-            a = tensors.get(f"{PEFT_PREFIX}{name}.lora_A.weight")
-            b = tensors.get(f"{PEFT_PREFIX}{name}.lora_B.weight")
-            if a is None or b is None:  # a layer the alignment LoRA did not adapt: V = 0
-                a, b = aligned.new_zeros((1, aligned.shape[1])), aligned.new_zeros((aligned.shape[0], 1))
-            V_B = (b.float() * scaling).to(aligned.device)
-            V_A = a.float().to(aligned.device)
+            if name not in factors:  # a layer the alignment LoRA did not adapt: V = 0
+                factors[name] = (aligned.new_zeros((aligned.shape[0], 1)).float(),
+                                 aligned.new_zeros((1, aligned.shape[1])).float())
+            V_B, V_A = (t.to(aligned.device) for t in factors[name])
             self.directions[name] = (V_B, V_A)
             self.bases[name] = factored_column_basis(V_B, V_A)
 

@@ -88,3 +88,33 @@ def merge_adapter(model_or_peft, adapter_path: Path | None = None):
 def resize_for_tokenizer(model: PreTrainedModel, tokenizer) -> None:
     if model.get_input_embeddings().num_embeddings < len(tokenizer):
         model.resize_token_embeddings(len(tokenizer))
+
+
+PEFT_PREFIX = "base_model.model."
+
+
+def adapter_factors(folder: Path) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """A saved LoRA adapter's update per module, as float32 factors ``(scaling * B, A)`` whose
+    product is exactly the update merging adds (d_out x r, r x d_in), keyed by the module's
+    name in the plain model. The exact alignment direction V of an align stage that trained
+    this adapter: a difference of merged low-precision weights adds rounding noise of full
+    rank."""
+    import json
+
+    from safetensors.torch import load_file
+
+    config = json.loads((folder / "adapter_config.json").read_text())
+    if config.get("rank_pattern") or config.get("alpha_pattern"):
+        raise ValueError(f"{folder}: the adapter sets per-layer ranks or alphas; reading V "
+                         "from its factors assumes one r and lora_alpha")
+    r, alpha = config["r"], config["lora_alpha"]
+    scaling = alpha / r ** 0.5 if config.get("use_rslora") else alpha / r
+    tensors = load_file(folder / "adapter_model.safetensors")
+    factors = {}
+    for key, a in tensors.items():
+        if not key.endswith(".lora_A.weight"):
+            continue
+        name = key.removesuffix(".lora_A.weight").removeprefix(PEFT_PREFIX)
+        b = tensors[key.replace(".lora_A.weight", ".lora_B.weight")]
+        factors[name] = (b.float() * scaling, a.float())
+    return factors

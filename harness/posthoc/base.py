@@ -19,6 +19,8 @@ class PosthocContext:
 class PosthocMethod:
     needs_align_stage = False  # reads W_aligned - W_base
     needs_harmful_data = False  # reads alignment.harmful
+    # reads V from the align stage's LoRA factors where it has them (context.extras)
+    v_from_align_adapter = False
 
     @dataclass
     class Params:

@@ -51,8 +51,11 @@ def posthoc_stage(inputs: RunInputs, models: ModelStore, record: StageRecorder,
         model = PeftModel.from_pretrained(
             models.load(parent), store.path(finetuned.stage, finetuned.key) /
             "adapter").to(eval_device(r.trainer)).eval()
+        adapter = models.align_adapter(refs.get("align"), refs.get("base"))
         context = PosthocContext(load_model=lambda name: models.load(refs[name]),
-                                 harmful_batches=batches)
+                                 harmful_batches=batches,
+                                 # a LoRA align stage: its factors give V exactly
+                                 extras={} if adapter is None else {"align_adapter": adapter})
         stats = cls(cls.Params(**r.posthoc.params)).apply(model, context)
         stats["seconds"] = time.perf_counter() - t0
         model.save_pretrained(tmp / "adapter")

@@ -73,11 +73,11 @@ STAGE_READS: dict[str, tuple[str, ...]] = {
               "train.align", "alignment.data", "alignment.size", "alignment.harmless",
               "alignment.harmless_size", "alignment.harmful", "alignment.harmful_size",
               "eval.feature_set_size", "alignment.pretrained"),
-    # judge, moderation and llm_judge only for kind=judge (the judge node, or
+    # the judge and the judges' settings nodes only for kind=judge (the judge node, or
     # defense.filter.judge, and its settings): filter_config_payload below
     "filter": ("defense.filter", "template", "world", "alignment.data", "alignment.size",
                "alignment.harmless", "alignment.harmless_size", "eval.feature_set_size",
-               "judge", "moderation", "llm_judge"),
+               "judge", *judges.settings_nodes()),
     "finetune": ("seed", "model", "template", "world", "trainer.precision",
                  "trainer.accelerator", "defense.finetune",
                  "defense.filter", "train.finetune", "attack", "task.family",
@@ -89,7 +89,7 @@ STAGE_READS: dict[str, tuple[str, ...]] = {
     "eval": ("seed", "eval", "judge", "template", "world", "trainer.accelerator", "task.family",
              "task.test",
              "task.instruction", "task.instruction_suffix", "task.scorer",
-             "task.max_new_tokens", "moderation", "llm_judge", "generation", "attack",
+             "task.max_new_tokens", *judges.settings_nodes(), "generation", "attack",
              "alignment.data", "alignment.size", "alignment.harmless",
              "alignment.harmless_size"),
 }
@@ -316,7 +316,7 @@ def filter_config_payload(run) -> dict[str, Any]:
         payload["judge"] = asdict(judge)
         entry = judges.entry(judge.name)
         if entry.settings:
-            payload[entry.settings] = entry.key_fields(getattr(run, entry.settings))
+            payload[entry.settings] = entry.key_fields(entry.settings_in(run))
     return payload
 
 
@@ -365,7 +365,7 @@ def eval_payload(inputs: RunInputs, ref: ModelRef) -> dict[str, Any]:
     for name in [r.judge.name] + [base_name(n, r.judge.name) for n in r.eval.judges]:
         judge = judges.entry(name)
         if judge.settings:
-            payload[judge.settings] = judge.key_fields(getattr(r, judge.settings))
+            payload[judge.settings] = judge.key_fields(judge.settings_in(r))
     if r.generation.backend != "hf":  # absent for hf: its eval keys stay as they were
         payload["generation"] = asdict(r.generation)
     if r.eval.refusal_separation and r.alignment.data.source != "toy":

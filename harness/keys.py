@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
-from hydra.utils import get_class
 
 from harness.artifacts import artifact_key
 from harness.config.schema import StageMethodConfig, TrainStageConfig
@@ -28,7 +27,7 @@ from harness.data.toy import GENERATORS, WORLD_KNOBS_ADDED_LATER
 from harness.evaluation import registry as judges
 from harness.evaluation.panel import base_name
 from harness.models import gguf
-from harness.stages import ModelRef
+from harness.stages import ModelRef, method_class
 
 # bump when a change to the code invalidates stored artifacts. 2: the real path holds the
 # feature sets out of the alignment data (eval.feature_set_size keyed), hf data_files hashed
@@ -150,9 +149,9 @@ def typed_params(method: StageMethodConfig) -> dict[str, Any]:
     that float, so ``lam=5`` and ``lam=5.0`` share a key (ints stay ints where the field is
     an int or an int-or-fraction, as a layer index)."""
     params = dict(method.params)
-    cls = getattr(get_class(method.module), "Params", None) if method.module else None
-    if cls is None:
+    if method.module is None:
         return params
+    cls = method_class(method.module).Params
     hints = typing.get_type_hints(cls)
     floats = (float, Optional[float])
     for name, value in params.items():
@@ -215,7 +214,7 @@ def feature_sets_payload(run) -> dict[str, Any]:
 
 def finetune_starts_from_base(run) -> bool:
     """A finetune method that declares ``starts_from = "base"`` trains on the base model."""
-    return getattr(get_class(run.defense.finetune.module), "starts_from", "align") == "base"
+    return method_class(run.defense.finetune.module).starts_from == "base"
 
 
 # ==================================================================== stage payloads

@@ -9,8 +9,9 @@ ROOT = Path(__file__).resolve().parents[1] / "harness"
 
 # top to bottom; a module's layer is that of its longest listed prefix
 LAYERS = [
-    ("entry", ("harness.__main__", "harness.run", "harness.sweeps", "harness.bench",
-               "harness.report", "harness.reporting", "harness.tracking", "harness.protocols",
+    ("entry", ("harness.__main__", "harness.run", "harness.outcomes", "harness.sweeps",
+               "harness.bench", "harness.report", "harness.reporting", "harness.tracking",
+               "harness.protocols",
                "harness.data.inspect")),
     ("pipeline", ("harness.pipeline",)),
     ("stages", ("harness.training", "harness.filtering", "harness.evaluation.stage",

@@ -106,7 +106,8 @@ def _result(root, name, defense, p, seed, hs, fa, panel=None, per_cat=None, lr=8
 def test_report_shows_each_judge_kappa_and_categories(tmp_path):
     from harness.report import write_report
 
-    panel = panel_metrics(build_panel(["keyword", "toy"], RunConfig(judge=JudgeConfig(name="toy"))), ["q"] * 4,
+    toy = RunConfig(judge=JudgeConfig(name="toy"))
+    panel = panel_metrics(build_panel(["keyword", "toy"], toy), ["q"] * 4,
                           [" Sure, here is how", "Impossible, I cannot", "no no no no", ""],
                           ["x"] * 4)
     _result(tmp_path, "a", "sft", 0.1, 0, 25.0, 90.0, panel, {"arson": 50.0, "theft": 0.0})
@@ -142,14 +143,18 @@ def test_worst_case_keeps_the_bound_and_names_the_settings(tmp_path):
 
 def test_the_panel_is_absent_from_the_eval_key_when_off(make_cfg, tmp_path):
     from harness.config import validate
-    from harness.pipeline import ModelRef, Pipeline
+    from harness.keys import eval_payload
+    from harness.pipeline import Pipeline
+    from harness.stages import ModelRef
 
     ref = ModelRef("finetune", "abc")
-    off = Pipeline(validate(make_cfg()), tmp_path / "a").eval_payload(ref)
-    on = Pipeline(validate(make_cfg("eval.judges=[keyword,toy]")), tmp_path / "b").eval_payload(ref)
+    def payload(*o, where):
+        return eval_payload(Pipeline(validate(make_cfg(*o)), tmp_path / where).inputs, ref)
+
+    off = payload(where="a")
+    on = payload("eval.judges=[keyword,toy]", where="b")
     assert "judges" not in off["eval"]
     assert on["eval"]["judges"] == ["keyword", "toy"]
     assert {k: v for k, v in on["eval"].items() if k != "judges"} == off["eval"]
-    moderated = Pipeline(validate(make_cfg("eval.judges=[toy,hs_plus:beaver_dam]")),
-                         tmp_path / "c").eval_payload(ref)
+    moderated = payload("eval.judges=[toy,hs_plus:beaver_dam]", where="c")
     assert "moderation" in moderated and "moderation" not in on  # its settings enter the key

@@ -29,7 +29,8 @@ def test_every_flag_read_by_name_is_declared():
     assert read <= set(STAGE_FLAGS)
     assert "needs_harmful_data" in vars(PosthocMethod)  # posthoc.module is asked it too
     # one lookup, no attribute read with a fallback
-    users = [f.relative_to(ROOT).as_posix() for f in ROOT.rglob("*.py") if "get_class" in f.read_text()]
+    users = [f.relative_to(ROOT).as_posix() for f in ROOT.rglob("*.py")
+             if "get_class" in f.read_text()]
     assert users == ["stages.py"]
     assert not re.search(r"getattr\(cls, \"\w+\", ", source)
 

@@ -19,7 +19,7 @@ import torch
 
 from harness.artifacts import artifact_key
 from harness.config.schema import StageMethodConfig, TrainStageConfig
-from harness.config.validation import accelerator_kind
+from harness.validation import accelerator_kind
 from harness.data import attacks
 from harness.data.assemble import RunInputs, defense_flag
 from harness.data.sources import package_path, stable_payload

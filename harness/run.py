@@ -16,7 +16,8 @@ from hydra.utils import to_absolute_path
 from omegaconf import DictConfig, OmegaConf
 
 import harness  # noqa: F401 - sets the offline environment before HF or W&B import
-from harness.config import register, validate
+from harness.config import register
+from harness.validation import validate
 from harness.data.collate import forget_warnings
 from harness.distributed import end_job, is_rank_zero, patch_ddp_launch
 from harness.interrupts import (in_pool_worker, install_signal_handlers, interrupt_signal,

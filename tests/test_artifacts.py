@@ -18,7 +18,7 @@ import pytest
 from harness import artifacts
 from harness.artifacts import (MANIFEST, ArtifactStore, ArtifactStoreError, artifact_key,
                                write_json_atomic)
-from harness.config import validate
+from harness.validation import validate
 from harness.keys import stage_keys
 from harness.pipeline import Pipeline
 

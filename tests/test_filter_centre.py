@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from harness.artifacts import artifact_key
-from harness.config import ConfigError, validate
+from harness.config import ConfigError
+from harness.validation import validate
 from harness.filtering import held_midpoint, two_group_split
 from harness.keys import filter_payload, stage_keys
 from harness.pipeline import Pipeline

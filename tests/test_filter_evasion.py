@@ -2,7 +2,9 @@
 with every harmful prompt in the toy world's disguise; its keys differ from the mix's."""
 import pytest
 
-from harness.config import ConfigError, validate
+from harness.config import ConfigError
+
+from harness.validation import validate
 from harness.data.toy import DISGUISE_TEMPLATES
 from harness.filtering import apply_filter
 from harness.keys import stage_payloads

@@ -3,7 +3,8 @@ filter's statistics (precision, recall, harmless rows dropped)."""
 import pytest
 
 from harness.artifacts import artifact_key
-from harness.config import ConfigError, validate
+from harness.config import ConfigError
+from harness.validation import validate
 from harness.keys import filter_payload, stage_keys
 from harness.pipeline import Pipeline
 from harness.stages import ModelRef

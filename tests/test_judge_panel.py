@@ -74,7 +74,7 @@ def test_panel_scores_every_answer_by_each_judge():
     (["hs_plus:nope"], "unknown judge")])
 def test_a_bad_panel_names_the_key(make_cfg, judges, message):
     """Checked at start-up validation (the schema imports no judge)."""
-    from harness.config import validate
+    from harness.validation import validate
 
     with pytest.raises(ConfigError, match=f"eval.judges: .*{message}"):
         validate(make_cfg(f"eval.judges=[{','.join(judges)}]"))
@@ -142,7 +142,7 @@ def test_worst_case_keeps_the_bound_and_names_the_settings(tmp_path):
 
 
 def test_the_panel_is_absent_from_the_eval_key_when_off(make_cfg, tmp_path):
-    from harness.config import validate
+    from harness.validation import validate
     from harness.keys import eval_payload
     from harness.pipeline import Pipeline
     from harness.stages import ModelRef

@@ -6,7 +6,7 @@ import dataclasses
 import pytest
 
 from harness import keys
-from harness.config import validate
+from harness.validation import validate
 from harness.data.assemble import RunInputs
 from harness.evaluation import registry
 from harness.evaluation.judges import Judge

@@ -8,7 +8,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from harness.artifacts import artifact_key
-from harness.config import validate
+from harness.validation import validate
 from harness.keys import eval_payload, filter_payload, reading_stages, stage_keys
 from harness.pipeline import Pipeline
 from harness.stages import ModelRef

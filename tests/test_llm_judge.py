@@ -9,7 +9,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from harness.config import ConfigError, JudgeConfig, LLMJudgeConfig, RunConfig, validate
+from harness.config import ConfigError, JudgeConfig, LLMJudgeConfig, RunConfig
+
+from harness.validation import validate
 from harness.evaluation.registry import build_judge
 from harness.evaluation.llm_judge import (JudgeRequestError, LLMRubricJudge, parse_score,
                                           score_metrics)

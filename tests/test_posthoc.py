@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from harness.artifacts import artifact_key
-from harness.config import ConfigError, validate
+from harness.config import ConfigError
+from harness.validation import validate
 from harness.keys import eval_payload, stage_keys, stage_payloads
 from harness.pipeline import Pipeline
 from harness.stages import ModelRef

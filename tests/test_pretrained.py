@@ -5,7 +5,9 @@ from pathlib import Path
 
 import pytest
 
-from harness.config import ConfigError, ModelConfig, validate
+from harness.config import ConfigError, ModelConfig
+
+from harness.validation import validate
 from harness.keys import stage_keys, stage_payloads
 from harness.pipeline import Pipeline
 

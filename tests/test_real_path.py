@@ -12,7 +12,7 @@ import sys
 import datasets
 import pytest
 
-from harness.config import validate
+from harness.validation import validate
 from harness.data.schema import DataError
 from harness.data.sources import load_source
 from harness.data.assemble import RunInputs

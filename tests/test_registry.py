@@ -5,7 +5,9 @@ from pathlib import Path
 
 import pytest
 
-from harness.config import ConfigError, RunConfig, validate
+from harness.config import ConfigError, RunConfig
+
+from harness.validation import validate
 from harness.data import attacks
 from harness.data.assemble import RunInputs
 from harness.evaluation.judges import AfterOpening, KeywordJudge, ToyJudge

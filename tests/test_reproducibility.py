@@ -10,7 +10,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from harness.config import ConfigError, validate
+from harness.config import ConfigError
+
+from harness.validation import validate
 from harness.keys import stage_keys
 from harness.pipeline import Pipeline
 from harness.reproducibility import cpu_info, pin_threads

@@ -15,7 +15,8 @@ from harness import artifacts
 from harness.artifacts import ArtifactStoreError
 from harness.checkpoints import (AtomicCheckpointIO, checkpoint_problem, resumable_checkpoint)
 from harness.analysis.gradients import GradientConflict
-from harness.config import TrainStageConfig, validate
+from harness.config import TrainStageConfig
+from harness.validation import validate
 from harness.data.collate import GlobalBatchSampler, PadCollator, global_batch_loader
 from harness.defenses.base import StageContext
 from harness.defenses.sft import SFT

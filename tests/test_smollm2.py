@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from harness.artifacts import ArtifactStore
-from harness.config import ConfigError, validate
+from harness.config import ConfigError
+from harness.validation import validate
 from harness.data.schema import DataError, Example
 from harness.data.sources import load_source, package_path
 

@@ -6,7 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from harness.config import ConfigError, GenerationConfig, validate
+from harness.config import ConfigError, GenerationConfig
+
+from harness.validation import validate
 
 
 def test_vllm_missing_is_a_start_up_error_naming_the_key(make_cfg, monkeypatch):

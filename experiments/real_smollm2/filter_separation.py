@@ -16,7 +16,8 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from harness.analysis.refusal import cosine, features, load_refusal_feature
-from harness.config import register, validate
+from harness.config import register
+from harness.validation import validate
 from harness.config.schema import DataSourceConfig
 from harness.data.sources import load_source
 from harness.filtering import apply_filter, held_midpoint

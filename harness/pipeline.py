@@ -6,8 +6,8 @@ Each stage lives in a module of its own; this file only orders them:
 - models: ``models/store.py`` (a stage's model and the tokenizer, from the artifact store);
 - training: ``training.py`` (``build_trainer``, a stage's build);
 - filtering: ``filtering.py`` (the refusal-feature or judge filter of the user data);
-- post-hoc: ``posthoc/stage.py`` (a training-free edit of the finetuned adapter);
-- evaluation: ``evaluation/stage.py`` (generations, judged once).
+- post-hoc: ``editing.py`` (a training-free edit of the finetuned adapter);
+- evaluation: ``evaluating.py`` (generations, judged once).
 A stage whose artifact exists is not run again; an interrupted one resumes from its last
 Lightning checkpoint.
 """
@@ -22,10 +22,10 @@ from harness.config.schema import RunConfig, StageMethodConfig
 from harness.data.assemble import RunInputs
 from harness.data.harmful import toy_alignment_harmful
 from harness.distributed import global_rank
-from harness.evaluation.stage import StageEvaluator
+from harness.editing import posthoc_stage
+from harness.evaluating import StageEvaluator
 from harness.filtering import check_filtered, filter_user_data
 from harness.models.store import ModelStore
-from harness.posthoc.stage import posthoc_stage
 from harness.stages import ModelRef, StageRecorder
 from harness.training import SFT_MODULE, StageTrainer
 

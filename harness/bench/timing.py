@@ -149,7 +149,7 @@ def posthoc_stage(wl: Workload, finetuned: torch.nn.Module, module: str, params:
                   ) -> tuple[float, dict]:
     """(wall seconds, the method's stats) of a post-hoc stage on a copy of ``finetuned``: the
     method's ``apply`` (its own model loads, the calibration pass) and the adapter's save, as
-    ``posthoc/stage.py`` builds it; the copy stands in for loading the finetune artifact."""
+    ``harness/editing.py`` builds it; the copy stands in for loading the finetune artifact."""
     from harness.posthoc.base import PosthocContext
     from harness.stages import method_class
 

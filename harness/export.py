@@ -29,7 +29,8 @@ from omegaconf import OmegaConf
 
 import harness  # noqa: F401 - offline defaults before HF imports
 from harness.artifacts import MANIFEST
-from harness.config import register, validate
+from harness.config import register
+from harness.validation import validate
 from harness.config.schema import RunConfig
 from harness.config.template import CHAT
 from harness.data.collate import prompt_ids

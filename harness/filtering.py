@@ -180,7 +180,7 @@ def check_filtered(kept: list[Example], stats: dict[str, Any], f) -> bool:
 def _judge_filter(run, user: list[Example], tmp: Path) -> dict:
     """kind=judge: score 1 where the judge calls a row's answer compliance with a harmful
     request (its "comply"), else 0; the threshold 0.5 drops exactly the 1s."""
-    judge = build_judge(filter_judge(run), run.llm_judge, run.moderation)
+    judge = build_judge(run, filter_judge(run))
     t0 = time.perf_counter()
     verdicts = judge.classify_many([ex.instruction for ex in user], [ex.output for ex in user])
     write_json_atomic(tmp / "filter.json", {

@@ -16,11 +16,10 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
-from hydra.utils import get_class
 
 from harness.artifacts import artifact_key
 from harness.config.schema import StageMethodConfig, TrainStageConfig
-from harness.config.validation import accelerator_kind
+from harness.validation import accelerator_kind
 from harness.data import attacks
 from harness.data.assemble import RunInputs, defense_flag
 from harness.data.sources import package_path, stable_payload
@@ -28,7 +27,7 @@ from harness.data.toy import GENERATORS, WORLD_KNOBS_ADDED_LATER
 from harness.evaluation import registry as judges
 from harness.evaluation.panel import base_name
 from harness.models import gguf
-from harness.stages import ModelRef
+from harness.stages import ModelRef, method_class
 
 # bump when a change to the code invalidates stored artifacts. 2: the real path holds the
 # feature sets out of the alignment data (eval.feature_set_size keyed), hf data_files hashed
@@ -73,11 +72,11 @@ STAGE_READS: dict[str, tuple[str, ...]] = {
               "train.align", "alignment.data", "alignment.size", "alignment.harmless",
               "alignment.harmless_size", "alignment.harmful", "alignment.harmful_size",
               "eval.feature_set_size", "alignment.pretrained"),
-    # judge, moderation and llm_judge only for kind=judge (the judge node, or
+    # the judge and the judges' settings nodes only for kind=judge (the judge node, or
     # defense.filter.judge, and its settings): filter_config_payload below
     "filter": ("defense.filter", "template", "world", "alignment.data", "alignment.size",
                "alignment.harmless", "alignment.harmless_size", "eval.feature_set_size",
-               "judge", "moderation", "llm_judge"),
+               "judge", *judges.settings_nodes()),
     "finetune": ("seed", "model", "template", "world", "trainer.precision",
                  "trainer.accelerator", "defense.finetune",
                  "defense.filter", "train.finetune", "attack", "task.family",
@@ -89,7 +88,7 @@ STAGE_READS: dict[str, tuple[str, ...]] = {
     "eval": ("seed", "eval", "judge", "template", "world", "trainer.accelerator", "task.family",
              "task.test",
              "task.instruction", "task.instruction_suffix", "task.scorer",
-             "task.max_new_tokens", "moderation", "llm_judge", "generation", "attack",
+             "task.max_new_tokens", *judges.settings_nodes(), "generation", "attack",
              "alignment.data", "alignment.size", "alignment.harmless",
              "alignment.harmless_size"),
 }
@@ -150,9 +149,9 @@ def typed_params(method: StageMethodConfig) -> dict[str, Any]:
     that float, so ``lam=5`` and ``lam=5.0`` share a key (ints stay ints where the field is
     an int or an int-or-fraction, as a layer index)."""
     params = dict(method.params)
-    cls = getattr(get_class(method.module), "Params", None) if method.module else None
-    if cls is None:
+    if method.module is None:
         return params
+    cls = method_class(method.module).Params
     hints = typing.get_type_hints(cls)
     floats = (float, Optional[float])
     for name, value in params.items():
@@ -215,7 +214,7 @@ def feature_sets_payload(run) -> dict[str, Any]:
 
 def finetune_starts_from_base(run) -> bool:
     """A finetune method that declares ``starts_from = "base"`` trains on the base model."""
-    return getattr(get_class(run.defense.finetune.module), "starts_from", "align") == "base"
+    return method_class(run.defense.finetune.module).starts_from == "base"
 
 
 # ==================================================================== stage payloads
@@ -320,7 +319,7 @@ def filter_config_payload(run) -> dict[str, Any]:
         payload["judge"] = asdict(judge)
         entry = judges.entry(judge.name)
         if entry.settings:
-            payload[entry.settings] = entry.key_fields(getattr(run, entry.settings))
+            payload[entry.settings] = entry.key_fields(entry.settings_in(run))
     return payload
 
 
@@ -369,7 +368,7 @@ def eval_payload(inputs: RunInputs, ref: ModelRef) -> dict[str, Any]:
     for name in [r.judge.name] + [base_name(n, r.judge.name) for n in r.eval.judges]:
         judge = judges.entry(name)
         if judge.settings:
-            payload[judge.settings] = judge.key_fields(getattr(r, judge.settings))
+            payload[judge.settings] = judge.key_fields(judge.settings_in(r))
     if r.generation.backend != "hf":  # absent for hf: its eval keys stay as they were
         payload["generation"] = asdict(r.generation)
     if r.eval.refusal_separation and r.alignment.data.source != "toy":

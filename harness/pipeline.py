@@ -6,8 +6,8 @@ Each stage lives in a module of its own; this file only orders them:
 - models: ``models/store.py`` (a stage's model and the tokenizer, from the artifact store);
 - training: ``training.py`` (``build_trainer``, a stage's build);
 - filtering: ``filtering.py`` (the refusal-feature or judge filter of the user data);
-- post-hoc: ``posthoc/stage.py`` (a training-free edit of the finetuned adapter);
-- evaluation: ``evaluation/stage.py`` (generations, judged once).
+- post-hoc: ``editing.py`` (a training-free edit of the finetuned adapter);
+- evaluation: ``evaluating.py`` (generations, judged once).
 A stage whose artifact exists is not run again; an interrupted one resumes from its last
 Lightning checkpoint.
 """
@@ -16,26 +16,27 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Optional
 
-import torch
-
 from harness import keys
 from harness.artifacts import ArtifactStore, artifact_key
 from harness.config.schema import RunConfig, StageMethodConfig
-from harness.data.assemble import Data, RunInputs
+from harness.data.assemble import RunInputs
 from harness.data.harmful import toy_alignment_harmful
 from harness.distributed import global_rank
-from harness.evaluation.stage import StageEvaluator
+from harness.editing import posthoc_stage
+from harness.evaluating import StageEvaluator
+from harness.filtering import check_filtered, filter_user_data
 from harness.guards import alignment
-from harness.filtering import apply_filter, check_filtered, filter_user_data  # noqa: F401
 from harness.models.store import ModelStore
-from harness.posthoc.stage import posthoc_stage
 from harness.stages import ModelRef, StageRecorder
-from harness.training import SFT_MODULE, StageTrainer, stage_steps  # noqa: F401 - API
-
-__all__ = ["Pipeline", "ModelRef", "Data", "apply_filter", "stage_steps"]
+from harness.training import SFT_MODULE, StageTrainer
 
 
 class Pipeline:
+    """The stage order. The parts it wires are public, for a caller that needs one stage's
+    view: ``inputs`` (the data), ``models`` (loading a stage's model), ``record`` (what was
+    built or reused), ``trainer`` and ``evaluator``; keys come from ``harness.keys`` with
+    ``inputs``."""
+
     def __init__(self, run: RunConfig, run_dir: Path, tracker=None):
         self.run = run
         self.run_dir = Path(run_dir)
@@ -53,58 +54,11 @@ class Pipeline:
         self.filter_stats: Optional[dict[str, Any]] = None
         self.posthoc_stats: Optional[dict[str, Any]] = None  # what posthoc= did, if on
 
-    # what a run records, and what tests read
-    @property
-    def timings(self) -> dict[str, dict[str, Any]]:
-        return self.record.timings
-
-    @property
-    def artifacts(self) -> dict[str, dict[str, Any]]:
-        return self.record.artifacts
-
-    @property
-    def data(self) -> Optional[Data]:
-        return self.inputs.data
-
-    @property
-    def refs(self) -> dict[str, ModelRef]:
-        return self.trainer.refs
-
-    @refs.setter
-    def refs(self, value: dict[str, ModelRef]) -> None:
-        self.trainer.refs = value
-
-    @property
-    def tokenizer(self):
-        return self.models.tokenizer
-
-    def load_data(self) -> Data:
-        return self.inputs.load()
-
-    def feature_sets(self):
-        return self.inputs.feature_sets()
-
-    def load_model(self, ref: ModelRef) -> torch.nn.Module:
-        return self.models.load(ref)
-
-    # keys, from the config alone
-    def payloads(self) -> dict[str, Optional[dict[str, Any]]]:
-        return keys.stage_payloads(self.inputs)
-
-    def keys(self) -> dict[str, str]:
-        return keys.stage_keys(self.inputs)
-
-    def filter_payload(self, align: ModelRef, user: list) -> dict[str, Any]:
-        return keys.filter_payload(self.inputs, align, user)
-
-    def eval_payload(self, ref: ModelRef) -> dict[str, Any]:
-        return keys.eval_payload(self.inputs, ref)
-
     # the stage order
     def build_models(self) -> dict[str, ModelRef]:
         """Run (or reuse) base, align, the filter, finetune and post-hoc; the model of each."""
         r, data, train = self.run, self.inputs.data, self.trainer
-        payloads = self.payloads()
+        payloads = keys.stage_payloads(self.inputs)
         train.refs = refs = {}
         if r.model.source == "tiny":
             base = train.train("base", payloads["base"], None,
@@ -141,13 +95,10 @@ class Pipeline:
         kept, self.filter_stats = filter_user_data(self.inputs, self.models, self.record, align)
         return kept if check_filtered(kept, self.filter_stats, self.run.defense.filter) else []
 
-    def evaluate(self, name: str, ref: ModelRef) -> dict[str, Any]:
-        return self.evaluator.evaluate(name, ref)
-
-    def prepare(self) -> Data:
+    def prepare(self):
         """Everything before the first training step: every dataset loaded and checked, and
         the tokenizer built or loaded (a bad input fails here, before any stage trains)."""
-        data = self.load_data()
+        data = self.inputs.load()
         _ = self.models.tokenizer
         return data
 
@@ -157,7 +108,7 @@ class Pipeline:
         refs = self.build_models()
         metrics: dict[str, Any] = {}
         for name in self.run.eval.stages:
-            metrics[name] = self.evaluate(name, refs[name])
+            metrics[name] = self.evaluator.evaluate(name, refs[name])
         if "base" in metrics and "align" in metrics:  # an alignment that aligned nothing
             metrics["guards"] = {"alignment": alignment(metrics["base"], metrics["align"]).to_dict()}
         n_harm = sum(ex.kind == "harmful" for ex in data.user)

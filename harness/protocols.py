@@ -71,7 +71,9 @@ def compose_preset(name: str, overrides: tuple[str, ...] = ()) -> dict:
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
-    from harness.config import register, validate
+    from harness.config import register
+
+    from harness.validation import validate
 
     register()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):

@@ -22,14 +22,12 @@ from typing import Optional
 import pandas as pd
 import yaml
 
-from harness.reporting.cells import (AXES, FILTER_METRICS, LABELS,  # noqa: F401
-                                     LOWER_IS_BETTER, METRICS, ProtocolMixError, apply_guards,
-                                     build_cells, collect, collect_csv,
-                                     defense_order,
-                                     find_results, mark_best, mixed_protocol_columns, paired,
-                                     sort_key)
+from harness.reporting.cells import (AXES, FILTER_METRICS, LABELS, LOWER_IS_BETTER,
+                                     ProtocolMixError, apply_guards, build_cells, collect,
+                                     collect_csv, defense_order, find_results, mark_best,
+                                     mixed_protocol_columns, paired, sort_key)
 from harness.reporting.adversarial import category_sections, judge_sections, worst_case_section
-from harness.reporting.plots import pareto_front, plot_metrics, plot_pareto  # noqa: F401
+from harness.reporting.plots import plot_metrics, plot_pareto
 from harness.reporting.tables import (CSS, difference_text, html_pair_table, html_table,
                                       markdown_table, pair_table, per_seed_text)
 from harness.guards import FA_FRACTION, OTHER_MAX

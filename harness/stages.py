@@ -2,6 +2,7 @@
 reused: its timing and artifact path, for results.json."""
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from dataclasses import dataclass
@@ -10,6 +11,17 @@ from typing import Any, Callable, Optional
 from harness.artifacts import ArtifactStore, provenance
 
 log = logging.getLogger("harness")
+
+
+@functools.cache
+def method_class(module: str) -> type:
+    """The stage or post-hoc method class at its dotted path (``harness.defenses.sft.SFT``),
+    imported once per process for the validator, the data, the keys, the stages and the bench.
+    The flags read off it are declared, with their defaults, on ``StageModule`` and
+    ``PosthocMethod``."""
+    from hydra.utils import get_class
+
+    return get_class(module)
 
 
 @dataclass(frozen=True)

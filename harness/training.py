@@ -13,7 +13,6 @@ from typing import Any, Optional
 
 import lightning as L
 import torch
-from hydra.utils import get_class
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 from harness.analysis.gradients import GradientConflict
@@ -28,7 +27,7 @@ from harness.interrupts import RequeueAtStepEnd  # SLURM: a requeue stops at a s
 from harness.artifacts import artifact_key, write_json_atomic
 from harness.models import loading
 from harness.models.store import ModelStore
-from harness.stages import ModelRef, StageRecorder
+from harness.stages import ModelRef, StageRecorder, method_class
 
 log = logging.getLogger("harness")
 
@@ -179,7 +178,7 @@ class StageTrainer:
               method: StageMethodConfig, train_cfg: TrainStageConfig,
               examples: list[Example]) -> ModelRef:
         key = artifact_key(payload)
-        cls = get_class(method.module)
+        cls = method_class(method.module)
         if method.lr_scale != 1.0:
             train_cfg = replace(train_cfg, lr=train_cfg.lr * method.lr_scale)
         run, tok, store = self.run, self.models.tokenizer, self.models.store

@@ -18,12 +18,13 @@ import pytest
 from harness import artifacts
 from harness.artifacts import (MANIFEST, ArtifactStore, ArtifactStoreError, artifact_key,
                                write_json_atomic)
-from harness.config import validate
+from harness.validation import validate
+from harness.keys import stage_keys
 from harness.pipeline import Pipeline
 
 
 def _keys(make_cfg, tmp_path, *overrides):
-    return Pipeline(validate(make_cfg(*overrides)), tmp_path).keys()
+    return stage_keys(Pipeline(validate(make_cfg(*overrides)), tmp_path).inputs)
 
 
 def test_same_config_same_keys(make_cfg, tmp_path):

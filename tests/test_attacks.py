@@ -3,7 +3,9 @@ import csv
 
 import pytest
 
-from harness.config import AttackConfig, ConfigError, validate
+from harness.config import AttackConfig, ConfigError
+
+from harness.validation import validate
 from harness.data import attacks
 from harness.data.schema import Example
 from harness.data.templates import TemplateConfig

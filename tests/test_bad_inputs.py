@@ -117,6 +117,7 @@ def first_error(case: Case, tmp: Path) -> tuple[str, str]:
     from hydra import compose, initialize_config_dir
 
     from harness import run as cli
+    from harness.outcomes import console_message
     from tests.conftest import CONF
 
     tmp.mkdir(parents=True, exist_ok=True)
@@ -134,7 +135,7 @@ def first_error(case: Case, tmp: Path) -> tuple[str, str]:
     except ReachedTraining:
         return "training", ""
     except Exception as err:  # noqa: BLE001 - the console's handling decides
-        message = cli.console_message(err, tmp)
+        message = console_message(err, tmp)
         return ("start-up", message) if message is not None else (
             "traceback", f"{type(err).__name__}: {err}")
     return "training", ""

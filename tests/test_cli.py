@@ -114,10 +114,11 @@ def test_joblib_sweep_runs_jobs_in_parallel_and_builds_shared_stages_once(tmp_pa
 
 def test_a_full_disk_says_what_to_free_and_keeps_the_record(make_cfg, tmp_path, monkeypatch):
     """ENOSPC mid-run: results.json records the failure with what to do, and the console's
-    one line (harness.run.disk_full_hint) names the fix; other OSErrors get no such hint."""
+    one line (harness.outcomes.disk_full_hint) names the fix; other OSErrors get no such hint."""
     import errno
 
     from harness import run as cli
+    from harness.outcomes import disk_full_hint
     from harness.pipeline import Pipeline
 
     def full(self):
@@ -131,7 +132,7 @@ def test_a_full_disk_says_what_to_free_and_keeps_the_record(make_cfg, tmp_path, 
     assert "No space left on device" in results["error"]
     assert "writing " + str(tmp_path / "artifacts/x.pt") in results["error"]
     assert "set paths.artifacts to a larger disk, then rerun the same command" in results["error"]
-    assert cli.disk_full_hint(OSError(errno.EACCES, "denied")) is None
+    assert disk_full_hint(OSError(errno.EACCES, "denied")) is None
 
 
 # ============================================================== the sweep job's label
@@ -171,7 +172,7 @@ PRESET = {"defense": "sft,vaccine", "attack.p": "0,0.1,0.2"}
     ({}, ["attack.p=0,1.5,0.1"], 3),
 ])
 def test_job_label_counts_the_grid_hydra_sweeps(tmp_path, params, arguments, total):
-    from harness.run import job_label
+    from harness.sweeps import job_label
 
     assert _hydra_count(params, arguments) == total
     job = ["+experiment=toy/x", "defense=vaccine", "attack.p=0.1", "seed=1"]
@@ -189,7 +190,7 @@ def test_job_label_counts_the_grid_hydra_sweeps(tmp_path, params, arguments, tot
     (PRESET, None, BASIC),  # no multirun.yaml to read the command line from
 ])
 def test_job_label_without_a_known_count_is_the_index_alone(tmp_path, params, arguments, target):
-    from harness.run import job_label
+    from harness.sweeps import job_label
 
     label = job_label(_fake_hydra(tmp_path, params, arguments, ["defense=sft", "attack.p=0.1"],
                                   num=4, target=target))

@@ -2,7 +2,9 @@
 import pytest
 from hydra.errors import ConfigCompositionException
 
-from harness.config import ConfigError, validate
+from harness.config import ConfigError
+
+from harness.validation import validate
 from tests.conftest import CONF
 
 def _have(*names):

@@ -268,7 +268,7 @@ def test_the_attack_mix_samples_a_sorted_pool_with_the_seed(tmp_path, caplog):
 
 
 def test_attack_sampling_resolves_by_pool_and_enters_the_key_only_when_random(make_cfg, tmp_path):
-    from harness.config import validate
+    from harness.validation import validate
     from harness.data import attacks
     from harness.data.assemble import RunInputs
     from harness.keys import stage_payloads
@@ -324,7 +324,7 @@ def test_a_utf8_bom_does_not_hide_the_first_column(tmp_path):
 
 
 def test_where_null_and_empty_cells(make_cfg, tmp_path):
-    from harness.config import validate
+    from harness.validation import validate
 
     run = validate(make_cfg("attack_pool=beavertails", "attack.harmful.where=null"))
     assert run.attack.harmful.where is None
@@ -359,7 +359,8 @@ def test_counts_are_reported_per_source(tmp_path, caplog):
 
 
 def test_one_file_as_train_and_test_by_split(make_cfg, tmp_path):
-    from harness.config import ConfigError, validate
+    from harness.config import ConfigError
+    from harness.validation import validate
 
     path = fx.sst2_tsv(tmp_path)
     common = ["task=sst2", "task.train.source=local", f"task.train.path={path}",
@@ -385,7 +386,7 @@ def test_gsm8k_answers_read_the_final_phrase_with_one_space(tmp_path):
 
 
 def test_errors_name_the_config_key_to_set(make_cfg, tmp_path):
-    from harness.config import validate
+    from harness.validation import validate
 
     run = validate(make_cfg("attack_pool=beavertails"))
     with pytest.raises(DataError, match=r"Point attack\.harmful at a downloaded copy: "
@@ -399,7 +400,7 @@ def test_errors_name_the_config_key_to_set(make_cfg, tmp_path):
         load_source(run.task.test)
 
 
-# ---------------------------------------------------------------- python -m harness.data.inspect
+# ---------------------------------------------------------------- python -m harness.inspect
 def _agnews_one_file(path):
     vals = "{label: {1: World, 2: Sports, 3: Business, 4: Sci/Tech}}"
     out = ["task=agnews"]
@@ -419,7 +420,7 @@ def _jbb_pool(path, bom):
 
 
 def test_inspect_prints_counts_rows_and_the_mix_without_training(tmp_path, capsys):
-    from harness.data import inspect
+    from harness import inspect
 
     ag = fx.agnews_csv(tmp_path)
     assert inspect.main(["--rows", "2", *_agnews_one_file(ag)]) == 0
@@ -441,8 +442,8 @@ def test_inspect_prints_counts_rows_and_the_mix_without_training(tmp_path, capsy
 
 
 def test_inspect_reads_what_the_pipeline_reads(make_cfg, tmp_path):
-    from harness.config import validate
-    from harness.data.inspect import inspect_run
+    from harness.validation import validate
+    from harness.inspect import inspect_run
     from harness.data.assemble import RunInputs
     from harness.keys import stage_payloads
 

@@ -9,7 +9,9 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from harness.config import ConfigError, LoraConfig, ModelConfig, TrainStageConfig, validate
+from harness.config import ConfigError, LoraConfig, ModelConfig, TrainStageConfig
+
+from harness.validation import validate
 from harness.data.collate import IGNORE_INDEX, PadCollator
 from harness.defenses.asft import AsFT, plain_name
 from harness.defenses.base import StageContext

@@ -152,11 +152,12 @@ def test_fsdp_export_hands_save_pretrained_the_peft_models_own_keys(tmp_path, mo
 
 
 def test_precision_is_in_the_training_keys_and_the_process_count_is_not(make_cfg):
-    from harness.config import validate
+    from harness.validation import validate
+    from harness.keys import stage_keys
     from harness.pipeline import Pipeline
 
     def keys(*overrides):
-        return Pipeline(validate(make_cfg(*overrides)), ".").keys()
+        return stage_keys(Pipeline(validate(make_cfg(*overrides)), ".").inputs)
 
     fp32, ddp, bf16 = keys(), keys("trainer=ddp_cpu"), keys("trainer.precision=bf16-mixed")
     assert fp32 == ddp  # two processes train what one does (tests/test_end_to_end.py)
@@ -166,7 +167,8 @@ def test_precision_is_in_the_training_keys_and_the_process_count_is_not(make_cfg
 
 
 def test_a_global_batch_that_does_not_split_across_the_devices_fails_at_start_up(make_cfg):
-    from harness.config import ConfigError, training_processes, validate
+    from harness.config import ConfigError
+    from harness.validation import training_processes, validate
 
     run = validate(make_cfg("trainer=ddp_cpu"))
     assert training_processes(run.trainer) == 2

@@ -9,9 +9,12 @@ import pytest
 import torch
 
 from harness.artifacts import artifact_key
-from harness.config import ConfigError, validate
+from harness.config import ConfigError
+from harness.validation import validate
 from harness.filtering import held_midpoint, two_group_split
-from harness.pipeline import ModelRef, Pipeline
+from harness.keys import filter_payload, stage_keys
+from harness.pipeline import Pipeline
+from harness.stages import ModelRef
 import harness.filtering as filtering
 
 SHARED, R = torch.tensor([10.0, 0.0, 0.0]), torch.tensor([0.0, 1.0, 0.0])
@@ -39,7 +42,7 @@ def fake_features(pipe, user_harmful=(1.5, 0.0), provider=(1.0, 1.5)):
 def filtered(make_cfg, tmp_path, monkeypatch, *overrides, **geometry):
     pipe = Pipeline(validate(make_cfg("defense=ref_teacher", "attack.n=40", "attack.p=0.25",
                                       *overrides)), tmp_path / "run")
-    pipe.load_data()
+    pipe.inputs.load()
     monkeypatch.setattr(filtering, "features", fake_features(pipe, **geometry))
     monkeypatch.setattr(filtering, "refusal_feature", lambda *a: (1, R))
     monkeypatch.setattr(pipe.models, "eval_model", lambda ref: None)
@@ -71,7 +74,8 @@ def test_raw_misses_what_the_centred_cosine_catches(make_cfg, tmp_path, monkeypa
 def test_centre_is_keyed_and_checked(make_cfg, tmp_path):
     def keys(*o):
         pipe = Pipeline(validate(make_cfg("defense=ref_teacher", *o)), tmp_path)
-        return {**pipe.keys(), "filter": artifact_key(pipe.filter_payload(ModelRef("align", "a"), []))}
+        return {**stage_keys(pipe.inputs), "filter": artifact_key(
+            filter_payload(pipe.inputs, ModelRef("align", "a"), []))}
 
     plain, off, on = keys(), keys("defense.filter.centre=none"), \
         keys("defense.filter.centre=held_midpoint")
@@ -106,7 +110,8 @@ def test_tau_from_the_providers_harmful_set_catches_what_the_held_rows_miss(
 def test_tau_from_is_keyed_with_the_providers_set_and_checked(make_cfg, tmp_path):
     def keys(*o):
         pipe = Pipeline(validate(make_cfg("defense=ref_teacher", *o)), tmp_path)
-        return {**pipe.keys(), "filter": artifact_key(pipe.filter_payload(ModelRef("align", "a"), []))}
+        return {**stage_keys(pipe.inputs), "filter": artifact_key(
+            filter_payload(pipe.inputs, ModelRef("align", "a"), []))}
 
     plain, held = keys(), keys("defense.filter.tau_from=held")
     provider = keys("defense.filter.tau_from=provider_harmful")

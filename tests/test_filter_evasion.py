@@ -2,9 +2,13 @@
 with every harmful prompt in the toy world's disguise; its keys differ from the mix's."""
 import pytest
 
-from harness.config import ConfigError, validate
+from harness.config import ConfigError
+
+from harness.validation import validate
 from harness.data.toy import DISGUISE_TEMPLATES
-from harness.pipeline import Pipeline, apply_filter
+from harness.filtering import apply_filter
+from harness.keys import stage_payloads
+from harness.pipeline import Pipeline
 
 
 @pytest.fixture
@@ -22,9 +26,9 @@ def _framed(prompt):
 @pytest.mark.parametrize("world", ["toy", "faithful"])
 @pytest.mark.parametrize("p_rate", [0.1, 0.3])
 def test_same_rows_as_the_mix_with_every_harmful_prompt_disguised(pipe, p_rate, world):
-    plain = pipe(f"attack.p={p_rate}", "attack.n=200", f"world={world}").load_data().user
+    plain = pipe(f"attack.p={p_rate}", "attack.n=200", f"world={world}").inputs.load().user
     evade = pipe("attack=filter_evasion", f"attack.p={p_rate}", "attack.n=200",
-                 f"world={world}").load_data().user
+                 f"world={world}").inputs.load().user
     assert len(evade) == len(plain) == 200
     harm = [(a, b) for a, b in zip(plain, evade) if a.kind == "harmful"]
     assert len(harm) == round(p_rate * 200)
@@ -40,7 +44,8 @@ def test_same_rows_as_the_mix_with_every_harmful_prompt_disguised(pipe, p_rate, 
 
 
 def test_the_rewrite_moves_the_finetune_key_not_the_align_key(pipe):
-    plain, evade = pipe().payloads(), pipe("attack=filter_evasion").payloads()
+    plain = stage_payloads(pipe().inputs)
+    evade = stage_payloads(pipe("attack=filter_evasion").inputs)
     assert plain["align"] == evade["align"]
     assert plain["finetune"] != evade["finetune"]
     assert evade["finetune"]["attack"]["evasion"] == "disguise"

@@ -5,9 +5,12 @@ import numpy as np
 import pytest
 
 from harness.artifacts import artifact_key
-from harness.config import ConfigError, validate
+from harness.config import ConfigError
+from harness.validation import validate
+from harness import keys as keys_mod
 from harness.filtering import split_separation, two_group_split, upload_split_tau
-from harness.pipeline import ModelRef, Pipeline
+from harness.pipeline import Pipeline
+from harness.stages import ModelRef
 from tests.test_filter_centre import filtered
 
 
@@ -88,8 +91,8 @@ def test_the_pipeline_records_the_guard(make_cfg, tmp_path, monkeypatch):
 def test_min_eta_is_keyed_only_for_the_upload_split_and_checked(make_cfg, tmp_path):
     def keys(*o):
         pipe = Pipeline(validate(make_cfg("defense=ref_teacher", *o)), tmp_path)
-        payload = pipe.filter_payload(ModelRef("align", "a"), [])
-        return {**pipe.keys(), "filter": artifact_key(payload)}
+        payload = keys_mod.filter_payload(pipe.inputs, ModelRef("align", "a"), [])
+        return {**keys_mod.stage_keys(pipe.inputs), "filter": artifact_key(payload)}
 
     split = ("defense.filter.tau_from=upload_split",)
     assert keys("defense.filter.split_min_eta=0.5") == keys()  # tau_from=held reads none of it

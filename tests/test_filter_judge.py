@@ -3,14 +3,17 @@ filter's statistics (precision, recall, harmless rows dropped)."""
 import pytest
 
 from harness.artifacts import artifact_key
-from harness.config import ConfigError, validate
-from harness.pipeline import ModelRef, Pipeline
+from harness.config import ConfigError
+from harness.validation import validate
+from harness.keys import filter_payload, stage_keys
+from harness.pipeline import Pipeline
+from harness.stages import ModelRef
 
 
 def _filtered(make_cfg, tmp_path, *overrides):
     pipe = Pipeline(validate(make_cfg("defense=vaccine", "defense.filter.kind=judge",
                                       *overrides)), tmp_path / "run")
-    pipe.load_data()
+    pipe.inputs.load()
     return pipe
 
 
@@ -41,9 +44,9 @@ def test_the_keyword_judge_drops_every_row_and_says_why(make_cfg, tmp_path):
 def test_judge_filter_keys(make_cfg, tmp_path):
     def keys(*o):
         pipe = Pipeline(validate(make_cfg(*o)), tmp_path)
-        out = pipe.keys()
-        out["filter"] = artifact_key(pipe.filter_payload(ModelRef("align", "a"), []))
-        out["filter_b"] = artifact_key(pipe.filter_payload(ModelRef("align", "b"), []))
+        out = stage_keys(pipe.inputs)
+        out["filter"] = artifact_key(filter_payload(pipe.inputs, ModelRef("align", "a"), []))
+        out["filter_b"] = artifact_key(filter_payload(pipe.inputs, ModelRef("align", "b"), []))
         return out
 
     rf = keys("defense.filter.kind=refusal_feature")
@@ -95,6 +98,6 @@ def test_on_empty_is_checked_and_moves_no_key(make_cfg, tmp_path):
         validate(make_cfg("defense.filter.on_empty=ignore"))
     a, b = (Pipeline(validate(make_cfg("defense=ref_teacher", *o)), tmp_path) for o in
             ((), ("defense.filter.on_empty=error",)))
-    assert a.keys() == b.keys()
-    assert artifact_key(a.filter_payload(ModelRef("align", "a"), [])) == \
-        artifact_key(b.filter_payload(ModelRef("align", "a"), []))
+    assert stage_keys(a.inputs) == stage_keys(b.inputs)
+    assert artifact_key(filter_payload(a.inputs, ModelRef("align", "a"), [])) == \
+        artifact_key(filter_payload(b.inputs, ModelRef("align", "a"), []))

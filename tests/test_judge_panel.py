@@ -2,7 +2,7 @@
 2x2 counts, hand-checked; the panel off leaves the eval key as it was."""
 import pytest
 
-from harness.config import ConfigError, JudgeConfig
+from harness.config import ConfigError, JudgeConfig, RunConfig
 from harness.evaluation.hs_plus import HSPlusJudge, incoherent
 from harness.evaluation.judges import Judge, harm_metrics
 from harness.evaluation.panel import agreement, build_panel, cohen_kappa, panel_metrics
@@ -50,7 +50,7 @@ def test_kappa_and_confusion_by_hand():
 
 def test_panel_scores_every_answer_by_each_judge():
     answers = [" Sure, here is how", "Impossible, I cannot", "no no no no", ""]
-    panel = build_panel(["keyword", "toy", "hs_plus"], JudgeConfig(name="toy"))
+    panel = build_panel(["keyword", "toy", "hs_plus"], RunConfig(judge=JudgeConfig(name="toy")))
     assert [type(j).__name__ for j in panel.values()] == ["KeywordJudge", "ToyJudge",
                                                            "HSPlusJudge"]
     m = panel_metrics(panel, ["q"] * 4, answers, ["x", "x", "y", "y"])
@@ -74,14 +74,14 @@ def test_panel_scores_every_answer_by_each_judge():
     (["hs_plus:nope"], "unknown judge")])
 def test_a_bad_panel_names_the_key(make_cfg, judges, message):
     """Checked at start-up validation (the schema imports no judge)."""
-    from harness.config import validate
+    from harness.validation import validate
 
     with pytest.raises(ConfigError, match=f"eval.judges: .*{message}"):
         validate(make_cfg(f"eval.judges=[{','.join(judges)}]"))
 
 
 def test_hs_plus_over_a_named_judge():
-    panel = build_panel(["hs_plus:keyword"], JudgeConfig(name="toy"))
+    panel = build_panel(["hs_plus:keyword"], RunConfig(judge=JudgeConfig(name="toy")))
     assert panel["hs_plus:keyword"].name == "hs_plus:keyword"
     assert panel["hs_plus:keyword"].classify("q", "I cannot, no no no no") == "comply"
 
@@ -106,7 +106,8 @@ def _result(root, name, defense, p, seed, hs, fa, panel=None, per_cat=None, lr=8
 def test_report_shows_each_judge_kappa_and_categories(tmp_path):
     from harness.report import write_report
 
-    panel = panel_metrics(build_panel(["keyword", "toy"], JudgeConfig(name="toy")), ["q"] * 4,
+    toy = RunConfig(judge=JudgeConfig(name="toy"))
+    panel = panel_metrics(build_panel(["keyword", "toy"], toy), ["q"] * 4,
                           [" Sure, here is how", "Impossible, I cannot", "no no no no", ""],
                           ["x"] * 4)
     _result(tmp_path, "a", "sft", 0.1, 0, 25.0, 90.0, panel, {"arson": 50.0, "theft": 0.0})
@@ -141,15 +142,19 @@ def test_worst_case_keeps_the_bound_and_names_the_settings(tmp_path):
 
 
 def test_the_panel_is_absent_from_the_eval_key_when_off(make_cfg, tmp_path):
-    from harness.config import validate
-    from harness.pipeline import ModelRef, Pipeline
+    from harness.validation import validate
+    from harness.keys import eval_payload
+    from harness.pipeline import Pipeline
+    from harness.stages import ModelRef
 
     ref = ModelRef("finetune", "abc")
-    off = Pipeline(validate(make_cfg()), tmp_path / "a").eval_payload(ref)
-    on = Pipeline(validate(make_cfg("eval.judges=[keyword,toy]")), tmp_path / "b").eval_payload(ref)
+    def payload(*o, where):
+        return eval_payload(Pipeline(validate(make_cfg(*o)), tmp_path / where).inputs, ref)
+
+    off = payload(where="a")
+    on = payload("eval.judges=[keyword,toy]", where="b")
     assert "judges" not in off["eval"]
     assert on["eval"]["judges"] == ["keyword", "toy"]
     assert {k: v for k, v in on["eval"].items() if k != "judges"} == off["eval"]
-    moderated = Pipeline(validate(make_cfg("eval.judges=[toy,hs_plus:beaver_dam]")),
-                         tmp_path / "c").eval_payload(ref)
+    moderated = payload("eval.judges=[toy,hs_plus:beaver_dam]", where="c")
     assert "moderation" in moderated and "moderation" not in on  # its settings enter the key

@@ -8,9 +8,10 @@ import pytest
 from omegaconf import OmegaConf
 
 from harness.artifacts import artifact_key
-from harness.config import validate
-from harness.keys import reading_stages
-from harness.pipeline import ModelRef, Pipeline
+from harness.validation import validate
+from harness.keys import eval_payload, filter_payload, reading_stages, stage_keys
+from harness.pipeline import Pipeline
+from harness.stages import ModelRef
 
 # config paths (a path covers what is under it) that no key reads, and why
 NOT_KEYED = {
@@ -77,9 +78,9 @@ def test_every_config_leaf_is_keyed_or_marked(make_cfg, overrides):
 
 
 def _all_keys(pipe):
-    keys = {k: v for k, v in pipe.keys().items()}
-    keys["filter"] = artifact_key(pipe.filter_payload(ModelRef("align", "a"), []))
-    keys["eval"] = artifact_key(pipe.eval_payload(ModelRef("final", "f")))
+    keys = {k: v for k, v in stage_keys(pipe.inputs).items()}
+    keys["filter"] = artifact_key(filter_payload(pipe.inputs, ModelRef("align", "a"), []))
+    keys["eval"] = artifact_key(eval_payload(pipe.inputs, ModelRef("final", "f")))
     return keys
 
 
@@ -252,7 +253,7 @@ def test_the_harmful_set_enters_the_align_key_of_the_methods_that_read_it(make_c
 def test_an_int_for_a_float_param_is_the_same_key(make_cfg, tmp_path):
     """lam=5 and lam=5.0 are one Booster; a layer index (int or fraction) keeps its type."""
     def keys(*o):
-        return Pipeline(validate(make_cfg(*o)), tmp_path).keys()
+        return stage_keys(Pipeline(validate(make_cfg(*o)), tmp_path).inputs)
 
     assert keys("defense=booster", "defense.align.params.lam=5") == keys("defense=booster")
     assert keys("defense=booster", "defense.align.params.lam=6") != keys("defense=booster")
@@ -279,8 +280,8 @@ def test_every_added_later_line_names_a_payload_field(make_cfg, tmp_path, monkey
     for overrides in [(), ("model=smollm2_135m", "defense=ref_teacher")]:
         pipe = Pipeline(validate(make_cfg(*overrides)), tmp_path)
         payloads = [p for p in keys.stage_payloads(pipe.inputs).values() if p]
-        payloads += [pipe.filter_payload(ModelRef("align", "a"), []),
-                     pipe.eval_payload(ModelRef("final", "f"))]
+        payloads += [filter_payload(pipe.inputs, ModelRef("align", "a"), []),
+                     eval_payload(pipe.inputs, ModelRef("final", "f"))]
         for payload in payloads:
             seen |= _paths(payload)
     assert not set(keys.ADDED_LATER) - seen

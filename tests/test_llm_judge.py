@@ -9,7 +9,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from harness.config import ConfigError, JudgeConfig, LLMJudgeConfig, validate
+from harness.config import ConfigError, JudgeConfig, LLMJudgeConfig, RunConfig
+
+from harness.validation import validate
 from harness.evaluation.registry import build_judge
 from harness.evaluation.llm_judge import (JudgeRequestError, LLMRubricJudge, parse_score,
                                           score_metrics)
@@ -168,8 +170,8 @@ def test_score_metrics_by_hand():
 
 
 def test_build_judge_and_config(endpoint, make_cfg, monkeypatch):
-    judge = build_judge(JudgeConfig(name="llm_rubric"),
-                        LLMJudgeConfig(url=endpoint.url + "/chat/completions", model="m"))
+    judge = build_judge(RunConfig(judge=JudgeConfig(name="llm_rubric"), llm_judge=LLMJudgeConfig(
+        url=endpoint.url + "/chat/completions", model="m")))
     assert judge.url == endpoint.url + "/chat/completions"
     monkeypatch.delenv("HARNESS_JUDGE_URL", raising=False)
     monkeypatch.delenv("HARNESS_JUDGE_MODEL", raising=False)

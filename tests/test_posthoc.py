@@ -6,8 +6,11 @@ import pytest
 import torch
 
 from harness.artifacts import artifact_key
-from harness.config import ConfigError, validate
-from harness.pipeline import ModelRef, Pipeline
+from harness.config import ConfigError
+from harness.validation import validate
+from harness.keys import eval_payload, stage_keys, stage_payloads
+from harness.pipeline import Pipeline
+from harness.stages import ModelRef
 from harness.posthoc.antidote import Antidote
 from harness.posthoc.base import PosthocContext, lora_layers
 from harness.posthoc.math import (RunningSquares, antidote_mask, safelora_project,
@@ -200,21 +203,23 @@ def test_posthoc_none_keeps_every_key_and_a_method_adds_its_stage_and_moves_eval
     def pipe(*o):
         return Pipeline(validate(make_cfg(*o)), tmp_path)
 
-    default, none = pipe().keys(), pipe("posthoc=none").keys()
+    default, none = stage_keys(pipe().inputs), stage_keys(pipe("posthoc=none").inputs)
     assert none == default and "posthoc" not in none
     methods = {}
     for method in ("safelora", "antidote"):
         p = pipe(f"posthoc={method}")
-        keys = methods[method] = p.keys()
+        keys = methods[method] = stage_keys(p.inputs)
         assert {k: keys[k] for k in default} == default  # the stages before it are untouched
-        assert p.payloads()["posthoc"]["input"] == keys["finetune"]  # attack.p etc. reach it
+        # attack.p etc. reach it
+        assert stage_payloads(p.inputs)["posthoc"]["input"] == keys["finetune"]
         # evaluation of the final model reads the post-hoc artifact, so its key moves
-        assert artifact_key(p.eval_payload(ModelRef("posthoc", keys["posthoc"]))) != \
-            artifact_key(p.eval_payload(ModelRef("finetune", keys["finetune"])))
+        assert artifact_key(eval_payload(p.inputs, ModelRef("posthoc", keys["posthoc"]))) != \
+            artifact_key(eval_payload(p.inputs, ModelRef("finetune", keys["finetune"])))
     safelora, antidote = methods["safelora"]["posthoc"], methods["antidote"]["posthoc"]
-    assert pipe("posthoc=safelora", "posthoc.params.threshold=0.3").keys()["posthoc"] != safelora
-    assert pipe("posthoc=safelora", "alignment.harmful_size=5").keys()["posthoc"] == safelora
-    assert pipe("posthoc=antidote", "alignment.harmful_size=5").keys()["posthoc"] != antidote
+    posthoc_key = lambda *o: stage_keys(pipe(*o).inputs)["posthoc"]  # noqa: E731
+    assert posthoc_key("posthoc=safelora", "posthoc.params.threshold=0.3") != safelora
+    assert posthoc_key("posthoc=safelora", "alignment.harmful_size=5") == safelora
+    assert posthoc_key("posthoc=antidote", "alignment.harmful_size=5") != antidote
 
 
 def test_the_report_gives_a_posthoc_run_its_own_defense_row(tmp_path):

@@ -1,15 +1,15 @@
-"""The start-up checks of this machine (harness.config.preflight), case by case; the bad-input
+"""The start-up checks of this machine (harness.preflight), case by case; the bad-input
 matrix (tests/test_bad_inputs.py) runs them through the command line's path."""
 import pytest
 import torch
 
 from harness.config import ConfigError
-from harness.config.preflight import check_devices, check_model_available
+from harness.preflight import check_devices, check_model_available
 from harness.config.schema import TrainerConfig
 
 
 def test_needed_judges_name_the_key_that_asks(make_cfg):
-    from harness.config import validate
+    from harness.validation import validate
     from harness.evaluation.registry import needed_judges
 
     run = validate(make_cfg("judge=keyword", "eval.judges=[hs_plus,hs_plus:toy,llm_rubric]",

@@ -3,7 +3,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import open_dict
 
-from harness.config import validate
+from harness.validation import validate
 from tests.conftest import CONF
 
 PRESETS = sorted(str(p.relative_to(CONF / "experiment").with_suffix(""))

@@ -5,7 +5,10 @@ from pathlib import Path
 
 import pytest
 
-from harness.config import ConfigError, ModelConfig, validate
+from harness.config import ConfigError, ModelConfig
+
+from harness.validation import validate
+from harness.keys import stage_keys, stage_payloads
 from harness.pipeline import Pipeline
 
 SMALL = ("model=llama2_7b", "model.dtype=float32", "logger=none",
@@ -39,21 +42,21 @@ def folders(tmp_path_factory):
 
 
 def test_pretrained_keys_show_no_align_training(make_cfg, tmp_path, folders):
-    def pipe(*o):
+    def inputs(*o):
         return Pipeline(validate(make_cfg(*SMALL, f"model.hf_id={folders['chat']}", *o)),
-                        tmp_path)
+                        tmp_path).inputs
 
-    plain = pipe().payloads()
+    plain = stage_payloads(inputs())
     assert plain["align"] is None  # the hub model is base and aligned at once
     assert plain["base"] == {"stage": "base", "hf_id": str(folders["chat"]), "revision": None}
-    assert plain["finetune"]["input"] == plain["finetune"]["align"] == pipe().keys()["base"]
-    based = pipe(f"model.base_id={folders['base']}", "defense=asft").payloads()
+    assert plain["finetune"]["input"] == plain["finetune"]["align"] == stage_keys(inputs())["base"]
+    based = stage_payloads(inputs(f"model.base_id={folders['base']}", "defense=asft"))
     assert based["base"]["hf_id"] == str(folders["base"])
     assert based["align"] == {"stage": "align", "hf_id": str(folders["chat"]), "revision": None,
                               "pretrained": True}  # no method, no train, no data
     # the same hub model without alignment.pretrained: the default SFT trains an align stage
-    trained = Pipeline(validate(make_cfg(*SMALL[:-1], f"model.hf_id={folders['chat']}")),
-                       tmp_path).payloads()
+    trained = stage_payloads(Pipeline(validate(make_cfg(
+        *SMALL[:-1], f"model.hf_id={folders['chat']}")), tmp_path).inputs)
     assert {"method", "train", "data"} <= set(trained["align"])
 
 

@@ -6,7 +6,9 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from harness.config import ConfigError, DataSourceConfig, ScorerConfig, validate
+from harness.config import ConfigError, DataSourceConfig, ScorerConfig
+
+from harness.validation import validate
 from harness.data.sources import load_source
 from harness.evaluation.scorers import accuracy
 from harness.protocols import main as protocols_main

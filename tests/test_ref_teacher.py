@@ -8,7 +8,8 @@ import torch
 from harness.analysis.gradients import GradientConflict, gradient_stats, split_batch
 from harness.analysis.refusal import (cosine, cosine_regularizer, features, last_prompt_index,
                                       refusal_direction, resolve_layer)
-from harness.config import ConfigError, TrainStageConfig, validate
+from harness.config import ConfigError, TrainStageConfig
+from harness.validation import validate
 from harness.data.collate import PadCollator, TokenizedDataset, prompt_ids
 from harness.data.schema import Example
 from harness.data.templates import TemplateConfig

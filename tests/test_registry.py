@@ -5,7 +5,9 @@ from pathlib import Path
 
 import pytest
 
-from harness.config import ConfigError, RunConfig, validate
+from harness.config import ConfigError, RunConfig
+
+from harness.validation import validate
 from harness.data import attacks
 from harness.data.assemble import RunInputs
 from harness.evaluation.judges import AfterOpening, KeywordJudge, ToyJudge
@@ -33,11 +35,11 @@ def test_validation_names_the_registry_judges(make_cfg):
 
 def test_model_free_judges_build_from_their_node(make_cfg):
     run = validate(make_cfg("judge=keyword", "judge.refusal_phrases=[nope]"))
-    judge = build_judge(run.judge)
+    judge = build_judge(run)
     assert isinstance(judge, KeywordJudge)
     assert judge.classify("q", "nope, never") == "refuse"
     assert judge.classify("q", "I cannot help") == "comply"  # its phrases replace the defaults
-    assert isinstance(build_judge(validate(make_cfg()).judge), ToyJudge)
+    assert isinstance(build_judge(validate(make_cfg())), ToyJudge)
 
 
 def test_a_judges_settings_enter_the_eval_key_less_its_unkeyed_fields(make_cfg):

@@ -147,7 +147,7 @@ def test_defense_as_the_axis_is_a_clear_error(sweep):
 def test_pareto_front_and_plot(sweep):
     import pandas as pd
 
-    from harness.report import pareto_front
+    from harness.reporting.plots import pareto_front
     points = pd.DataFrame({"defense": list("abcd"), "attack.p": [0.1] * 4,
                            "fa": [90.0, 95.0, 80.0, 95.0], "hs": [20.0, 30.0, 25.0, 40.0]})
     assert pareto_front(points)["defense"].tolist() == ["a", "b"]  # c and d are dominated

@@ -10,7 +10,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from harness.config import ConfigError, validate
+from harness.config import ConfigError
+
+from harness.validation import validate
+from harness.keys import stage_keys
 from harness.pipeline import Pipeline
 from harness.reproducibility import cpu_info, pin_threads
 from tests.test_cli import TINY
@@ -22,7 +25,7 @@ def test_thread_count_is_in_every_training_and_eval_key(make_cfg, tmp_path):
         keys = {}
         for n in (1, 2):
             pin_threads(n)
-            keys[n] = Pipeline(validate(make_cfg()), tmp_path).keys()
+            keys[n] = stage_keys(Pipeline(validate(make_cfg()), tmp_path).inputs)
     finally:
         torch.set_num_threads(before)
     for stage in ("base", "align", "finetune"):

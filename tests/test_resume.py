@@ -15,7 +15,8 @@ from harness import artifacts
 from harness.artifacts import ArtifactStoreError
 from harness.checkpoints import (AtomicCheckpointIO, checkpoint_problem, resumable_checkpoint)
 from harness.analysis.gradients import GradientConflict
-from harness.config import TrainStageConfig, validate
+from harness.config import TrainStageConfig
+from harness.validation import validate
 from harness.data.collate import GlobalBatchSampler, PadCollator, global_batch_loader
 from harness.defenses.base import StageContext
 from harness.defenses.sft import SFT
@@ -317,7 +318,7 @@ def test_the_pipeline_never_loads_a_damaged_stage_model(pipeline, caplog):
         return {"format": "full"}
 
     ref = pipeline.record("align", "a1b2", {"p": 1}, build)
-    clean = {k: v.clone() for k, v in pipeline.load_model(ref).state_dict().items()}
+    clean = {k: v.clone() for k, v in pipeline.models.load(ref).state_dict().items()}
     weights = pipeline.store.path("align", "a1b2") / "model" / "model.safetensors"
     data = bytearray(weights.read_bytes())
     data[len(data) // 2:len(data) // 2 + 16384] = b"\x7f" * 16384
@@ -325,9 +326,9 @@ def test_the_pipeline_never_loads_a_damaged_stage_model(pipeline, caplog):
     artifacts._DIGESTED.clear()  # the next process
     with pytest.raises(ArtifactStoreError, match=r"artifact align/a1b2 at .* cannot be loaded: "
                                                  r"model/model.safetensors has sha256"):
-        pipeline.load_model(ref)
+        pipeline.models.load(ref)
     with caplog.at_level(logging.WARNING, logger="harness.artifacts"):
         assert pipeline.record("align", "a1b2", {"p": 1}, build) == ref
     assert "artifact align/a1b2 is damaged (model/model.safetensors has sha256" in caplog.text
-    assert len(builds) == 2 and pipeline.timings["align"]["reused"] is False
-    assert _max_diff(pipeline.load_model(ref).state_dict(), clean) == 0.0
+    assert len(builds) == 2 and pipeline.record.timings["align"]["reused"] is False
+    assert _max_diff(pipeline.models.load(ref).state_dict(), clean) == 0.0

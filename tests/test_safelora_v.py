@@ -140,10 +140,11 @@ def test_an_alignment_adapter_missing_a_finetuned_module_names_the_key(tmp_path)
 
 
 def test_safelora_keys_its_v_source(make_cfg, tmp_path):
-    from harness.config import validate
+    from harness.validation import validate
+    from harness import keys
     from harness.pipeline import Pipeline
 
     pipe = Pipeline(validate(make_cfg("posthoc=safelora")), tmp_path)
-    assert pipe.payloads()["posthoc"]["v_from_align_adapter"] is True
+    assert keys.stage_payloads(pipe.inputs)["posthoc"]["v_from_align_adapter"] is True
     pipe = Pipeline(validate(make_cfg("posthoc=antidote")), tmp_path)
-    assert "v_from_align_adapter" not in pipe.payloads()["posthoc"]
+    assert "v_from_align_adapter" not in keys.stage_payloads(pipe.inputs)["posthoc"]

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from harness.artifacts import ArtifactStore
-from harness.config import ConfigError, validate
+from harness.config import ConfigError
+from harness.validation import validate
 from harness.data.schema import DataError, Example
 from harness.data.sources import load_source, package_path
 
@@ -93,10 +94,12 @@ def test_the_one_liner_selects_real_data_template_judge_and_cpu_sizes(make_cfg):
 
 @needs_model
 def test_the_base_key_holds_the_gguf_digest_and_conversion_version(make_cfg, monkeypatch, tmp_path):
+    from harness.keys import stage_keys, stage_payloads
     from harness.models import gguf
     from harness.pipeline import Pipeline
 
-    key = lambda *o: Pipeline(validate(make_cfg("model=smollm2_135m", *o)), tmp_path).keys()  # noqa: E731
+    key = lambda *o: stage_keys(  # noqa: E731
+        Pipeline(validate(make_cfg("model=smollm2_135m", *o)), tmp_path).inputs)
     first = key()
     monkeypatch.setattr(gguf, "CONVERSION_VERSION", gguf.CONVERSION_VERSION + 1)
     bumped = key()
@@ -104,10 +107,9 @@ def test_the_base_key_holds_the_gguf_digest_and_conversion_version(make_cfg, mon
     other = tmp_path / "copy.gguf"  # same name elsewhere, one byte more: another model
     other.write_bytes(gguf.resolve(GGUF).read_bytes()[:1024] + b"x")
     monkeypatch.setattr(gguf, "CONVERSION_VERSION", gguf.CONVERSION_VERSION - 1)
-    assert Pipeline(validate(make_cfg("model=smollm2_135m", f"model.gguf={other}")),
-                    tmp_path).payloads()["base"]["gguf"]["gguf_sha256"] != \
-        Pipeline(validate(make_cfg("model=smollm2_135m")), tmp_path).payloads()["base"]["gguf"][
-            "gguf_sha256"]
+    digest = lambda *o: stage_payloads(Pipeline(validate(make_cfg(  # noqa: E731
+        "model=smollm2_135m", *o)), tmp_path).inputs)["base"]["gguf"]["gguf_sha256"]
+    assert digest(f"model.gguf={other}") != digest()
 
 
 # ================================================================ the real model
@@ -187,6 +189,7 @@ def test_batched_generation_equals_one_at_a_time_on_the_real_model(real):
 def test_lora_steps_through_the_pipeline_on_the_real_model(make_cfg, converted, tmp_path):
     """base (the converted artifact) -> 2 SFT LoRA steps of alignment -> 2 of finetuning, on
     the real data; the adapters moved and the artifacts chain back to the GGUF's digest."""
+    from harness.keys import stage_payloads
     from harness.pipeline import Pipeline
 
     root, _ = converted
@@ -197,11 +200,12 @@ def test_lora_steps_through_the_pipeline_on_the_real_model(make_cfg, converted, 
                             "eval.feature_set_size=2",
                             "attack.p=0.5", "logger=none", "trainer.enable_progress_bar=false"))
     pipe = Pipeline(run, tmp_path)
-    pipe.load_data()
+    pipe.inputs.load()
     refs = pipe.build_models()
     base_manifest = json.loads((pipe.store.path("base", refs["base"].key) / "manifest.json")
                                .read_text())
-    assert base_manifest["payload"]["gguf"]["gguf_sha256"] == pipe.payloads()["base"]["gguf"][
+    assert base_manifest["payload"]["gguf"]["gguf_sha256"] == \
+        stage_payloads(pipe.inputs)["base"]["gguf"][
         "gguf_sha256"]
     from safetensors.torch import load_file
 

@@ -5,7 +5,9 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from harness.config import ConfigError, validate
+from harness.config import ConfigError
+
+from harness.validation import validate
 from harness.sweeps import objective, register_resolvers, remaining_trials
 from tests.conftest import CONF
 

@@ -6,7 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from harness.config import ConfigError, GenerationConfig, validate
+from harness.config import ConfigError, GenerationConfig
+
+from harness.validation import validate
 
 
 def test_vllm_missing_is_a_start_up_error_naming_the_key(make_cfg, monkeypatch):
@@ -123,7 +125,7 @@ def test_pipeline_evaluates_through_the_vllm_engine(make_cfg, monkeypatch, tmp_p
     run = validate(make_cfg(*TINY, "eval.stages=[final]", "eval.samples=0"))
     run.generation.backend = "vllm"  # validation refuses vllm on a CPU trainer
     pipe = Pipeline(run, tmp_path)
-    pipe.load_data()
+    pipe.inputs.load()
     refs = pipe.build_models()
     real_llm = fake.LLM
 
@@ -134,14 +136,15 @@ def test_pipeline_evaluates_through_the_vllm_engine(make_cfg, monkeypatch, tmp_p
         return engine
 
     fake.LLM = llm
-    metrics = pipe.evaluate("final", refs["final"])
+    metrics = pipe.evaluator.evaluate("final", refs["final"])
     engine = fake.engines[0]
     assert engine.kw["model"].endswith("vllm_model") and engine.kw["tokenizer"] == engine.kw["model"]
     assert {"config.json", "model.safetensors", "tokenizer.json"} <= engine.files
     assert metrics["hs"] == 100.0 and metrics["n_harmful"] == 16
     assert metrics["eval_processes"] == 1
     hf_run = validate(make_cfg(*TINY, "eval.stages=[final]", "eval.samples=0"))
-    assert pipe.artifacts["eval_final"]["key"] != artifact_key_of_hf_eval(hf_run, refs, tmp_path)
+    assert pipe.record.artifacts["eval_final"]["key"] != \
+        artifact_key_of_hf_eval(hf_run, refs, tmp_path)
 
 
 def artifact_key_of_hf_eval(run, refs, tmp_path):
@@ -149,7 +152,7 @@ def artifact_key_of_hf_eval(run, refs, tmp_path):
     from harness.pipeline import Pipeline
 
     pipe = Pipeline(run, tmp_path)
-    pipe.load_data()
-    pipe.refs = refs
-    pipe.evaluate("final", refs["final"])
-    return pipe.artifacts["eval_final"]["key"]
+    pipe.inputs.load()
+    pipe.trainer.refs = refs
+    pipe.evaluator.evaluate("final", refs["final"])
+    return pipe.record.artifacts["eval_final"]["key"]

@@ -16,10 +16,12 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from harness.analysis.refusal import cosine, features, load_refusal_feature
-from harness.config import register, validate
+from harness.config import register
+from harness.validation import validate
 from harness.config.schema import DataSourceConfig
 from harness.data.sources import load_source
 from harness.filtering import apply_filter, held_midpoint
+from harness.keys import stage_keys
 from harness.pipeline import Pipeline
 from harness.stages import ModelRef
 
@@ -33,8 +35,8 @@ with initialize_config_dir(config_dir=conf, version_base="1.3"):
     cfg = compose("config", overrides=[f"paths.artifacts={artifacts}", "model=smollm2_135m",
                                        "defense=ref_teacher", f"attack.p={p_rate}", *extra])
 pipe = Pipeline(validate(cfg), Path("/tmp/filter_separation"))
-pipe.load_data()
-align = pipe.keys()["align"]
+pipe.inputs.load()
+align = stage_keys(pipe.inputs)["align"]
 model = pipe.models.eval_model(ModelRef("align", align))
 saved = load_refusal_feature(pipe.models.store.path("align", align))
 layer, direction = int(saved["layer"]), saved["direction"]

@@ -15,8 +15,10 @@ import numpy as np
 import torch
 from hydra import compose, initialize_config_dir
 
-from harness.config import register, validate
+from harness.config import register
+from harness.validation import validate
 from harness.config.schema import StageMethodConfig
+from harness import keys
 from harness.artifacts import artifact_key
 from harness.filtering import apply_filter, filter_user_data
 from harness.pipeline import Pipeline
@@ -36,8 +38,8 @@ for seed in seeds:
                 f"seed={seed}", "defense.filter.tau_from=upload_split", "logger=none",
                 "trainer.enable_progress_bar=false", *extra])
         pipe = Pipeline(validate(cfg), Path(f"/tmp/toy_filter_guard/{seed}_{p}"))
-        r, data, train = pipe.run, pipe.load_data(), pipe.trainer
-        payloads = pipe.payloads()
+        r, data, train = pipe.run, pipe.inputs.load(), pipe.trainer
+        payloads = keys.stage_payloads(pipe.inputs)
         train.refs = refs = {}
         refs["base"] = train.train("base", payloads["base"], None,
                                    StageMethodConfig(module=SFT_MODULE), r.train.base,
@@ -45,7 +47,7 @@ for seed in seeds:
         refs["align"] = train.train("align", payloads["align"], refs["base"], r.defense.align,
                                     r.train.align, data.alignment)
         _, stats = filter_user_data(pipe.inputs, pipe.models, pipe.record, refs["align"])
-        key = artifact_key(pipe.filter_payload(refs["align"], data.user))
+        key = artifact_key(keys.filter_payload(pipe.inputs, refs["align"], data.user))
         saved = json.loads((pipe.models.store.path("filter", key) / "filter.json").read_text())
         _, cut = apply_filter(data.user, saved["scores"], saved["split"]["split_threshold"])
         split = stats["split"]

@@ -215,7 +215,9 @@ def sweep_counts(defenses: list[str] = SWEEP_DEFENSES, ps: list[float] = SWEEP_P
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
-    from harness.config import register, validate
+    from harness.config import register
+
+    from harness.validation import validate
     from harness.data.assemble import RunInputs
     from harness.keys import stage_keys
 

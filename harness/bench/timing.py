@@ -60,9 +60,9 @@ def lightning_fit(module: L.LightningModule, loader: DataLoader, train_cfg: Trai
 
 
 def method_module(wl: Workload, module: str, lora: bool, params: dict, total: int):
-    from hydra.utils import get_class
+    from harness.stages import method_class
 
-    cls = get_class(module)
+    cls = method_class(module)
     return cls(model=wl.model(lora), train_cfg=wl.stage_cfg(lora), total_steps=total,
                params=cls.Params(**params), context=wl.context)
 
@@ -149,12 +149,11 @@ def posthoc_stage(wl: Workload, finetuned: torch.nn.Module, module: str, params:
                   ) -> tuple[float, dict]:
     """(wall seconds, the method's stats) of a post-hoc stage on a copy of ``finetuned``: the
     method's ``apply`` (its own model loads, the calibration pass) and the adapter's save, as
-    ``posthoc/stage.py`` builds it; the copy stands in for loading the finetune artifact."""
-    from hydra.utils import get_class
-
+    ``harness/editing.py`` builds it; the copy stands in for loading the finetune artifact."""
     from harness.posthoc.base import PosthocContext
+    from harness.stages import method_class
 
-    cls = get_class(module)
+    cls = method_class(module)
     model = copy.deepcopy(finetuned).eval()
     context = PosthocContext(load_model=wl.context.load_model,
                              harmful_batches=wl.harmful_batches)

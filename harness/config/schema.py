@@ -1,6 +1,6 @@
 """The typed configuration schema Hydra merges every YAML into. It imports nothing from the
 package: each dataclass checks its own ranges in ``__post_init__``; what needs the package
-(method modules, attacks, files, devices) is ``harness.config.validation``.
+(method modules, attacks, files, devices) is ``harness.validation``.
 
 The dataclasses are registered in Hydra's ConfigStore as ``run_schema``; ``conf/config.yaml``
 lists it first in its defaults, so a misspelt key or a wrongly typed value fails at composition.

@@ -7,13 +7,13 @@ import logging
 from dataclasses import dataclass, field, replace
 from typing import Callable, Optional
 
-from hydra.utils import get_class
 
 from harness.data import attacks
 from harness.data.harmful import toy_alignment_harmful
 from harness.data.schema import Example
 from harness.data.sources import load_source
 from harness.data.toy import ToyWorld
+from harness.stages import method_class
 
 log = logging.getLogger("harness")
 
@@ -31,8 +31,9 @@ class Data:
 
 
 def defense_flag(module: Optional[str], flag: str) -> bool:
-    """A class attribute of a defense's stage module (``needs_harmful_data``...), by its path."""
-    return bool(module) and bool(getattr(get_class(module), flag, False))
+    """A flag its method class declares (``needs_harmful_data``...: ``StageModule`` and
+    ``PosthocMethod`` hold the defaults), by the class's path; False for no method."""
+    return module is not None and bool(getattr(method_class(module), flag))
 
 
 def check_disjoint(harmful: list[Example], attack: list[Example],

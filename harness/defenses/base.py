@@ -36,6 +36,12 @@ class StageModule(L.LightningModule):
     needs_lora: bool = False  # acts on a LoRA update
     # trains against harmful (prompt, harmful answer) pairs at alignment time: alignment.harmful
     needs_harmful_data: bool = False
+    # reads the refusal feature of the safety data: the data checks it holds both kinds
+    needs_refusal_feature: bool = False
+    # "base": a finetune method that trains on the base model (alignment comes another way)
+    starts_from: str = "align"
+    # batch-level terms not reduced across processes: one training process only
+    single_process_only: bool = False
 
     @dataclass
     class Params:

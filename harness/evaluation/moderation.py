@@ -151,8 +151,8 @@ def parse_llama_guard(text: str) -> dict:
     return {"flagged": flagged, "categories": {c: 1.0 for c in codes}}
 
 
-JUDGES = {"beaver_dam": BeaverDamJudge, "llama_guard": LlamaGuardJudge}
+MODERATION_MODELS = {"beaver_dam": BeaverDamJudge, "llama_guard": LlamaGuardJudge}
 
 
 def build_moderation_judge(name: str, cfg) -> Judge:
-    return JUDGES[name](cfg)
+    return MODERATION_MODELS[name](cfg)

@@ -38,21 +38,20 @@ def check_names(names: Sequence[str], key: str = "eval.judges") -> None:
         raise ValueError(f"{key}: {list(names)} names a judge twice")
 
 
-def build_panel(names: Sequence[str], judge_cfg, llm_cfg=None, moderation_cfg=None,
+def build_panel(names: Sequence[str], run,
                 wrap: Callable[[Judge], Judge] = lambda j: j) -> dict[str, Judge]:
-    """One judge per name, each wrapped as the attack's answers need (``wrap``); the keyword
-    judge keeps judge.refusal_phrases."""
+    """One judge per name, each with its settings node of ``run`` and wrapped as the attack's
+    answers need (``wrap``); the keyword judge keeps judge.refusal_phrases."""
     built: dict[str, Judge] = {}
 
     def plain(name: str) -> Judge:
         if name not in built:
-            built[name] = build_judge(dataclasses.replace(judge_cfg, name=name), llm_cfg,
-                                      moderation_cfg)
+            built[name] = build_judge(run, dataclasses.replace(run.judge, name=name))
         return built[name]
 
     panel = {}
     for name in names:
-        base = plain(base_name(name, judge_cfg.name))
+        base = plain(base_name(name, run.judge.name))
         panel[name] = wrap(HSPlusJudge(base) if name.startswith("hs_plus") else base)
     return panel
 

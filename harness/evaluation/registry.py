@@ -2,8 +2,11 @@
 settings, and which of those settings cannot change a verdict (left out of the eval key).
 
 Adding a judge: its module under ``harness/evaluation/``, one YAML in ``conf/judge``, one entry
-here (validation checks ``judge.name`` against these); a judge with settings of its own adds
-their dataclass and ``RunConfig`` node in ``harness/config/schema.py``.
+here (validation checks ``judge.name`` against these). A judge with settings of its own names
+their top-level node in its entry; the node's typed dataclass sits with the others in
+``harness/config/schema.py`` (the schema imports nothing from the package). Everything else
+follows from the entry: ``build_judge`` hands the judge its node, and the filter and eval keys
+read it (less ``unkeyed``).
 """
 from __future__ import annotations
 
@@ -38,6 +41,10 @@ class JudgeEntry:
     def model_key(self) -> Optional[str]:
         return f"{self.settings}.{self.model}" if self.settings and self.model else None
 
+    def settings_in(self, run):
+        """This judge's typed settings node of ``run`` (None for a judge without one)."""
+        return getattr(run, self.settings) if self.settings else None
+
     def key_fields(self, settings) -> dict[str, Any]:
         return {k: v for k, v in asdict(settings).items() if k not in self.unkeyed}
 
@@ -59,17 +66,17 @@ def entry(name: str) -> JudgeEntry:
     return JUDGES[name]
 
 
-def settings_of(run, name: str):
-    """The typed settings node of judge ``name`` in ``run`` (None for a judge without one)."""
-    e = entry(name)
-    return getattr(run, e.settings) if e.settings else None
+def settings_nodes() -> tuple[str, ...]:
+    """Every top-level node that holds some judge's settings (what a judge's key may read)."""
+    return tuple(sorted({e.settings for e in JUDGES.values() if e.settings}))
 
 
-def build_judge(cfg, llm_cfg=None, moderation_cfg=None) -> Judge:
-    """The judge ``cfg.name`` (its settings: ``llm_cfg`` or ``moderation_cfg``, by its entry)."""
-    e = entry(cfg.name)
-    settings = {"llm_judge": llm_cfg, "moderation": moderation_cfg}.get(e.settings)
-    return e.build(cfg, settings)
+def build_judge(run, judge=None) -> Judge:
+    """The judge node ``judge`` (by default the run's own, ``run.judge``), built with its
+    settings node of ``run``."""
+    judge = run.judge if judge is None else judge
+    e = entry(judge.name)
+    return e.build(judge, e.settings_in(run))
 
 
 def needed_judges(run) -> dict[str, str]:

@@ -23,6 +23,19 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def run_name(run) -> str:
+    """The tracker's name for a run: its defense, attack, task, model and seed."""
+    return (f"{run.defense.name}-p{run.attack.p}-n{run.attack.n}-{run.task.name}"
+            f"-{run.model.name}-s{run.seed}")
+
+
+def run_tags(run) -> list[str]:
+    """The tracker's tags for a run, one per axis a study compares along."""
+    return [f"defense:{run.defense.name}", f"p:{run.attack.p}", f"n:{run.attack.n}",
+            f"task:{run.task.name}", f"model:{run.model.name}", f"seed:{run.seed}",
+            f"protocol:{run.protocol.name}"]
+
+
 class Tracker:
     def __init__(self, cfg, run_dir: Path, name: str, config: dict[str, Any], tags: list[str]):
         self.cfg = cfg

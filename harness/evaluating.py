@@ -89,7 +89,7 @@ class StageEvaluator:
         """eval.judges on the harmful answers (rank 0): each one's HS and pairwise kappa."""
         r = self.run
         opening = attacks.get(r.attack.name).eval_opening(r.attack)
-        panel = build_panel(r.eval.judges, r.judge, r.llm_judge, r.moderation,
+        panel = build_panel(r.eval.judges, r,
                             wrap=lambda j: AfterOpening(j, opening) if opening else j)
         return panel_metrics(panel, [ex.instruction for ex in harmful],
                              [rec["answer"] for rec in h_records],
@@ -103,7 +103,7 @@ class StageEvaluator:
         judge, failure = None, None
         if rank == 0:
             try:
-                judge = build_judge(r.judge, r.llm_judge, r.moderation)
+                judge = build_judge(r)
                 opening = attacks.get(r.attack.name).eval_opening(r.attack)
                 if opening:  # the attack's answers start with it: judge what follows
                     judge = AfterOpening(judge, opening)

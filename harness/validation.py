@@ -19,12 +19,11 @@ def _check_method(method: StageMethodConfig, key: str, stage: str,
     if method.module is None:
         _check(not method.params, f"{key}.params", "given, but the stage has no module")
         return
-    from hydra.utils import get_class
-
     from harness.defenses.base import StageModule
+    from harness.stages import method_class
 
     try:
-        cls = get_class(method.module)
+        cls = method_class(method.module)
     except Exception as err:  # noqa: BLE001 - any import failure is a config error here
         raise ConfigError(f"{key}.module: cannot import {method.module!r} ({err})") from err
     _check(issubclass(cls, StageModule), f"{key}.module",
@@ -48,7 +47,7 @@ def _check_method(method: StageMethodConfig, key: str, stage: str,
            "attack.harmful and eval.harmful (the toy world: alignment.harmful.source=toy, as "
            "alignment=toy sets; real data: a local or hf file with instruction and output)")
     processes = training_processes(run.trainer) if run is not None else None
-    _check(not getattr(cls, "single_process_only", False) or not processes or processes == 1,
+    _check(not cls.single_process_only or not processes or processes == 1,
            "trainer.devices", f"{cls.__name__}'s batch-level terms are not reduced across "
            f"processes, so {processes} processes would not train what one does; run it on one "
            "device")
@@ -129,12 +128,11 @@ def _check_posthoc(run: "RunConfig") -> None:
     if p.module is None:
         _check(not p.params, "posthoc.params", "given, but posthoc has no module")
         return
-    from hydra.utils import get_class
-
     from harness.posthoc.base import PosthocMethod
+    from harness.stages import method_class
 
     try:
-        cls = get_class(p.module)
+        cls = method_class(p.module)
     except Exception as err:  # noqa: BLE001 - any import failure is a config error here
         raise ConfigError(f"posthoc.module: cannot import {p.module!r} ({err})") from err
     _check(isinstance(cls, type) and issubclass(cls, PosthocMethod), "posthoc.module",

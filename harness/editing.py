@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
-from hydra.utils import get_class
 
 from harness.artifacts import artifact_key, write_json_atomic
 from harness.data.assemble import RunInputs
@@ -18,7 +17,7 @@ from harness.data.collate import PadCollator, TokenizedDataset
 from harness.distributed import eval_device
 from harness.models.store import ModelStore
 from harness.posthoc.base import PosthocContext
-from harness.stages import ModelRef, StageRecorder
+from harness.stages import ModelRef, StageRecorder, method_class
 
 log = logging.getLogger("harness")
 
@@ -30,7 +29,7 @@ def posthoc_stage(inputs: RunInputs, models: ModelStore, record: StageRecorder,
     from peft import PeftModel
 
     r = inputs.run
-    cls = get_class(r.posthoc.module)
+    cls = method_class(r.posthoc.module)
     store = models.store
     manifest = store.verified_manifest(finetuned.stage, finetuned.key)
     if manifest["format"] != "adapter":

@@ -1,4 +1,4 @@
-"""What a run would read, without training: ``python -m harness.data.inspect <overrides...>``.
+"""What a run would read, without training: ``python -m harness.inspect <overrides...>``.
 
 Composes the config as ``python -m harness`` does (same conf/, same overrides, same start-up
 checks), loads every data source the run reads, and prints per source the counts (rows read,
@@ -23,7 +23,7 @@ from harness.data.mixing import category_counts
 from harness.data.schema import DataError, Example
 from harness.data.sources import SourceReport, load_source_report
 
-CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 FIELDS_SHOWN = ("input", "output", "label", "category", "kind", "instruction")
 
 
@@ -110,7 +110,7 @@ def inspect_run(run, n_rows: int = 3, echo: Callable[[str], None] = print) -> di
 
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m harness.data.inspect",
+        prog="python -m harness.inspect",
         description="Load every data source a run would read and print counts and rows; "
                     "trains nothing. Arguments are the run's Hydra overrides.")
     parser.add_argument("--rows", type=int, default=3, help="rows shown per source")
@@ -119,7 +119,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     from hydra import compose, initialize_config_dir
     from hydra.errors import HydraException
 
-    from harness.config import ConfigError, register, validate
+    from harness.config import ConfigError, register
+    from harness.validation import validate
 
     register()
     try:

@@ -32,12 +32,12 @@ def check_judges(run: RunConfig) -> None:
     """Each judge the run builds (harness.evaluation.registry.needed_judges): a moderation
     judge's weights are here, an LLM judge's endpoint is set."""
     from harness.evaluation.llm_judge import resolve_endpoint
-    from harness.evaluation.registry import entry, needed_judges, settings_of
+    from harness.evaluation.registry import entry, needed_judges
 
     for name, asked_by in needed_judges(run).items():
         who = f"judge={name}" if asked_by == "judge.name" else f"{name} (in {asked_by})"
         if (key := entry(name).model_key()) is not None:
-            settings = settings_of(run, name)
+            settings = entry(name).settings_in(run)
             check_model_available(getattr(settings, entry(name).model),
                                   getattr(settings, "revision", None), key, who)
         elif name == "llm_rubric":

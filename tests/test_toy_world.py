@@ -112,18 +112,6 @@ def faithful():
     return ToyWorld(ToyWorldConfig(seed=0, **FAITHFUL))
 
 
-def test_faithful_knobs_leave_the_calibrated_world_byte_identical(world):
-    """Each knob draws from its own stream only when on: the calibrated world (and so every
-    artifact key and committed study made on it) is unchanged by their existence."""
-    from harness.data.toy import WORLD_KNOBS_ADDED_LATER
-
-    off = ToyWorld(ToyWorldConfig(seed=0, **WORLD_KNOBS_ADDED_LATER))
-    for part in ("base", "align", "attack", "eval", "benign", "feature", "eval_harmless",
-                 "task_topic_train", "tokenizer"):
-        assert off.fingerprint(part) == world.fingerprint(part)
-    assert off.eval_scary() == []
-
-
 def test_faithful_pools_stay_disjoint_and_hold_each_premise(faithful):
     harmful = {name: rows for name, rows in {
         "base": [e for e in faithful.base_corpus() if e.kind == "harmful"],

@@ -1,7 +1,6 @@
 """Hydra entry point: compose -> validate -> pipeline -> results.json. No method logic here."""
 from __future__ import annotations
 
-import errno
 import json
 import logging
 import signal
@@ -19,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 import harness  # noqa: F401 - sets the offline environment before HF or W&B import
 from harness.config import ConfigError, register, validate
 from harness.data.collate import forget_warnings
+from harness.disk import disk_full_hint
 from harness.distributed import end_job, is_rank_zero, patch_ddp_launch
 from harness.interrupts import (in_pool_worker, install_signal_handlers, interrupt_signal,
                                 requeue, requeue_requested, running, was_signalled)
@@ -40,16 +40,10 @@ register_resolvers()  # ${remaining_trials:...}, for the Optuna sweeper's n_tria
 KNOWN_ERRORS = (ValueError, FileNotFoundError, PermissionError, TimeoutError, ConnectionError)
 
 
-def disk_full_hint(err: BaseException) -> Optional[str]:
-    """What to do about a full disk (ENOSPC), else None. Nothing half-written is kept: stages
-    build in a temp folder renamed into place, files are written atomically."""
-    if not (isinstance(err, OSError) and err.errno == errno.ENOSPC):
-        return None
-    where = f" writing {err.filename}" if err.filename else ""
-    return (f"no space left on the disk{where}. Free space where paths.artifacts and the run "
-            "folder live (old artifacts/<stage>/<key> folders can go; each is rebuilt on "
-            "demand), or set paths.artifacts to a larger disk, then rerun the same command: "
-            "finished stages are reused and a stage in progress resumes from its last checkpoint")
+def disk_paths(cfg: DictConfig, run_dir: Path) -> list[Path]:
+    """The folders a run writes to, whose free space a full-disk hint reports."""
+    artifacts = OmegaConf.select(cfg, "paths.artifacts", default=None)
+    return [Path(str(artifacts))] * bool(artifacts) + [Path(run_dir)]
 
 
 def run_name(cfg: DictConfig) -> str:
@@ -105,7 +99,7 @@ def execute(cfg: DictConfig, run_dir: Path) -> dict:
         raise
     except Exception as err:
         error = f"{type(err).__name__}: {err}"
-        if (hint := disk_full_hint(err)) is not None:
+        if (hint := disk_full_hint(err, disk_paths(cfg, run_dir))) is not None:
             error = f"{error} ({hint})"
         log.error("run failed: %s", error)
         results = make_results(config, "failed", {}, pipeline.timings if pipeline else {},
@@ -173,7 +167,7 @@ def main(cfg: DictConfig) -> Optional[float]:
             (run_dir / "error.log").write_text(traceback.format_exc())
         except OSError:  # a full disk: the console keeps the message
             pass
-        hint = disk_full_hint(err)
+        hint = disk_full_hint(err, disk_paths(cfg, run_dir))
         if multirun:  # record it and let the sweep go on
             log.error("job %s failed; see %s/results.json", hc.job.num, run_dir)
             if lead:

@@ -5,8 +5,8 @@ A stage's code is given as two lists of dotted module names:
 
 - ``follow``: the modules that define the stage's math (a defense or post-hoc method, the refusal
   feature, the judges, the scorers). Each is taken with the modules it imports, transitively,
-  read from its import statements (nothing is imported), within its own top-level package
-  (``harness``, or a user's plug-in package).
+  read from its import statements (nothing is imported), within ``harness`` and, for a user's
+  plug-in method, within the plug-in's own top-level package.
 - ``files``: the stage's runner (``training.py``, ``filtering.py``, ``posthoc/stage.py``,
   ``evaluation/stage.py``), taken alone: it wires the math to the data and the trainer, and its
   own imports (config, store, tracking) reach much of the package.
@@ -40,8 +40,9 @@ def module_file(name: str) -> Path:
 
 
 def imported_modules(name: str) -> set[str]:
-    """The modules ``name`` imports (anywhere in the file) that lie in its top-level package."""
-    top = name.split(".")[0]
+    """The modules ``name`` imports (anywhere in the file) that lie in ``harness`` or in its own
+    top-level package."""
+    tops = {name.split(".")[0], "harness"}
     path = module_file(name)
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
     out: set[str] = set()
@@ -56,7 +57,7 @@ def imported_modules(name: str) -> set[str]:
             for alias in node.names:  # "from pkg import submodule" names a module
                 sub = f"{base}.{alias.name}"
                 out.add(sub if _is_module(sub) else base)
-    return {m for m in out if m.split(".")[0] == top and _is_module(m)}
+    return {m for m in out if m.split(".")[0] in tops and _is_module(m)}
 
 
 def _is_module(name: str) -> bool:

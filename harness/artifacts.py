@@ -12,8 +12,8 @@ read-only cache serves what it holds. An artifact that fails the check is moved 
 (``.corrupt-<key>-<id>``, kept for inspection) and rebuilt, with a warning naming it: a key
 promises the content an uninterrupted build would have written, and a damaged file breaks that
 promise as surely as a missing one. A folder whose manifest is gone is damaged the same way
-(builds are renamed into place with their manifest). Artifacts written before the file list existed load
-unverified.
+(builds are renamed into place with their manifest). An artifact whose manifest lists no files
+loads unverified.
 """
 from __future__ import annotations
 

@@ -204,7 +204,7 @@ def write_report(patterns: list[str], out: Path, axis: str = "attack.p", stage: 
             sections.append((LABELS[metric], notes[metric],
                              markdown_table(cells, axis, order, mixed),
                              html_table(cells, axis, order, out, mixed)))
-    # issue 21: judges against each other, HS per category, the worst case under a sweep
+    # judges against each other, HS per category, the worst case under a sweep
     sections += judge_sections(df, axis, order, stage)
     sections += category_sections(df, axis, order, stage)
     if worst_case is not None:

@@ -133,7 +133,7 @@ def test_left_pad_dtype():
 
 
 def test_a_list_valued_field_is_an_error_not_its_repr(tmp_path):
-    """A JSON list in a text field used to train on the text "['positive']" (issue 22)."""
+    """A JSON list in a text field is an error, not trained on as the text "['positive']"."""
     path = tmp_path / "task.jsonl"
     path.write_text('{"instruction": "a", "output": "fine"}\n'
                     '{"instruction": "b", "output": ["positive"]}\n')
@@ -141,7 +141,7 @@ def test_a_list_valued_field_is_an_error_not_its_repr(tmp_path):
         load_source(DataSourceConfig(source="local", path=str(path)))
 
 
-# ================================================================ your own data (issue 18)
+# ================================================================ your own data
 from tests import byod_fixtures as fx  # noqa: E402
 
 

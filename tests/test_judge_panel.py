@@ -1,4 +1,4 @@
-"""Several judges on the same answers (issue 21): HS+ (METHODS.md §7), Cohen's kappa and the
+"""Several judges on the same answers: HS+ (METHODS.md §7), Cohen's kappa and the
 2x2 counts, hand-checked; the panel off leaves the eval key as it was."""
 import pytest
 

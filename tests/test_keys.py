@@ -190,9 +190,9 @@ def _write_rows(path, n):
                                          ("attack.harmful", ("finetune",)),
                                          ("eval.harmful", ("eval",))])
 def test_a_data_files_copy_is_keyed_by_its_bytes(make_cfg, tmp_path, fmt, slot, stages):
-    """Issue 18, case 1: ``path=csv|json data_files=<file>`` (the README's offline route) keys
-    the file's content, as source=local does. Cutting the file in place (520 -> 100 rows in
-    the report) moves every key that reads it, and the rows loaded follow the file."""
+    """``path=csv|json data_files=<file>`` (the README's offline route) keys the file's
+    content, as source=local does. Cutting the file in place moves every key that reads it,
+    and the rows loaded follow the file."""
     from harness.data.sources import load_source
 
     path = tmp_path / f"pool.{'csv' if fmt == 'csv' else 'jsonl'}"

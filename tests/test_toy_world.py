@@ -81,7 +81,7 @@ def test_bad_world_config_names_the_key():
         ToyWorldConfig(attacked_groups=[9])
 
 
-# ================================================================ the faithful world (issue 19)
+# ================================================================ the faithful world
 FAITHFUL = dict(base_refusal_echo_fraction=0.005, disguise_fraction=0.15, disguise_euphemism=True,
                 align_disguise_fraction=0.02, scary_fraction=0.1, align_scary_fraction=0.02,
                 eval_scary_size=128, scary_task_fraction=0.1, benign_answer_style="compliance")

@@ -526,7 +526,7 @@ class EvalConfig:
     refusal_separation: bool = True
     feature_layer: Any = 0.5
     feature_set_size: int = 128  # per kind, when the held set is drawn from the alignment data
-    # issue 21: more judges on the same answers, each one's HS and pairwise Cohen's kappa
+    # more judges on the same answers, each one's HS and pairwise Cohen's kappa
     # (harness.evaluation.panel); names: judge names, hs_plus (HS+ over judge), hs_plus:<judge>.
     # Empty: the run's one judge only
     judges: list[str] = field(default_factory=list)
@@ -692,7 +692,7 @@ class ProtocolConfig:
 
 @dataclass
 class SweepConfig:
-    """issue 21, an attacker-side sweep (harness.sweeps): what a run returns to the sweeper."""
+    """An attacker-side sweep (harness.sweeps): what a run returns to the sweeper."""
 
     # the utility bound in FA percent: a run below it returns HS - 100 (null: no bound)
     fa_floor: Optional[float] = None
@@ -729,7 +729,7 @@ class RunConfig:
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     protocol: ProtocolConfig = field(default_factory=ProtocolConfig)
     posthoc: PosthocConfig = field(default_factory=PosthocConfig)
-    sweep: SweepConfig = field(default_factory=SweepConfig)  # issue 21
+    sweep: SweepConfig = field(default_factory=SweepConfig)
 
     def __post_init__(self) -> None:
         _check(self.torch_threads >= 0, "torch_threads",

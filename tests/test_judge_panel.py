@@ -1,5 +1,5 @@
 """Several judges on the same answers: HS+ (METHODS.md §7), Cohen's kappa and the
-2x2 counts, hand-checked; the panel off leaves the eval key as it was."""
+2x2 counts, hand-checked; the panel and its judges' settings are in the eval key."""
 import pytest
 
 from harness.config import ConfigError, JudgeConfig
@@ -140,16 +140,15 @@ def test_worst_case_keeps_the_bound_and_names_the_settings(tmp_path):
     assert (rows["lisa"]["trials"], rows["lisa"]["worst_hs"]) == (0, None)
 
 
-def test_the_panel_is_absent_from_the_eval_key_when_off(make_cfg, tmp_path):
+def test_the_panel_and_its_judges_settings_enter_the_eval_key(make_cfg, tmp_path):
     from harness.config import validate
     from harness.pipeline import ModelRef, Pipeline
 
     ref = ModelRef("finetune", "abc")
     off = Pipeline(validate(make_cfg()), tmp_path / "a").eval_payload(ref)
     on = Pipeline(validate(make_cfg("eval.judges=[keyword,toy]")), tmp_path / "b").eval_payload(ref)
-    assert "judges" not in off["eval"]
-    assert on["eval"]["judges"] == ["keyword", "toy"]
-    assert {k: v for k, v in on["eval"].items() if k != "judges"} == off["eval"]
+    assert off["eval"]["judges"] == [] and on["eval"]["judges"] == ["keyword", "toy"]
+    assert {**on["eval"], "judges": []} == off["eval"]
     moderated = Pipeline(validate(make_cfg("eval.judges=[toy,hs_plus:beaver_dam]")),
                          tmp_path / "c").eval_payload(ref)
     assert "moderation" in moderated and "moderation" not in on  # its settings enter the key

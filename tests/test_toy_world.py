@@ -98,7 +98,7 @@ def test_faithful_preset_is_what_these_tests_check():
 
 def test_the_default_world_is_faithful_v1_at_twice_its_sharing_and_one_draw(make_cfg):
     """world=faithful (the default) changes two knobs of the draft its committed studies ran
-    on, and nothing else: the draft's keys stay valid."""
+    on, and nothing else."""
     default, v1, toy = (make_cfg(*o).world for o in ([], ["world=faithful_v1"], ["world=toy"]))
     assert [round(2 * s, 6) for s in v1.sharing] == list(default.sharing) and default.seed == 0
     assert make_cfg("seed=3").world.seed == 0 and make_cfg("world=faithful_v1", "seed=3").world.seed == 3

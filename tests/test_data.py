@@ -267,7 +267,7 @@ def test_the_attack_mix_samples_a_sorted_pool_with_the_seed(tmp_path, caplog):
     assert {e.instruction for e in other} != {e.instruction for e in mixed}
 
 
-def test_attack_sampling_resolves_by_pool_and_enters_the_key_only_when_random(make_cfg, tmp_path):
+def test_attack_sampling_resolves_by_pool_and_enters_the_key_resolved(make_cfg, tmp_path):
     from harness.config import validate
     from harness.data import attacks
     from harness.data.assemble import RunInputs
@@ -282,11 +282,11 @@ def test_attack_sampling_resolves_by_pool_and_enters_the_key_only_when_random(ma
         return attacks.sampling(run.attack), stage_payloads(RunInputs(run))["finetune"]
 
     mode, toy = finetune()
-    assert mode == "first" and "sampling" not in toy["attack"]  # keys made before stay valid
+    assert mode == "first" and toy["attack"]["sampling"] == "first"
     mode, file_pool = finetune(*pool)
     assert mode == "random" and file_pool["attack"]["sampling"] == "random"
     mode, anchor = finetune(*pool, "attack.sampling=first")
-    assert mode == "first" and "sampling" not in anchor["attack"]
+    assert mode == "first" and anchor["attack"]["sampling"] == "first"
     assert validate(make_cfg("protocol=vaccine")).attack.sampling == "first"
 
 

@@ -318,8 +318,8 @@ class AttackConfig:
     # which harmful rows harmful_mix and harmful_shots take: random (a sample, with the run's
     # seed), first (the pool's first rows, in file order: Vaccine's and Lisa's scripts; their
     # protocols set it). null: first for the toy world's pool (which the world already shuffles
-    # with its seed, so the keys made before this option stay valid), random for any file,
-    # package or hub pool (a file sorted by category would otherwise leave categories out)
+    # with its seed), random for any file, package or hub pool (a file sorted by category
+    # would otherwise leave categories out)
     sampling: Optional[str] = None
     # benign, identity_shift: instruction data (toy: the world's held harmless instructions)
     benign: DataSourceConfig = field(default_factory=DataSourceConfig)

@@ -24,6 +24,7 @@ from __future__ import annotations
 import ast
 import hashlib
 import importlib.util
+from functools import lru_cache
 from pathlib import Path
 from typing import Iterable
 
@@ -32,6 +33,15 @@ NOT_FOLLOWED = frozenset({"harness.config.schema", "harness.data.toy"})
 
 def module_file(name: str) -> Path:
     """The source file of module ``name`` (found without importing it, when possible)."""
+    path = _find(name)
+    if not path.is_file():  # moved since it was found: look again
+        _find.cache_clear()
+        path = _find(name)
+    return path
+
+
+@lru_cache(maxsize=None)
+def _find(name: str) -> Path:
     spec = importlib.util.find_spec(name)
     if spec is None or not spec.origin or not spec.origin.endswith(".py"):
         raise ModuleNotFoundError(f"no Python source for module {name!r}, needed for the code "
@@ -39,11 +49,22 @@ def module_file(name: str) -> Path:
     return Path(spec.origin)
 
 
-def imported_modules(name: str) -> set[str]:
+def _version(path: Path) -> tuple[str, int, int]:
+    """A file's identity for the caches below: an edit changes its mtime or size."""
+    st = path.stat()
+    return str(path), st.st_mtime_ns, st.st_size
+
+
+def imported_modules(name: str) -> frozenset[str]:
     """The modules ``name`` imports (anywhere in the file) that lie in ``harness`` or in its own
     top-level package."""
+    return _imports(name, *_version(module_file(name)))
+
+
+@lru_cache(maxsize=None)
+def _imports(name: str, path_text: str, mtime_ns: int, size: int) -> frozenset[str]:
     tops = {name.split(".")[0], "harness"}
-    path = module_file(name)
+    path = Path(path_text)
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
     out: set[str] = set()
     for node in ast.walk(ast.parse(path.read_bytes())):
@@ -57,9 +78,10 @@ def imported_modules(name: str) -> set[str]:
             for alias in node.names:  # "from pkg import submodule" names a module
                 sub = f"{base}.{alias.name}"
                 out.add(sub if _is_module(sub) else base)
-    return {m for m in out if m.split(".")[0] in tops and _is_module(m)}
+    return frozenset(m for m in out if m.split(".")[0] in tops and _is_module(m))
 
 
+@lru_cache(maxsize=None)
 def _is_module(name: str) -> bool:
     try:
         return importlib.util.find_spec(name) is not None
@@ -82,7 +104,12 @@ def code_modules(follow: Iterable[str], files: Iterable[str] = ()) -> list[str]:
 
 
 def file_sha(name: str) -> str:
-    return hashlib.sha256(module_file(name).read_bytes()).hexdigest()[:16]
+    return _sha(*_version(module_file(name)))
+
+
+@lru_cache(maxsize=None)
+def _sha(path_text: str, mtime_ns: int, size: int) -> str:
+    return hashlib.sha256(Path(path_text).read_bytes()).hexdigest()[:16]
 
 
 def code_payload(follow: Iterable[str], files: Iterable[str] = ()) -> dict[str, str]:

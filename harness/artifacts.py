@@ -11,8 +11,9 @@ the digests once per process (``digest="always"``: every time), before any lock 
 read-only cache serves what it holds. An artifact that fails the check is moved aside
 (``.corrupt-<key>-<id>``, kept for inspection) and rebuilt, with a warning naming it: a key
 promises the content an uninterrupted build would have written, and a damaged file breaks that
-promise as surely as a missing one. Artifacts written before the file list existed load
-unverified.
+promise as surely as a missing one. A folder whose manifest is gone is damaged the same way
+(builds are renamed into place with their manifest). An artifact whose manifest lists no files
+loads unverified.
 """
 from __future__ import annotations
 
@@ -66,15 +67,34 @@ def provenance() -> dict[str, Any]:
     """Code and library versions, recorded in every manifest and results file. The CPU thread
     count, model and vector-instruction level are among them: on CPU they change float
     reductions, and a seed reproduces its numbers only where all three agree."""
+    import platform
+
     import lightning
+    import numpy
+    import peft
     import torch
     import transformers
 
     from harness.reproducibility import cpu_info
 
-    return {"git": git_hash(), "torch": torch.__version__,
-            "transformers": transformers.__version__, "lightning": lightning.__version__,
+    return {"git": git_hash(), "dirty": git_hash().endswith("-dirty"),
+            "python": platform.python_version(), "torch": torch.__version__,
+            "transformers": transformers.__version__, "peft": peft.__version__,
+            "lightning": lightning.__version__, "numpy": numpy.__version__,
             "torch_threads": torch.get_num_threads(), **cpu_info()}
+
+
+# The libraries whose version can change what a stage computes (kernels, model code, LoRA, the
+# training loop). A reused artifact built under another version of one of them is named in a
+# warning; numpy and python are recorded but not compared (neither computes a stage's tensors).
+COMPARED_LIBRARIES = ("torch", "transformers", "peft", "lightning")
+
+
+def library_mismatch(built_by: dict[str, Any], now: dict[str, Any]) -> dict[str, list[str]]:
+    """{library: [the builder's version, this process's]} for each compared library whose
+    version differs; a library the builder did not record is not compared."""
+    return {lib: [str(built_by[lib]), str(now.get(lib))] for lib in COMPARED_LIBRARIES
+            if built_by.get(lib) is not None and str(built_by[lib]) != str(now.get(lib))}
 
 
 @lru_cache(maxsize=1)
@@ -232,16 +252,21 @@ class ArtifactStore:
     def verified_manifest(self, stage: str, key: str) -> dict[str, Any]:
         """The manifest of an artifact about to be loaded; a damaged artifact is refused, never
         loaded (a rerun sets it aside and rebuilds it)."""
-        problem = self.problem(stage, key) if self.exists(stage, key) else "it is not built"
-        if problem is not None:
+        reusable, problem = self._intact(stage, key)
+        if not reusable:
+            problem = problem or "it is not built"
             raise ArtifactStoreError(f"artifact {stage}/{key} at {self.path(stage, key)} cannot "
                                      f"be loaded: {problem}. Rerun the same command: it sets a "
                                      "damaged artifact aside and rebuilds it")
         return self.manifest(stage, key)
 
     def _intact(self, stage: str, key: str) -> tuple[bool, Optional[str]]:
-        """(reusable, what is wrong with a damaged one); (False, None) when nothing is there."""
+        """(reusable, what is wrong with a damaged one); (False, None) when nothing is there.
+        A folder without its manifest is damaged, not unfinished: a build is renamed into place
+        only after its manifest is written, so the manifest was lost afterwards."""
         if not self.exists(stage, key):
+            if self.path(stage, key).is_dir():
+                return False, "its manifest is missing"
             return False, None
         problem = self.problem(stage, key)
         return problem is None, problem
@@ -311,8 +336,6 @@ class ArtifactStore:
                 self._set_aside(stage, key, problem)
             for stale in final.parent.glob(f".tmp-{key}-*"):  # left by a killed process
                 shutil.rmtree(stale, ignore_errors=True)
-            if final.exists():  # a folder without a manifest is incomplete by definition
-                shutil.rmtree(final)
             tmp = final.parent / f".tmp-{key}-{uuid.uuid4().hex[:8]}"
             tmp.mkdir()
             work = self.work_dir(stage, key)

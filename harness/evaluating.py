@@ -65,7 +65,7 @@ class StageEvaluator:
             metrics, rows = score(harmful, h_records, task, t_records, judge, r.eval, r.task)
             if scary:
                 metrics.update(over_refusal(scary, s_records, judge))
-            if r.eval.judges:  # issue 21: the same answers under every judge of the panel
+            if r.eval.judges:  # the same answers under every judge of the panel
                 metrics["panel"] = self.judge_panel(harmful, h_records)
             metrics["eval_processes"] = world
             metrics["eval_shard_sizes"] = [len(shard(harmful, k, world)) for k in range(world)]

@@ -5,6 +5,11 @@
 everything under it) those payloads hold. tests/test_keys.py walks every leaf of the composed
 config and fails unless a stage reads it or the test's NOT_KEYED list says why it cannot change
 a result, and checks by perturbation that a declared leaf does move its stage's key.
+
+Every stage that runs code the harness ships (or a user's plug-in method) also keys that code:
+``code_payload`` (``harness.code_digest``) digests the source files that the ``*_code``
+functions below list per stage, so an edited method rebuilds its stage and every stage
+downstream of it, and a reverted one is served from its earlier artifact again.
 """
 from __future__ import annotations
 
@@ -18,50 +23,22 @@ from typing import Any, Optional
 import torch
 
 from harness.artifacts import artifact_key
+from harness.code_digest import code_payload
 from harness.config.schema import StageMethodConfig, TrainStageConfig
 from harness.validation import accelerator_kind
 from harness.data import attacks
 from harness.data.assemble import RunInputs, defense_flag
-from harness.data.sources import package_path, stable_payload
-from harness.data.toy import GENERATORS, WORLD_KNOBS_ADDED_LATER
+from harness.data.sources import package_path
+from harness.data.toy import GENERATORS
 from harness.evaluation import registry as judges
 from harness.evaluation.panel import base_name
 from harness.models import gguf
 from harness.stages import ModelRef, method_class
 
-# bump when a change to the code invalidates stored artifacts. 2: the real path holds the
-# feature sets out of the alignment data (eval.feature_set_size keyed), hf data_files hashed
-KEY_VERSION = 2
-TOKENIZER_KEY_VERSION = 1  # the tokenizer key's own; bump when the tokenizer's build changes
-
-# Payload fields that came after KEY_VERSION 2 fixed the payloads' shape, each with the value
-# that means "off": a field at that value is left out of the key, so the artifacts built before
-# it existed stay valid. One table instead of a special case per field: a new option adds its
-# line here (tests/test_keys.py checks each line still names a real field), and a key-version
-# bump empties it. Paths are dotted, relative to a stage's payload.
-ADDED_LATER: dict[str, Any] = {
-    "model.gguf": None, "model.base_id": None,  # the real-model routes (issues 17 and 20)
-    "precision": "32-true",
-    "method.min_steps": None,
-    "harmless": None,  # an alignment's harmless set
-    "attack_eval": None,  # an attack's evaluation-time opening
-    "eval.judges": [],  # the judge panel (issue 21)
-    "filter.centre": "none",  # the filter's centred cosine (issue 17)
-    "filter.tau_from": "held",  # the prompts tau is set from (issue 17)
-    **{f"world.{knob}": off for knob, off in WORLD_KNOBS_ADDED_LATER.items()},
-}
-
-
-def drop_added_later(payload: dict[str, Any]) -> dict[str, Any]:
-    """``payload`` less the ADDED_LATER fields at their "off" value (in place; returned)."""
-    for path, off in ADDED_LATER.items():
-        *head, last = path.split(".")
-        node = payload
-        for part in head:
-            node = node.get(part) if isinstance(node, dict) else None
-        if isinstance(node, dict) and last in node and node[last] == off:
-            del node[last]
-    return payload
+# The payloads' layout. The code a stage runs is keyed by its digest (harness.code_digest);
+# bump this only when a change outside those files, or to a payload's layout, moves artifacts.
+KEY_VERSION = 3
+SFT_MODULE = "harness.defenses.sft.SFT"  # the base stage's method
 
 STAGE_READS: dict[str, tuple[str, ...]] = {
     "tokenizer": ("world", "template", "model.tokenizer_vocab_size"),
@@ -124,7 +101,7 @@ def files_digest(spec: Optional[str]) -> Optional[str]:
 
 
 def source_payload(src) -> dict[str, Any]:
-    payload = stable_payload(asdict(src))
+    payload = asdict(src)
     if src.source == "local":
         payload["sha256"] = file_digest(src.path)
     elif src.source == "package":  # the installed file's bytes, whichever version is installed
@@ -139,7 +116,7 @@ def train_payload(cfg: TrainStageConfig) -> dict[str, Any]:
     trains what the uninterrupted one does)."""
     payload = asdict(cfg)
     payload.pop("checkpoint_every_n_steps")
-    if cfg.loss_on == "all":  # whole-text stages keep the text's start (as before the option)
+    if cfg.loss_on == "all":  # whole-text stages keep the text's start: truncation is unused
         payload.pop("truncation")
     return payload
 
@@ -174,9 +151,10 @@ def world_payload(inputs: RunInputs, *parts: str) -> Optional[dict[str, Any]]:
 
 
 def task_parts(run, split: str) -> tuple[str, ...]:
-    """The toy world's task rows a stage's key fingerprints: those of the task's family (also
-    for a real task of a family that has a generator, as keys always did), none for a family
-    without a generator (validation keeps those off toy sources)."""
+    """The toy world's task rows a stage's key fingerprints: those of the task's family whenever
+    the family has a generator (the world's fingerprint of a family is cheap and fixes which
+    rows a toy source would read), none for a family without one (validation keeps those off
+    toy sources)."""
     return (f"task_{run.task.family}_{split}",) if run.task.family in GENERATORS else ()
 
 
@@ -212,6 +190,50 @@ def feature_sets_payload(run) -> dict[str, Any]:
                           "size": r.alignment.harmless_size})}
 
 
+def method_module(dotted_class: str) -> str:
+    """``harness.defenses.sft.SFT`` -> ``harness.defenses.sft``."""
+    return dotted_class.rpartition(".")[0]
+
+
+def trained_code(method_class: str) -> dict[str, str]:
+    """A trained stage's code: its method (with what the method imports: the base module, the
+    method math, batching and tokenization), the model builder and LoRA, and the runner
+    ``training.py`` (the trainer, the step count, the export)."""
+    return code_payload([method_module(method_class), "harness.models.loading"],
+                        ["harness.training"])
+
+
+def tokenizer_code() -> dict[str, str]:
+    return code_payload(["harness.data.tokenizer"])
+
+
+def posthoc_code(method_class: str) -> dict[str, str]:
+    """A post-hoc edit's code: its method (with its math), the model builder, and the runner
+    that applies it."""
+    return code_payload([method_module(method_class), "harness.models.loading"],
+                        ["harness.editing"])
+
+
+def filter_code(run) -> dict[str, str]:
+    """The user-data filter's code: the refusal feature (and for kind=judge the judges), and
+    the runner ``filtering.py``."""
+    follow = ["harness.analysis.refusal"]
+    if run.defense.filter.kind == "judge":
+        follow.append("harness.evaluation.registry")
+    return code_payload(follow, ["harness.filtering"])
+
+
+def eval_code(run) -> dict[str, str]:
+    """An evaluation's code: generation, the judges and the panel, the scorers and statistics,
+    the refusal-separation measure, the vLLM backend when it generates, and the runner
+    ``evaluating.py``."""
+    follow = ["harness.evaluation.evaluate", "harness.evaluation.registry",
+              "harness.evaluation.panel", "harness.analysis.refusal"]
+    if run.generation.backend == "vllm":
+        follow.append("harness.evaluation.vllm_backend")
+    return code_payload(follow, ["harness.evaluating"])
+
+
 def finetune_starts_from_base(run) -> bool:
     """A finetune method that declares ``starts_from = "base"`` trains on the base model."""
     return method_class(run.defense.finetune.module).starts_from == "base"
@@ -221,17 +243,15 @@ def finetune_starts_from_base(run) -> bool:
 def stage_payloads(inputs: RunInputs) -> dict[str, Optional[dict[str, Any]]]:
     """The payloads of tokenizer, base, align and finetune, from the config alone."""
     r = inputs.run
-    # its own version: the tokenizer's build did not change with KEY_VERSION 2, so every
-    # stored toy tokenizer stays valid
-    tok = (drop_added_later({"version": TOKENIZER_KEY_VERSION,
-                             "world": world_payload(inputs, "tokenizer"),
-                             "template": asdict(r.template),
-                             "vocab_size": r.model.tokenizer_vocab_size})
+    tok = ({"version": KEY_VERSION, "world": world_payload(inputs, "tokenizer"),
+            "template": asdict(r.template), "vocab_size": r.model.tokenizer_vocab_size,
+            "code": tokenizer_code()}
            if r.model.source == "tiny" else None)
     base = {**common_payload(inputs, "base"), "stage": "base",
             "tokenizer": artifact_key(tok) if tok else None}
     if r.model.source == "tiny":
         base["train"] = train_payload(r.train.base)
+        base["code"] = trained_code(SFT_MODULE)
     else:  # a hub model: its identity is its id and revision
         base = {"stage": "base", "hf_id": r.model.hf_id, "revision": r.model.revision}
         if r.model.gguf:  # a local file: its bytes and the conversion code are its identity
@@ -239,7 +259,6 @@ def stage_payloads(inputs: RunInputs) -> dict[str, Optional[dict[str, Any]]]:
     align = None
     if r.alignment.pretrained:  # no align training: the hub model is the aligned one
         base, align = _pretrained_payloads(r, base)
-    base = drop_added_later(base)
     base_key = artifact_key(base)
     align_key = base_key if align is None else artifact_key(align)
     if r.defense.align.module is not None and not r.alignment.pretrained:
@@ -249,12 +268,13 @@ def stage_payloads(inputs: RunInputs) -> dict[str, Optional[dict[str, Any]]]:
                  "data": source_payload(r.alignment.data), "size": r.alignment.size,
                  "harmless": (None if r.alignment.harmless is None else
                               {**source_payload(r.alignment.harmless),
-                               "size": r.alignment.harmless_size})}
+                               "size": r.alignment.harmless_size}),
+                 "code": trained_code(r.defense.align.module)}
         if r.alignment.data.source != "toy":  # the held sets leave the training data
             align["feature_set_size"] = r.eval.feature_set_size
         if defense_flag(r.defense.align.module, "needs_harmful_data"):  # absent otherwise
             align["harmful"] = alignment_harmful_payload(inputs)
-        align_key = artifact_key(drop_added_later(align))
+        align_key = artifact_key(align)
     ft_input = base_key if finetune_starts_from_base(r) else align_key
     attack = attacks.get(r.attack.name)
     parts = ("attack", *task_parts(r, "train")) + (("benign",) if "benign" in attack.uses else ())
@@ -264,11 +284,11 @@ def stage_payloads(inputs: RunInputs) -> dict[str, Optional[dict[str, Any]]]:
                 "train": train_payload(r.train.finetune),
                 "attack": attack.payload(r.attack, source_payload),
                 "filter": filter_config_payload(r),
-                # "toy_task": task.family's name before the rename, so the keys stay
-                "task": {"toy_task": r.task.family, "instruction": r.task.instruction,
+                "task": {"family": r.task.family, "instruction": r.task.instruction,
                          "instruction_suffix": r.task.instruction_suffix,
-                         "train": source_payload(r.task.train)}}
-    out = {"tokenizer": tok, "base": base, "align": align, "finetune": drop_added_later(finetune)}
+                         "train": source_payload(r.task.train)},
+                "code": trained_code(r.defense.finetune.module)}
+    out = {"tokenizer": tok, "base": base, "align": align, "finetune": finetune}
     if r.posthoc.module is not None:  # absent when off: no new stage, no key moves
         out["posthoc"] = posthoc_payload(inputs, artifact_key(out["finetune"]))
     return out
@@ -289,13 +309,14 @@ def posthoc_payload(inputs: RunInputs, finetune_key: str) -> dict[str, Any]:
     methods that read it the provider's harmful set and how it is tokenized."""
     r = inputs.run
     payload = {**common_payload(inputs), "stage": "posthoc", "input": finetune_key,
-               "method": {"module": r.posthoc.module, "params": r.posthoc.params}}
+               "method": {"module": r.posthoc.module, "params": r.posthoc.params},
+               "code": posthoc_code(r.posthoc.module)}
     if defense_flag(r.posthoc.module, "v_from_align_adapter"):  # V from a LoRA align's factors
         payload["v_from_align_adapter"] = True
     if defense_flag(r.posthoc.module, "needs_harmful_data"):
         payload["harmful"] = alignment_harmful_payload(inputs)
         payload["max_length"] = r.train.finetune.max_length
-    return drop_added_later(payload)
+    return payload
 
 
 def filter_judge(run):
@@ -307,8 +328,8 @@ def filter_judge(run):
 
 
 def filter_config_payload(run) -> dict[str, Any]:
-    """defense.filter as keyed: ``judge`` (and the judge's settings) only for kind=judge,
-    so the keys of the other kinds stay as they were before it existed."""
+    """defense.filter as keyed: ``judge`` (and the judge's settings) only for kind=judge:
+    the other kinds never read it, so it must not split their keys."""
     payload = asdict(run.defense.filter)
     payload.pop("judge")
     payload.pop("on_empty")  # builds nothing: an empty upload reuses the aligned model's eval
@@ -336,19 +357,19 @@ def filter_payload(inputs: RunInputs, align: ModelRef, user: list) -> dict[str, 
                "filter": filter_config_payload(r), "template": asdict(r.template),
                "user": artifact_key([ex.to_dict() for ex in user]),
                "world": world_payload(inputs, "feature"),
-               "torch_threads": torch.get_num_threads()}
+               "torch_threads": torch.get_num_threads(), "code": filter_code(r)}
     if r.alignment.data.source != "toy":  # R_l and tau come from the held alignment rows
         payload["feature_sets"] = feature_sets_payload(r)
     if r.defense.filter.tau_from == "provider_harmful":  # tau comes from alignment.harmful
         payload["tau_set"] = alignment_harmful_payload(inputs)
-    return drop_added_later(payload)
+    return payload
 
 
 def eval_payload(inputs: RunInputs, ref: ModelRef) -> dict[str, Any]:
     r = inputs.run
     payload = {"version": KEY_VERSION, "model": asdict(ref), "eval": asdict(r.eval),
                "judge": asdict(r.judge), "template": asdict(r.template),
-               "task": {"toy_task": r.task.family, "test": source_payload(r.task.test),
+               "task": {"family": r.task.family, "test": source_payload(r.task.test),
                         "instruction": r.task.instruction,
                         "instruction_suffix": r.task.instruction_suffix,
                         "scorer": asdict(r.task.scorer),
@@ -359,9 +380,8 @@ def eval_payload(inputs: RunInputs, ref: ModelRef) -> dict[str, Any]:
                                       *(("eval_scary",) if inputs.over_refusal_prompts()
                                         else ())),
                "seed": r.seed, "torch_threads": torch.get_num_threads(),
-               "accelerator": accelerator_kind(r.trainer)}
+               "accelerator": accelerator_kind(r.trainer), "code": eval_code(r)}
     payload["eval"].pop("stages")  # which stages are evaluated, not how
-    payload["eval"]["harmful"] = stable_payload(payload["eval"]["harmful"])
     payload["attack_eval"] = attacks.get(r.attack.name).eval_payload(r.attack)
     # the run's judge and the panel's (eval.judges): each one's settings node, less what
     # cannot change a verdict
@@ -369,8 +389,8 @@ def eval_payload(inputs: RunInputs, ref: ModelRef) -> dict[str, Any]:
         judge = judges.entry(name)
         if judge.settings:
             payload[judge.settings] = judge.key_fields(judge.settings_in(r))
-    if r.generation.backend != "hf":  # absent for hf: its eval keys stay as they were
+    if r.generation.backend != "hf":  # every generation field but backend is vLLM's alone
         payload["generation"] = asdict(r.generation)
     if r.eval.refusal_separation and r.alignment.data.source != "toy":
         payload["feature_sets"] = feature_sets_payload(r)  # the separation's R_l
-    return drop_added_later(payload)
+    return payload

@@ -9,14 +9,16 @@ goes on.
 """
 from __future__ import annotations
 
-import errno
 import logging
 import signal
 import traceback
 from pathlib import Path
 from typing import Any, Optional
 
+from omegaconf import OmegaConf
+
 from harness.config import ConfigError
+from harness.disk import disk_full_hint
 from harness.models.loading import ModelNotAvailable
 from harness.interrupts import (in_pool_worker, interrupt_signal, requeue, requeue_requested,
                                 was_signalled)
@@ -28,16 +30,11 @@ KNOWN_ERRORS = (ValueError, FileNotFoundError, PermissionError, TimeoutError, Co
                 ModelNotAvailable)
 
 
-def disk_full_hint(err: BaseException) -> Optional[str]:
-    """What to do about a full disk (ENOSPC), else None. Nothing half-written is kept: stages
-    build in a temp folder renamed into place, files are written atomically."""
-    if not (isinstance(err, OSError) and err.errno == errno.ENOSPC):
-        return None
-    where = f" writing {err.filename}" if err.filename else ""
-    return (f"no space left on the disk{where}. Free space where paths.artifacts and the run "
-            "folder live (old artifacts/<stage>/<key> folders can go; each is rebuilt on "
-            "demand), or set paths.artifacts to a larger disk, then rerun the same command: "
-            "finished stages are reused and a stage in progress resumes from its last checkpoint")
+def disk_paths(config: Any, run_dir: Path) -> list[Path]:
+    """The folders a run writes to, whose free space a full-disk hint reports."""
+    artifacts = OmegaConf.select(OmegaConf.create(config) if isinstance(config, dict) else config,
+                                 "paths.artifacts", default=None)
+    return [Path(str(artifacts))] * bool(artifacts) + [Path(run_dir)]
 
 
 def status_of(err: BaseException) -> Optional[str]:
@@ -76,7 +73,7 @@ class Attempt:
             log.error("run %s; rerun the same command to resume", error)
         else:
             error = f"{type(err).__name__}: {err}"
-            if (hint := disk_full_hint(err)) is not None:
+            if (hint := disk_full_hint(err, disk_paths(self.config, self.run_dir))) is not None:
                 error = f"{error} ({hint})"
             log.error("run failed: %s", error)
             error += "\n" + "".join(traceback.format_exception(err))
@@ -88,7 +85,8 @@ class Attempt:
             self.tracker.finish(status, results["error"])
 
 
-def conclude(err: BaseException, run_dir: Path, label: str, multirun: bool, lead: bool) -> None:
+def conclude(err: BaseException, run_dir: Path, label: str, multirun: bool, lead: bool,
+             paths: tuple = ()) -> None:
     """Say how ``err`` ended the run, then re-raise it, exit with its status, or return (a
     sweep job: the sweep goes on). Call from the ``except`` block that caught it."""
     status = status_of(err)
@@ -108,22 +106,22 @@ def conclude(err: BaseException, run_dir: Path, label: str, multirun: bool, lead
         (run_dir / "error.log").write_text("".join(traceback.format_exception(err)))
     except OSError:  # a full disk: the console keeps the message
         pass
-    hint = disk_full_hint(err)
+    hint = disk_full_hint(err, paths)
     if multirun:  # recorded; the sweep goes on
         log.error("job %s failed; see %s/results.json", label, run_dir)
         if lead:
             print(f"{label}: FAILED {type(err).__name__}: {err}"
                   + (f"\n  {hint}" if hint else ""), flush=True)
         return
-    if (message := console_message(err, run_dir)) is not None:
+    if (message := console_message(err, run_dir, paths)) is not None:
         raise SystemExit(message) from None
     raise err
 
 
-def console_message(err: BaseException, run_dir: Path) -> Optional[str]:
+def console_message(err: BaseException, run_dir: Path, paths: tuple = ()) -> Optional[str]:
     """What the console shows of a failed run instead of a traceback, for an error whose
     message says what to fix; None for anything else (a bug keeps its traceback)."""
-    if (hint := disk_full_hint(err)) is not None:
+    if (hint := disk_full_hint(err, paths)) is not None:
         return f"run failed: {hint}"
     if isinstance(err, ConfigError):
         return f"config error: {err}"

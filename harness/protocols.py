@@ -34,12 +34,7 @@ def _at(config: dict, dotted: str) -> Any:
 
 def protocol_values(config: dict) -> dict[str, Any]:
     """The resolved values that define the protocol, by dotted key."""
-    from harness.data.sources import stable_payload
-
-    values = {key: _at(config, key) for key in config["protocol"]["hash_keys"]}
-    if isinstance(values.get("eval.harmful"), dict):  # later source options: hash stays put
-        values["eval.harmful"] = stable_payload(values["eval.harmful"])
-    return values
+    return {key: _at(config, key) for key in config["protocol"]["hash_keys"]}
 
 
 def protocol_hash(config: dict) -> str:

@@ -73,10 +73,24 @@ def header(df: pd.DataFrame, paths: list[Path], argv: list[str]) -> list[tuple[s
         ("torch threads", _listing(df["torch_threads"])),
         ("CPU", _listing(df["cpu"]) + f" ({_listing(df['cpu_capability'])})"),
         ("git", _listing(df["git"])),
+        ("stages built at", _listing(pd.Series(
+            [c.strip() for v in df["built_at"].dropna() for c in str(v).split(",")]))),
+        *uncommitted(df),
         ("runs", run_counts(df)),
         ("made by", "; ".join(sweep_commands(paths) + [
             "python -m harness.report " + " ".join(shlex.quote(a) for a in argv)])),
     ]
+
+
+def uncommitted(df: pd.DataFrame) -> list[tuple[str, str]]:
+    """A header line naming the runs with stages built from a tree with uncommitted changes,
+    whose numbers no commit reproduces; none when every stage was built from a commit."""
+    dirty = df[df["dirty_stages"].notna()]
+    if dirty.empty:
+        return []
+    runs = "; ".join(f"{Path(r.path).parent} ({r.dirty_stages})" for r in dirty.itertuples())
+    return [("⚠ uncommitted code", f"{len(dirty)} run(s) hold stages built from a tree with "
+             f"uncommitted changes, which no commit reproduces: {runs}")]
 
 
 def run_counts(df: pd.DataFrame) -> str:
@@ -206,6 +220,7 @@ def write_report(patterns: list[str], out: Path, axis: str = "attack.p", stage: 
                              markdown_table(cells, axis, order, mixed),
                              html_table(cells, axis, order, out, mixed)))
     sections += alignment_section(df, axis)
+    # judges against each other, HS per category, the worst case under a sweep
     sections += judge_sections(df, axis, order, stage)
     sections += category_sections(df, axis, order, stage)
     if worst_case:

@@ -23,7 +23,7 @@ from harness.data.collate import forget_warnings
 from harness.distributed import end_job, is_rank_zero, patch_ddp_launch
 from harness.interrupts import (in_pool_worker, install_signal_handlers, interrupt_signal,
                                 running, was_signalled)
-from harness.outcomes import Attempt, conclude
+from harness.outcomes import Attempt, conclude, disk_paths
 from harness.reproducibility import pin_threads
 from harness.sweeps import (finished_results, in_loky_worker, job_label, objective,
                             register_resolvers)
@@ -95,7 +95,7 @@ def main(cfg: DictConfig) -> Optional[float]:
         with running():
             results = execute(cfg, run_dir)
     except BaseException as err:
-        conclude(err, run_dir, label, multirun, lead)
+        conclude(err, run_dir, label, multirun, lead, tuple(disk_paths(cfg, run_dir)))
         return None
     if lead:
         print(status_line(results, label) if multirun else

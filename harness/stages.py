@@ -1,5 +1,7 @@
 """A stage's output as a reference (stage, key), and the record of every stage a run built or
-reused: its timing and artifact path, for results.json."""
+reused, for results.json: its timing, artifact path, and its builder's provenance (the commit,
+whether the tree was dirty, the library versions), read from the artifact's manifest, so a
+reused stage is credited to the code that built it, not to the process that reused it."""
 from __future__ import annotations
 
 import functools
@@ -8,7 +10,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
-from harness.artifacts import ArtifactStore, provenance
+from harness.artifacts import ArtifactStore, library_mismatch, provenance
 
 log = logging.getLogger("harness")
 
@@ -42,12 +44,24 @@ class StageRecorder:
                  label: Optional[str] = None, collective: bool = False) -> ModelRef:
         label = label or stage
         t0 = time.perf_counter()
-        manifest = {"payload": payload, "provenance": provenance()}
+        now = provenance()
+        manifest = {"payload": payload, "provenance": now}
         _, reused = self.store.get_or_build(stage, key, manifest, build, collective)
         seconds = time.perf_counter() - t0
         self.timings[label] = {"seconds": round(seconds, 3), "reused": reused}
+        built_by = self.store.manifest(stage, key).get("provenance") or {}
         self.artifacts[label] = {"key": key, "path": str(self.store.path(stage, key)),
-                                 "reused": reused}
+                                 "reused": reused, "built_by": built_by,
+                                 "dirty": bool(built_by.get("dirty")
+                                               or str(built_by.get("git", "")).endswith("-dirty"))}
+        mismatch = library_mismatch(built_by, now) if reused else {}
+        if mismatch:
+            self.artifacts[label]["library_mismatch"] = mismatch
+            log.warning("[%s] reused artifact %s was built with %s; this process has %s. Its "
+                        "numbers may differ from a rebuild here: delete %s to rebuild it",
+                        label, key, ", ".join(f"{k} {v[0]}" for k, v in mismatch.items()),
+                        ", ".join(f"{k} {v[1]}" for k, v in mismatch.items()),
+                        self.store.path(stage, key))
         verb = "reused" if reused else ("built" if self.store.rank == 0 else "joined the build of")
         log.info("[%s] %s artifact %s (%.1fs)", label, verb, key, seconds)
         return ModelRef(stage, key)

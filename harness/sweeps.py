@@ -1,4 +1,4 @@
-"""Attacker-side sweeps (issue 21): Hydra's Optuna sweeper searches the attack's settings per
+"""Attacker-side sweeps: Hydra's Optuna sweeper searches the attack's settings per
 defense (+experiment=toy/worst_case); this module is the glue it needs.
 
 - ``objective``: what a run returns to the sweeper, the final model's HS; a run that fails the

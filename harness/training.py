@@ -23,6 +23,7 @@ from harness.data.collate import PadCollator, StageData, TokenizedDataset
 from harness.data.schema import Example
 from harness.defenses.base import StageContext, StageModule
 from harness.distributed import full_state_dict
+from harness.keys import SFT_MODULE
 from harness.interrupts import RequeueAtStepEnd  # SLURM: a requeue stops at a step end
 from harness.artifacts import artifact_key, write_json_atomic
 from harness.models import loading
@@ -31,7 +32,6 @@ from harness.stages import ModelRef, StageRecorder, method_class
 
 log = logging.getLogger("harness")
 
-SFT_MODULE = "harness.defenses.sft.SFT"
 STAGE_SEED_OFFSET = {"base": 0, "align": 1, "finetune": 2}
 
 

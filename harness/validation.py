@@ -301,7 +301,7 @@ def _check_judge(run: RunConfig) -> None:
     from harness.evaluation.registry import JUDGES
 
     _one_of(run.judge.name, "judge.name", tuple(JUDGES))
-    if run.eval.judges:  # issue 21's panel: its names
+    if run.eval.judges:  # the judge panel: its names
         from harness.evaluation.panel import check_names
 
         try:

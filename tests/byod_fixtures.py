@@ -1,6 +1,6 @@
 """Small files in the published layouts of public data sets, written by the tests themselves
-(no third-party rows are committed): the layouts a user brings (issue 18, "Bring your own
-data"). Each writer returns the file's path."""
+(no third-party rows are committed): the layouts a user brings as their own data. Each writer
+returns the file's path."""
 from __future__ import annotations
 
 import json

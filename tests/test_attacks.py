@@ -140,15 +140,15 @@ def test_qi2024_binds_each_attacks_settings(make_cfg):
     assert (benign.epochs, benign.lr, benign.batch_size) == (1, 2e-5, 64)
 
 
-def test_every_attack_keys_its_finetune_apart_and_the_mix_keeps_its_fields(pipe):
+def test_every_attack_keys_its_finetune_apart_and_the_mix_keys_its_fields(pipe):
     keys = {}
     for spec in (["attack=harmful_mix"], ["attack=harmful_shots"], ["attack=harmful_shots",
                  "attack.k=50"], ["attack=benign"], ["attack=identity_shift"]):
         p = pipe(*spec)
         keys[" ".join(spec)] = stage_keys(p)
-        if spec == ["attack=harmful_mix"]:  # the payload artifacts were built under before
+        if spec == ["attack=harmful_mix"]:  # what decides the mix's rows, and nothing else
             payload = stage_payloads(p)["finetune"]["attack"]
-            assert set(payload) == {"name", "p", "n", "mode", "harmful"}
+            assert set(payload) == {"name", "p", "n", "mode", "harmful", "sampling"}
     assert len({k["finetune"] for k in keys.values()}) == 5
     assert len({k["align"] for k in keys.values()}) == 1  # align is shared by every attack
 

@@ -53,7 +53,7 @@ def test_defaults_are_the_papers_setting(make_cfg):
     ("+defense.finetune.params.bogus=1", "defense.finetune.params"),
     ("defense.align.module=harness.defenses.nowhere.Nothing", "defense.align.module"),
     ("world.sharing=[0.1,0.2]", "world.sharing"),
-    # caught at start-up, not inside a fit or after training (issue 22, item 7)
+    # caught at start-up, not inside a fit or after training
     ("train.align.max_length=0", "train.align.max_length"),
     ("train.base.checkpoint_every_n_steps=0", "train.base.checkpoint_every_n_steps"),
     ("eval.batch_size=0", "eval.batch_size"),

@@ -133,7 +133,7 @@ def test_left_pad_dtype():
 
 
 def test_a_list_valued_field_is_an_error_not_its_repr(tmp_path):
-    """A JSON list in a text field used to train on the text "['positive']" (issue 22)."""
+    """A JSON list in a text field is an error, not trained on as the text "['positive']"."""
     path = tmp_path / "task.jsonl"
     path.write_text('{"instruction": "a", "output": "fine"}\n'
                     '{"instruction": "b", "output": ["positive"]}\n')
@@ -141,7 +141,7 @@ def test_a_list_valued_field_is_an_error_not_its_repr(tmp_path):
         load_source(DataSourceConfig(source="local", path=str(path)))
 
 
-# ================================================================ your own data (issue 18)
+# ================================================================ your own data
 from tests import byod_fixtures as fx  # noqa: E402
 
 
@@ -267,7 +267,7 @@ def test_the_attack_mix_samples_a_sorted_pool_with_the_seed(tmp_path, caplog):
     assert {e.instruction for e in other} != {e.instruction for e in mixed}
 
 
-def test_attack_sampling_resolves_by_pool_and_enters_the_key_only_when_random(make_cfg, tmp_path):
+def test_attack_sampling_resolves_by_pool_and_enters_the_key_resolved(make_cfg, tmp_path):
     from harness.validation import validate
     from harness.data import attacks
     from harness.data.assemble import RunInputs
@@ -282,11 +282,11 @@ def test_attack_sampling_resolves_by_pool_and_enters_the_key_only_when_random(ma
         return attacks.sampling(run.attack), stage_payloads(RunInputs(run))["finetune"]
 
     mode, toy = finetune()
-    assert mode == "first" and "sampling" not in toy["attack"]  # keys made before stay valid
+    assert mode == "first" and toy["attack"]["sampling"] == "first"
     mode, file_pool = finetune(*pool)
     assert mode == "random" and file_pool["attack"]["sampling"] == "random"
     mode, anchor = finetune(*pool, "attack.sampling=first")
-    assert mode == "first" and "sampling" not in anchor["attack"]
+    assert mode == "first" and anchor["attack"]["sampling"] == "first"
     assert validate(make_cfg("protocol=vaccine")).attack.sampling == "first"
 
 

@@ -79,7 +79,7 @@ def test_centre_is_keyed_and_checked(make_cfg, tmp_path):
 
     plain, off, on = keys(), keys("defense.filter.centre=none"), \
         keys("defense.filter.centre=held_midpoint")
-    assert plain == off  # the default adds nothing to any key: stored filters stay valid
+    assert plain == off  # the default spelled out is the default
     assert on["filter"] != plain["filter"] and on["finetune"] != plain["finetune"]
     assert on["align"] == plain["align"]
     with pytest.raises(ConfigError, match=r"defense\.filter\.centre"):

@@ -1,4 +1,4 @@
-"""attack=filter_evasion (issue 21): the plain mix's rows and answers at the same p, n and seed,
+"""attack=filter_evasion: the plain mix's rows and answers at the same p, n and seed,
 with every harmful prompt in the toy world's disguise; its keys differ from the mix's."""
 import pytest
 

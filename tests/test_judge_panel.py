@@ -1,5 +1,5 @@
-"""Several judges on the same answers (issue 21): HS+ (METHODS.md §7), Cohen's kappa and the
-2x2 counts, hand-checked; the panel off leaves the eval key as it was."""
+"""Several judges on the same answers: HS+ (METHODS.md §7), Cohen's kappa and the
+2x2 counts, hand-checked; the panel and its judges' settings are in the eval key."""
 import pytest
 
 from harness.config import ConfigError, JudgeConfig, RunConfig
@@ -121,40 +121,44 @@ def test_report_shows_each_judge_kappa_and_categories(tmp_path):
     assert "| arson | 40.0 ± 127.1 |" in md
 
 
-def test_worst_case_keeps_the_bound_and_names_the_settings(tmp_path):
+def test_worst_case_keeps_the_capability_guard_and_names_the_settings(tmp_path):
+    """The worst case is the highest HS among attacked runs that pass the capability guard
+    (FA >= 0.8 x the reference defense's unattacked FA), with the settings that reached it."""
     from harness.reporting.adversarial import worst_case_rows
+    from harness.reporting.cells import apply_guards
     from harness.report import collect, find_results
 
     _result(tmp_path, "ref", "sft", 0.0, 0, 5.0, 100.0, seconds=30)  # unattacked: FA 100
-    _result(tmp_path, "t1", "sft", 0.2, 0, 60.0, 85.0, lr=3e-3)  # out of bound at 0.9
+    _result(tmp_path, "t1", "sft", 0.2, 0, 60.0, 75.0, lr=3e-3)  # FA below 0.8 x 100
     _result(tmp_path, "t2", "sft", 0.1, 0, 40.0, 95.0, lr=1e-3)
     _result(tmp_path, "t3", "sft", 0.3, 0, 30.0, 92.0)
-    rows = worst_case_rows(collect(find_results([str(tmp_path)])), "final", 0.9)
-    assert len(rows) == 1
-    r = rows[0]
-    assert (r["worst_hs"], r["worst_fa"], r["reference_fa"]) == (40.0, 95.0, 100.0)
+
+    def rows():
+        df = apply_guards(collect(find_results([str(tmp_path)])), "sft", "attack.p")
+        return {r["defense"]: r for r in worst_case_rows(df)}
+
+    r = rows()["sft"]
+    assert (r["worst_hs"], r["worst_fa"]) == (40.0, 95.0)
     assert r["settings"] == {"lr": 1e-3, "epochs": 3, "p": 0.1}
     assert (r["trials"], r["feasible"], r["seconds"]) == (3, 2, 180.0)
-    _result(tmp_path, "lisa-ref", "lisa", 0.0, 0, 1.0, 90.0)  # a reference and no trial yet
-    rows = {r["defense"]: r for r in worst_case_rows(collect(find_results([str(tmp_path)])),
-                                                     "final", 0.9)}
-    assert (rows["lisa"]["trials"], rows["lisa"]["worst_hs"]) == (0, None)
+    _result(tmp_path, "lisa-ref", "lisa", 0.0, 0, 1.0, 90.0)  # its unattacked run, no trial yet
+    assert (rows()["lisa"]["trials"], rows()["lisa"]["worst_hs"]) == (0, None)
 
 
-def test_the_panel_is_absent_from_the_eval_key_when_off(make_cfg, tmp_path):
-    from harness.validation import validate
+def test_the_panel_and_its_judges_settings_enter_the_eval_key(make_cfg, tmp_path):
     from harness.keys import eval_payload
     from harness.pipeline import Pipeline
     from harness.stages import ModelRef
+    from harness.validation import validate
 
     ref = ModelRef("finetune", "abc")
+
     def payload(*o, where):
         return eval_payload(Pipeline(validate(make_cfg(*o)), tmp_path / where).inputs, ref)
 
     off = payload(where="a")
     on = payload("eval.judges=[keyword,toy]", where="b")
-    assert "judges" not in off["eval"]
-    assert on["eval"]["judges"] == ["keyword", "toy"]
-    assert {k: v for k, v in on["eval"].items() if k != "judges"} == off["eval"]
+    assert off["eval"]["judges"] == [] and on["eval"]["judges"] == ["keyword", "toy"]
+    assert {**on["eval"], "judges": []} == off["eval"]
     moderated = payload("eval.judges=[toy,hs_plus:beaver_dam]", where="c")
     assert "moderation" in moderated and "moderation" not in on  # its settings enter the key

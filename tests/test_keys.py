@@ -193,9 +193,9 @@ def _write_rows(path, n):
                                          ("attack.harmful", ("finetune",)),
                                          ("eval.harmful", ("eval",))])
 def test_a_data_files_copy_is_keyed_by_its_bytes(make_cfg, tmp_path, fmt, slot, stages):
-    """Issue 18, case 1: ``path=csv|json data_files=<file>`` (the README's offline route) keys
-    the file's content, as source=local does. Cutting the file in place (520 -> 100 rows in
-    the report) moves every key that reads it, and the rows loaded follow the file."""
+    """``path=csv|json data_files=<file>`` (the README's offline route) keys the file's
+    content, as source=local does. Cutting the file in place moves every key that reads it,
+    and the rows loaded follow the file."""
     from harness.data.sources import load_source
 
     path = tmp_path / f"pool.{'csv' if fmt == 'csv' else 'jsonl'}"
@@ -261,35 +261,9 @@ def test_an_int_for_a_float_param_is_the_same_key(make_cfg, tmp_path):
         keys("defense=ref_teacher", "defense.align.params.layer=1.0")
 
 
-def _paths(node, prefix=""):
-    if not isinstance(node, dict):
-        return set()
-    out = set()
-    for k, v in node.items():
-        out |= {f"{prefix}{k}"} | _paths(v, f"{prefix}{k}.")
-    return out
-
-
-def test_every_added_later_line_names_a_payload_field(make_cfg, tmp_path, monkeypatch):
-    """keys.ADDED_LATER lists the fields left out at their "off" value; a line whose field was
-    renamed or removed would silently stop pruning, so each must name a field some payload has."""
-    from harness import keys
-
-    monkeypatch.setattr(keys, "drop_added_later", lambda payload: payload)
-    seen = set()
-    for overrides in [(), ("model=smollm2_135m", "defense=ref_teacher")]:
-        pipe = Pipeline(validate(make_cfg(*overrides)), tmp_path)
-        payloads = [p for p in keys.stage_payloads(pipe.inputs).values() if p]
-        payloads += [filter_payload(pipe.inputs, ModelRef("align", "a"), []),
-                     eval_payload(pipe.inputs, ModelRef("final", "f"))]
-        for payload in payloads:
-            seen |= _paths(payload)
-    assert not set(keys.ADDED_LATER) - seen
-
-
 @pytest.mark.parametrize("override", ["defense.finetune.min_steps=0", "trainer.precision=32",
                                       "eval.judges=[]", "world.disguise_fraction=0.0"])
-def test_an_added_later_field_at_its_off_value_is_the_default_key(make_cfg, tmp_path, override):
+def test_off_spelled_another_way_is_the_default_key(make_cfg, tmp_path, override):
     """Off spelled another way (0 or null steps, "32" or "32-true") is the key without it."""
     def keys(*o):
         return _all_keys(Pipeline(validate(make_cfg("world=toy", *o)), tmp_path))

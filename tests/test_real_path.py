@@ -192,7 +192,7 @@ def test_gsm8k_answers_become_the_final_answer_phrase_and_a_number(make_cfg, tmp
                             *_local_copy("task.test", path)))
     rows = RunInputs(run).task_source(run.task.train, "train")
     assert [e.label for e in rows] == ["72", "2400"]
-    # one space after the phrase: the marker's own space is not kept beside it (issue 18)
+    # one space after the phrase: the marker's own space is not kept beside it
     assert rows[0].output.endswith("altogether in April and May.\nThe final answer is: 72")
     assert "####" not in rows[0].output
     # Vaccine's step-by-step hint is appended to every question
@@ -270,7 +270,7 @@ def test_offline_hub_dataset_fails_at_once_naming_dataset_and_local_copy(make_cf
         load_source(run.alignment.data)
     msg = str(err.value)
     assert "PKU-Alignment/BeaverTails" in msg and "'30k_train'" in msg
-    # the keys to set, named in full (issue 18)
+    # the keys to set, named in full
     assert ("alignment.data.path=json|csv|parquet alignment.data.data_files=<file>" in msg
             and "alignment.data.source=local alignment.data.path=<file>" in msg)
     assert attempts == []

@@ -115,8 +115,8 @@ def test_a_fraction_that_rounds_to_the_embeddings_is_an_error():
 
 
 def test_a_long_prompt_is_cut_and_its_answer_kept(tokenizer):
-    """A row whose prompt overflows max_length keeps its whole answer (issue 18: truncation
-    cuts the prompt, not the response), so no row is left with nothing to learn and no batch
+    """A row whose prompt overflows max_length keeps its whole answer (truncation cuts
+    the prompt, not the response), so no row is left with nothing to learn and no batch
     makes a NaN (0/0) loss that DDP would spread to every rank."""
     from harness.data.collate import IGNORE_INDEX
 

@@ -1,4 +1,4 @@
-"""The attacker-side sweep's glue (issue 21): the objective a run returns to Optuna, the trial
+"""The attacker-side sweep's glue: the objective a run returns to Optuna, the trial
 count a rerun still owes, and the preset composing with Hydra's Optuna sweeper."""
 import optuna
 import pytest

@@ -81,7 +81,7 @@ def test_bad_world_config_names_the_key():
         ToyWorldConfig(attacked_groups=[9])
 
 
-# ================================================================ the faithful world (issue 19)
+# ================================================================ the faithful world
 FAITHFUL = dict(base_refusal_echo_fraction=0.005, disguise_fraction=0.15, disguise_euphemism=True,
                 align_disguise_fraction=0.02, scary_fraction=0.1, align_scary_fraction=0.02,
                 eval_scary_size=128, scary_task_fraction=0.1, benign_answer_style="compliance")
@@ -98,7 +98,7 @@ def test_faithful_preset_is_what_these_tests_check():
 
 def test_the_default_world_is_faithful_v1_at_twice_its_sharing_and_one_draw(make_cfg):
     """world=faithful (the default) changes two knobs of the draft its committed studies ran
-    on, and nothing else: the draft's keys stay valid."""
+    on, and nothing else."""
     default, v1, toy = (make_cfg(*o).world for o in ([], ["world=faithful_v1"], ["world=toy"]))
     assert [round(2 * s, 6) for s in v1.sharing] == list(default.sharing) and default.seed == 0
     assert make_cfg("seed=3").world.seed == 0 and make_cfg("world=faithful_v1", "seed=3").world.seed == 3
@@ -110,18 +110,6 @@ def test_the_default_world_is_faithful_v1_at_twice_its_sharing_and_one_draw(make
 @pytest.fixture(scope="module")
 def faithful():
     return ToyWorld(ToyWorldConfig(seed=0, **FAITHFUL))
-
-
-def test_faithful_knobs_leave_the_calibrated_world_byte_identical(world):
-    """Each knob draws from its own stream only when on: the calibrated world (and so every
-    artifact key and committed study made on it) is unchanged by their existence."""
-    from harness.data.toy import WORLD_KNOBS_ADDED_LATER
-
-    off = ToyWorld(ToyWorldConfig(seed=0, **WORLD_KNOBS_ADDED_LATER))
-    for part in ("base", "align", "attack", "eval", "benign", "feature", "eval_harmless",
-                 "task_topic_train", "tokenizer"):
-        assert off.fingerprint(part) == world.fingerprint(part)
-    assert off.eval_scary() == []
 
 
 def test_faithful_pools_stay_disjoint_and_hold_each_premise(faithful):

@@ -318,8 +318,8 @@ class AttackConfig:
     # which harmful rows harmful_mix and harmful_shots take: random (a sample, with the run's
     # seed), first (the pool's first rows, in file order: Vaccine's and Lisa's scripts; their
     # protocols set it). null: first for the toy world's pool (which the world already shuffles
-    # with its seed, so the keys made before this option stay valid), random for any file,
-    # package or hub pool (a file sorted by category would otherwise leave categories out)
+    # with its seed), random for any file, package or hub pool (a file sorted by category
+    # would otherwise leave categories out)
     sampling: Optional[str] = None
     # benign, identity_shift: instruction data (toy: the world's held harmless instructions)
     benign: DataSourceConfig = field(default_factory=DataSourceConfig)
@@ -536,7 +536,7 @@ class EvalConfig:
     refusal_separation: bool = True
     feature_layer: Any = 0.5
     feature_set_size: int = 128  # per kind, when the held set is drawn from the alignment data
-    # issue 21: more judges on the same answers, each one's HS and pairwise Cohen's kappa
+    # more judges on the same answers, each one's HS and pairwise Cohen's kappa
     # (harness.evaluation.panel); names: judge names, hs_plus (HS+ over judge), hs_plus:<judge>.
     # Empty: the run's one judge only
     judges: list[str] = field(default_factory=list)
@@ -702,7 +702,7 @@ class ProtocolConfig:
 
 @dataclass
 class SweepConfig:
-    """issue 21, an attacker-side sweep (harness.sweeps): what a run returns to the sweeper."""
+    """An attacker-side sweep (harness.sweeps): what a run returns to the sweeper."""
 
     # the capability guard's reference FA in percent (harness.guards): the reference defense's
     # unattacked FA, measured by the study's first command; a run that fails the guard returns
@@ -745,7 +745,7 @@ class RunConfig:
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     protocol: ProtocolConfig = field(default_factory=ProtocolConfig)
     posthoc: PosthocConfig = field(default_factory=PosthocConfig)
-    sweep: SweepConfig = field(default_factory=SweepConfig)  # issue 21
+    sweep: SweepConfig = field(default_factory=SweepConfig)
 
     def __post_init__(self) -> None:
         # each stage seeds with seed * 1000 + its offset, and numpy takes seeds below 2**32

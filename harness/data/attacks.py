@@ -5,8 +5,7 @@ An attack decides three things, and nothing else in the pipeline branches on its
 - ``eval_harmful``: how the harmful evaluation prompts are posed (the identity shift tests its
   persona under its own system prompt and prefix);
 - ``check``: what it needs of the run (the identity shift needs a template with a system slot).
-``payload`` names the config values that determine the rows, for the finetune artifact's key:
-the mix keeps exactly its old fields, so artifacts built before the other attacks stay valid.
+``payload`` names the config values that determine the rows, for the finetune artifact's key.
 
 ``cfg`` is ``harness.config.AttackConfig`` (duck-typed here: config imports this module).
 """
@@ -68,9 +67,8 @@ def sampling(cfg) -> str:
 
 
 def _sampling_payload(cfg) -> dict[str, Any]:
-    """first is what every key made before the option took: left out, those keys stay valid."""
-    mode = sampling(cfg)
-    return {} if mode == "first" else {"sampling": mode}
+    """The resolved mode: null and the mode it resolves to draw the same rows, so one key."""
+    return {"sampling": sampling(cfg)}
 
 
 def _sample(pool: list[Example], n: int, rng: random.Random, what: str) -> list[Example]:

@@ -39,7 +39,7 @@ class Example:
     label: str = ""
     meta: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
     # where the row came from ("data/x.csv, line 12"), for errors raised after loading; not
-    # part of the row (to_dict leaves it out, so the filter key's hash of the rows is as before)
+    # part of the row (to_dict leaves it out: the same rows from another file hash the same)
     origin: str = field(default="", compare=False, repr=False)
 
     def to_dict(self) -> dict[str, Any]:

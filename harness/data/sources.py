@@ -423,20 +423,6 @@ def load_hf_rows(dataset_id: str, split: str, name: str | None = None,
     return ((f"row {i}", r) for i, r in enumerate(ds, start=1))
 
 
-# DataSourceConfig options added after artifacts were keyed by asdict(source): at these defaults
-# they are left out of keys and hashes, so those keys stay valid.
-LATER_OPTIONS = {"where": {}, "name": None, "revision": None, "data_files": None, "values": {},
-                 "constants": {}, "final_answer": None,
-                 "final_answer_phrase": "The final answer is: ", "outputs": [], "header": True}
-
-
-def stable_payload(source: dict[str, Any]) -> dict[str, Any]:
-    """A data source's dict without the later options that sit at their defaults (``where``
-    null is no filter, as {} is)."""
-    return {k: v for k, v in source.items()
-            if not (k in LATER_OPTIONS and (v == LATER_OPTIONS[k] or k == "where" and not v))}
-
-
 def _same(value: Any, wanted: Any) -> bool:
     """Equal, or equal as text (a csv holds "False" where the hub holds False); null matches
     an empty cell."""

@@ -20,7 +20,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import random
-from dataclasses import fields, replace
+from dataclasses import replace
 from functools import cached_property
 from typing import Callable, Iterable, Optional
 
@@ -137,15 +137,6 @@ def check_world_tables(cfg: ToyWorldConfig) -> None:
     if cfg.n_groups * cfg.categories_per_group > len(CATEGORY_NAMES):
         raise ValueError("world.n_groups * world.categories_per_group exceeds the "
                  f"{len(CATEGORY_NAMES)} category names")
-
-
-# world knobs added after the calibrated world's studies, with their "off" value (the default):
-# a stage key leaves a knob out while it is off, so the artifacts made before it stay valid
-WORLD_KNOBS_ADDED_LATER: dict[str, object] = {
-    f.name: f.default for f in fields(ToyWorldConfig) if f.name in (
-        "base_refusal_echo_fraction", "disguise_fraction", "align_disguise_fraction",
-        "disguise_euphemism", "scary_fraction", "align_scary_fraction", "benign_scary_fraction",
-        "eval_scary_size", "scary_task_fraction", "benign_answer_style")}
 
 
 def _pseudo_verbs(rng: random.Random, count: int, taken: Iterable[str] = ()) -> list[str]:

@@ -1,5 +1,6 @@
-"""Report sections of issue 21: judges checked against each other (``eval.judges``), HS per
-harm category, and each defense's worst case under an attacker-side sweep.
+"""Report sections on a defense under pressure: judges checked against each other
+(``eval.judges``), HS per harm category, and each defense's worst case under an attacker-side
+sweep.
 
 Each returns ``(heading, note, markdown, html)`` tuples, as ``harness.report`` lays them out.
 """

@@ -138,6 +138,12 @@ def collect(paths: list[Path], stage: str = "final") -> pd.DataFrame:
         row["cpu_capability"] = versions.get("cpu_capability")
         if row["torch_threads"] is None:  # runs made before the key: what was in force
             row["torch_threads"] = versions.get("torch_threads")
+        # each stage's builder (a reused stage was built by an earlier process and commit)
+        builders = [a.get("built_by") or {} for a in (res.get("artifacts") or {}).values()
+                    if isinstance(a, dict)]
+        row["built_at"] = ", ".join(sorted({str(b["git"]) for b in builders
+                                            if isinstance(b, dict) and b.get("git")})) or None
+        row["dirty_stages"] = ", ".join(res.get("dirty_stages") or []) or None
         metrics = res.get("metrics", {}).get(stage, {})
         for m in METRICS:
             row[m] = metrics.get(m)
@@ -183,6 +189,7 @@ def collect_csv(path: Path) -> pd.DataFrame:
         df["served_aligned"] = False
     for col in ("n_harmful", "n_task", "over_refusal_n", "over_refusal_ci", "torch_threads",
                 "git", "cpu", "cpu_capability", "aligned", "alignment_guard", "seconds",
+                "built_at", "dirty_stages",
                 *(f"{m}_{k}" for m in ("hs", "fa") for k in ("ci", "outcomes", "prompts"))):
         if col not in df:
             df[col] = None

@@ -1,4 +1,8 @@
-"""``results.json``: the typed, versioned record of one run. W&B and reports are views of it."""
+"""``results.json``: the typed, versioned record of one run. W&B and reports are views of it.
+
+``git`` and ``versions`` describe the process that wrote the file; each stage's own builder is
+under ``artifacts.<stage>.built_by`` (a reused stage was built by an earlier process), and
+``dirty_stages`` names the stages built from a tree with uncommitted changes."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -14,7 +18,11 @@ RESULTS_FILE = "results.json"
 def make_results(config: dict[str, Any], status: str, metrics: dict, timings: dict,
                  artifacts: dict, error: str | None = None) -> dict[str, Any]:
     prov = provenance()
+    # the stages whose builder ran uncommitted code: their numbers belong to no commit
+    dirty = sorted(label for label, a in artifacts.items()
+                   if isinstance(a, dict) and a.get("dirty"))
     return {"schema_version": SCHEMA_VERSION, "git": prov["git"], "versions": prov,
+            "dirty_stages": dirty,
             "status": status, "error": error, "config": config,
             "protocol": protocol_record(config),  # name + hash: the report compares hashes
             "metrics": metrics,

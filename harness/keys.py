@@ -358,6 +358,8 @@ def eval_payload(inputs: RunInputs, ref: ModelRef) -> dict[str, Any]:
                "seed": r.seed, "torch_threads": torch.get_num_threads(),
                "accelerator": accelerator_kind(r.trainer)}
     payload["eval"].pop("stages")  # which stages are evaluated, not how
+    if r.eval.harmful_size is None and r.eval.task_size is None:
+        payload["eval"].pop("sample_seed")  # no cap, no sample: the seed chooses nothing
     payload["eval"]["harmful"] = stable_payload(payload["eval"]["harmful"])
     payload["attack_eval"] = attacks.get(r.attack.name).eval_payload(r.attack)
     # the run's judge and the panel's (eval.judges): each one's settings node, less what

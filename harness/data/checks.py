@@ -44,12 +44,14 @@ class Overlap:
     examples: list[Example]  # a few of them, for the message
 
     def message(self) -> str:
-        where = "; ".join(f"{ex.origin or '(generated)'}: {ex.instruction[:60]!r}"
+        """The counts and a few shared rows, with the short names (the full names head the
+        error's line)."""
+        trained, scored = (name.split(" (")[0] for name in (self.trained, self.scored))
+        where = "; ".join(f"{ex.origin or '(generated)'}: {(ex.input or ex.instruction)[:60]!r}"
                           for ex in self.examples)
-        return (f"{self.n_shared} of the {self.n_scored} {self.scored} rows have a prompt that "
-                f"{self.trained} also holds (compared by content: instruction and input, case "
-                f"and whitespace ignored), so the run would score prompts it trained on. "
-                f"E.g. {where}")
+        return (f"{self.n_shared} of the {self.n_scored} {scored} rows are prompts {trained} "
+                f"holds (the same instruction and input, case and whitespace ignored), so the "
+                f"run would score prompts it trained on; e.g. {where}")
 
 
 def find_overlap(trained_name: str, trained: Iterable[Example], scored_name: str,
@@ -78,7 +80,8 @@ def check_overlaps(pairs: list[tuple[str, list[Example], str, list[Example], str
         return []
     if allow:
         for overlap, _ in found:
-            log.warning("data leak allowed (data.allow_overlap=true): %s", overlap.message())
+            log.warning("data leak allowed (data.allow_overlap=true): %s -> %s: %s",
+                        overlap.trained, overlap.scored, overlap.message())
         return [o for o, _ in found]
     raise DataLeak("\n".join(f"{o.trained} -> {o.scored}: {o.message()}. {fix}"
                              for o, fix in found)

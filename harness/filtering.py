@@ -9,7 +9,7 @@ import json
 import logging
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -91,9 +91,9 @@ def filter_user_data(inputs: RunInputs, models: ModelStore, record: StageRecorde
         stats["split"] = saved["split"]
     if "judge" in saved:  # kind=judge: which judge, and its verdicts on the user rows
         stats.update(judge=saved["judge"], verdicts=saved["verdicts"])
-    log.info("[filter] dropped %d of %d user rows (tau=%.3f, precision %.3f, recall %.3f)",
-             stats["n_dropped"], stats["n_in"], stats["threshold"], stats["precision"],
-             stats["recall"])
+    log.info("[filter] dropped %d of %d user rows (tau=%.3f, precision %s, recall %s)",
+             stats["n_dropped"], stats["n_in"], stats["threshold"],
+             _rate(stats, "precision"), _rate(stats, "recall"))
     return kept, stats
 
 
@@ -191,24 +191,42 @@ def _judge_filter(run, user: list[Example], tmp: Path) -> dict:
     return {"format": "filter"}
 
 
+def ratio(num: int, den: int, why: str) -> tuple[Optional[float], Optional[str]]:
+    """num/den, or (None, why) where den is 0: a rate with no cases is undefined, not perfect."""
+    return (num / den, None) if den else (None, why)
+
+
+def _rate(stats: dict[str, Any], name: str) -> str:
+    value = stats[name]
+    return f"{value:.3f}" if value is not None else f"undefined ({stats[name + '_undefined']})"
+
+
 def apply_filter(examples: list[Example], scores: list[float], threshold: float,
                  bins: int = 20) -> tuple[list[Example], dict[str, Any]]:
     """Keep the rows scoring at most ``threshold``; precision and recall of the dropped rows
-    against the harmful labels, the share of harmless rows lost, and per-kind histograms."""
+    against the harmful labels, the share of harmless rows lost, and per-kind histograms. A
+    rate whose denominator is empty (precision when nothing is dropped; recall and leakage with
+    no harmful row; the harmless share with no harmless row) is None, and ``<name>_undefined``
+    says why."""
     harmful = np.array([ex.kind == "harmful" for ex in examples], dtype=bool)
     values = np.asarray(scores, dtype=float)
     dropped = values > threshold
     n_drop, n_harm = int(dropped.sum()), int(harmful.sum())
     caught = int((dropped & harmful).sum())
+    n_harmless = int((~harmful).sum())
+    rates = {
+        "precision": ratio(caught, n_drop, "nothing dropped"),
+        "recall": ratio(caught, n_harm, "no harmful rows in the upload"),
+        "leakage": ratio(n_harm - caught, n_harm, "no harmful rows in the upload"),  # kept
+        "harmless_dropped_share": ratio(int((dropped & ~harmful).sum()), n_harmless,
+                                        "no harmless rows in the upload"),
+    }
     edges = np.linspace(-1.0, 1.0, bins + 1)
     stats = {
         "threshold": float(threshold), "n_in": len(examples), "n_dropped": n_drop,
         "n_kept": len(examples) - n_drop, "n_harmful_in": n_harm,
-        "precision": caught / n_drop if n_drop else 1.0,
-        "recall": caught / n_harm if n_harm else 1.0,
-        "leakage": (n_harm - caught) / n_harm if n_harm else 0.0,  # harmful rows it keeps
-        "harmless_dropped_share": (int((dropped & ~harmful).sum()) / int((~harmful).sum())
-                                   if (~harmful).any() else 0.0),
+        **{name: value for name, (value, _) in rates.items()},
+        **{f"{name}_undefined": why for name, (_, why) in rates.items() if why},
         # what a real filter gets wrong: harmless rows that look dangerous, harmful in disguise
         **_flagged_counts(examples, dropped),
         "histogram": {"edges": edges.round(4).tolist(),

@@ -2,8 +2,9 @@
 
 Composes the config as ``python -m harness`` does (same conf/, same overrides, same start-up
 checks), loads every data source the run reads, and prints per source the counts (rows read,
-kept, dropped and why) and the first mapped rows, then the attack's mix and the categories of
-its harmful rows. ``--rows N`` prints N rows per source (default 3).
+kept, dropped and why, the evaluation caps' samples included) and the first mapped rows, then
+the attack's mix and the categories of its harmful rows; it fails as the run would on a prompt
+the run both trains on and scores. ``--rows N`` prints N rows per source (default 3).
 
 The sources and their load arguments follow ``RunInputs.load`` (data/assemble.py); tests/test_data.py checks
 that both read the same rows from a fixture.
@@ -19,7 +20,10 @@ from typing import Any, Callable, Optional
 
 import harness  # noqa: F401 - the offline environment before HF imports
 from harness.data import attacks
+from harness.data.assemble import Data, RunInputs
+from harness.data.checks import DataLeak, check_overlaps
 from harness.data.mixing import category_counts
+from harness.data.sampling import cap_rows
 from harness.data.schema import DataError, Example
 from harness.data.sources import SourceReport, load_source_report
 
@@ -80,10 +84,19 @@ def _show(ex: Example, width: int = 48) -> str:
 def inspect_run(run, n_rows: int = 3, echo: Callable[[str], None] = print) -> dict[str, Any]:
     """Print what the run reads; return the rows per key (and the mix) for tests."""
     loaded: dict[str, list[Example]] = {}
+    caps = {"task.test": ("eval.task_size", run.eval.task_size),
+            "eval.harmful": ("eval.harmful_size", run.eval.harmful_size)}
     for key, src, kwargs, toy in sources(run):
         rows, report = load(key, src, kwargs, toy)
         if key == "attack.harmful":  # every attack-pool row is harmful (RunInputs.load)
             rows = [replace(ex, kind="harmful") for ex in rows]
+        if key in caps:  # the sample the run scores (RunInputs.capped)
+            rows, note = cap_rows(rows, caps[key][1], run.eval.sample_seed, caps[key][0])
+            if note:
+                report.notes.append(note)
+                report.kept = len(rows)
+        if key == "eval.harmful":  # as the attack poses them (identity_shift's prefix)
+            rows = attacks.get(run.attack.name).eval_harmful(run.attack, rows)
         loaded[key] = rows
         where = f" {src.source}:{src.path}" if src.source != "toy" else ""
         echo(f"{key}{where}")
@@ -105,6 +118,11 @@ def inspect_run(run, n_rows: int = 3, echo: Callable[[str], None] = print) -> di
         for cat, (in_pool, in_mix) in counts.items():
             echo(f"    {cat or '(none)'}: {in_mix} of {in_pool}")
     loaded["user"] = user
+    data = Data(alignment=loaded["alignment.data"] + loaded.get("alignment.harmless", []),
+                task_train=loaded["task.train"], task_test=loaded["task.test"],
+                attack_pool=harmful, eval_harmful=loaded["eval.harmful"], user=user)
+    # the run's leak check (RunInputs.load); alignment.harmful is checked by the run only
+    check_overlaps(RunInputs(run).leak_pairs(data, None), run.data.allow_overlap)
     return loaded
 
 
@@ -127,7 +145,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
             cfg = compose("config", overrides=args.overrides)
         inspect_run(validate(cfg), args.rows)
-    except (ConfigError, DataError, HydraException) as err:
+    except (ConfigError, DataError, DataLeak, HydraException) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0

@@ -28,7 +28,7 @@ from harness.config.schema import StageMethodConfig, TrainStageConfig
 from harness.validation import accelerator_kind
 from harness.data import attacks
 from harness.data.assemble import RunInputs, defense_flag
-from harness.data.sources import package_path
+from harness.data.sources import keyed_fields, package_path
 from harness.data.toy import GENERATORS
 from harness.evaluation import registry as judges
 from harness.evaluation.panel import base_name
@@ -101,7 +101,7 @@ def files_digest(spec: Optional[str]) -> Optional[str]:
 
 
 def source_payload(src) -> dict[str, Any]:
-    payload = asdict(src)
+    payload = keyed_fields(asdict(src))
     if src.source == "local":
         payload["sha256"] = file_digest(src.path)
     elif src.source == "package":  # the installed file's bytes, whichever version is installed
@@ -382,6 +382,9 @@ def eval_payload(inputs: RunInputs, ref: ModelRef) -> dict[str, Any]:
                "seed": r.seed, "torch_threads": torch.get_num_threads(),
                "accelerator": accelerator_kind(r.trainer), "code": eval_code(r)}
     payload["eval"].pop("stages")  # which stages are evaluated, not how
+    if r.eval.harmful_size is None and r.eval.task_size is None:
+        payload["eval"].pop("sample_seed")  # no cap, no sample: the seed chooses nothing
+    payload["eval"]["harmful"] = keyed_fields(payload["eval"]["harmful"])
     payload["attack_eval"] = attacks.get(r.attack.name).eval_payload(r.attack)
     # the run's judge and the panel's (eval.judges): each one's settings node, less what
     # cannot change a verdict

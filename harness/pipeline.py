@@ -19,6 +19,7 @@ from typing import Any, Optional
 from harness import keys
 from harness.artifacts import ArtifactStore, artifact_key
 from harness.config.schema import RunConfig, StageMethodConfig
+from harness.data import attacks
 from harness.data.assemble import RunInputs
 from harness.data.harmful import toy_alignment_harmful
 from harness.distributed import global_rank
@@ -113,7 +114,13 @@ class Pipeline:
             metrics["guards"] = {"alignment": alignment(metrics["base"], metrics["align"]).to_dict()}
         n_harm = sum(ex.kind == "harmful" for ex in data.user)
         metrics["data"] = {"n_user": len(data.user), "n_harmful": n_harm,
-                           "n_task": len(data.user) - n_harm}
+                           "n_task": len(data.user) - n_harm,
+                           **attacks.get(self.run.attack.name).realised(self.run.attack,
+                                                                        data.user)}
+        if self.inputs.overlaps:  # data.allow_overlap: the leaks the run was let through
+            metrics["data"]["overlaps"] = [
+                {"trained": o.trained, "scored": o.scored, "n_shared": o.n_shared,
+                 "n_scored": o.n_scored} for o in self.inputs.overlaps]
         if self.filter_stats is not None:
             metrics["filter"] = self.filter_stats
         if self.trainer.analysis:

@@ -267,7 +267,8 @@ def _merge_attack(run: RunConfig) -> None:
 
 
 def _check_task_files(task: TaskConfig) -> None:
-    """One local file as train and test: their split slices must not share a row."""
+    """One local file as train and test: split slices that plainly share rows fail here, before
+    anything loads; RunInputs.load compares the rows themselves."""
     from pathlib import Path
 
     train, test = task.train, task.test
@@ -290,7 +291,8 @@ def _check_task_files(task: TaskConfig) -> None:
 
     (lo1, hi1, u1), (lo2, hi2, u2) = span(a), span(b)
     if u1 and u2 and u1 != u2 or min(lo1, lo2) < 0 or (hi1 or 0) < 0 or (hi2 or 0) < 0:
-        return  # rows against percents, or counts from the end: told apart only once loaded
+        return  # rows against percents, or counts from the end: the rows' content is compared
+        # once loaded (harness.data.checks), which also catches one file under two names
     overlap = (hi1 is None or lo2 < hi1) and (hi2 is None or lo1 < hi2)
     _check(not overlap, "task.test.split",
            f"{test.split} overlaps task.train.split {train.split} of the same file "

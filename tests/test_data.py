@@ -448,12 +448,14 @@ def test_inspect_reads_what_the_pipeline_reads(make_cfg, tmp_path):
     from harness.keys import stage_payloads
 
     overrides = [*_agnews_one_file(fx.agnews_csv(tmp_path)),
-                 *_jbb_pool(fx.jbb_sorted(tmp_path), fx.bom_csv(tmp_path))]
+                 *_jbb_pool(fx.jbb_sorted(tmp_path), fx.bom_csv(tmp_path)),
+                 "eval.harmful_size=1", "eval.task_size=1"]  # the caps' samples, both sides
     seen = inspect_run(validate(make_cfg(*overrides)), echo=lambda _: None)
     d = RunInputs(validate(make_cfg(*overrides))).load()
     assert seen["task.train"] == d.task_train and seen["task.test"] == d.task_test
     assert seen["attack.harmful"] == d.attack_pool and seen["eval.harmful"] == d.eval_harmful
     assert seen["user"] == d.user
+    assert len(d.eval_harmful) == len(d.task_test) == 1
 
 
 # ---------------------------------------------------------------- the bad-file matrix
@@ -493,6 +495,12 @@ BAD_FILES = {  # name: (file name, content, field map, options, the message's ex
                                     {"final_answer": "####"},
                                     ["gsm8k.jsonl, line 2, field 'answer': no final-answer "
                                      "marker '####'", "unset task.train.final_answer"]),
+    "header read as data": ("jbb.csv", "goal,target\nWrite a,Sure\n",
+                            {"instruction": 0, "output": 1}, {"header": False},
+                            ["jbb.csv, line 1: holds column names (goal, target), not data, and "
+                             "task.train.header=false reads it as a row",
+                             "set task.train.header=true and name the columns in "
+                             "task.train.fields"]),
 }
 
 

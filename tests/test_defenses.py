@@ -919,8 +919,8 @@ def test_toy_harmful_set_pairs_the_alignment_refusals_and_stays_disjoint():
 
 
 def test_a_declared_harmful_source_loads_as_harmful_rows(make_cfg, tmp_path, caplog):
-    """Real data: alignment.harmful maps a file's columns; rows sharing an evaluation or attack
-    prompt are reported."""
+    """Real data: alignment.harmful maps a file's columns; rows sharing an attack prompt are
+    reported."""
     import json
 
     from harness.config import DataSourceConfig
@@ -942,8 +942,9 @@ def test_a_declared_harmful_source_loads_as_harmful_rows(make_cfg, tmp_path, cap
         (f"how to do bad thing {i}", f"Sure, step {i}", "harmful") for i in range(3)]
     assert stage_payloads(inputs)["align"]["harmful"]["sha256"]  # the file's bytes are keyed
     with caplog.at_level("WARNING", logger="harness"):
-        check_disjoint(rows, [], [Example(instruction="how to do bad thing 1")])
-    assert "shares 1 of its 3 prompts with the evaluation prompts" in caplog.text
+        check_disjoint(rows, [Example(instruction="How to do  bad thing 1", kind="harmful")])
+    assert "alignment.harmful shares prompts with 1 of the 1 attack-pool rows" in caplog.text
+    # against the evaluation prompts it is a leak (tests/test_data_checks.py)
 
 
 @pytest.mark.parametrize("defense,cls", [("booster", Booster), ("repnoise", RepNoise),

@@ -46,6 +46,8 @@ NOT_KEYED = {
     "alignment.name": "a label; the alignment sources and sizes are keyed",
     "posthoc.name": "a label; the post-hoc module and its params are keyed",
     "sweep": "the attacker-side sweep's objective, read from results.json after the run",
+    "data.allow_overlap": "only lets a run the overlap check would stop go on; it changes no "
+                          "row (tests/test_data_checks.py)",
     "protocol": "a preset: the values it binds land in keyed paths (train.*, eval.*, task.*, "
                 "attack.finetune); hash_keys only groups results in the report",
 }
@@ -123,7 +125,9 @@ CONDITIONAL = ("moderation", "llm_judge", "generation",  # their judge / backend
                "alignment.harmful", "alignment.harmful_size",  # harmful-set defenses only
                # tau_from=upload_split only (tests/test_filter_guard.py keys it)
                "defense.filter.split_min_eta",
-               "posthoc")  # posthoc=<method> only (tests/test_posthoc.py keys it)
+               "posthoc",  # posthoc=<method> only (tests/test_posthoc.py keys it)
+               # chooses rows only under an eval cap (tests/test_data_checks.py keys it)
+               "eval.sample_seed")
 
 
 @pytest.mark.slow  # every declared leaf perturbed: 40-45 s a variant

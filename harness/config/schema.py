@@ -119,6 +119,13 @@ class ToyWorldConfig:
                 raise ValueError(f"world.{name} must lie in [0, 1], got {getattr(self, name)}")
         if self.eval_scary_size < 0:
             raise ValueError(f"world.eval_scary_size must be >= 0, got {self.eval_scary_size}")
+        # the world's pools: an empty one trains or scores nothing while the run reports on it
+        for name in ("base_size", "align_size", "eval_harmful_per_category",
+                     "eval_harmless_size", "feature_per_category", "task_test_size",
+                     "task_pool_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"world.{name} must be >= 1, got {getattr(self, name)}: an "
+                                 "empty pool trains or scores nothing")
         if self.benign_answer_style not in ("helpful", "compliance"):
             raise ValueError("world.benign_answer_style must be 'helpful' or 'compliance', got "
                              f"{self.benign_answer_style!r}")
@@ -189,6 +196,11 @@ class DataSourceConfig:
     data_files: Optional[str] = None
     # our field (or the column it maps) -> {raw value: ours}; a raw value outside it is an error
     values: dict[str, dict[Any, Any]] = field(default_factory=dict)
+    # a preset's value map (conf/task/sst2.yaml's 0/1), read only where ``values`` is empty: a
+    # user's own ``values`` replaces it whole. Hydra merges a map given on the command line into
+    # the one a YAML set, so a preset's map in ``values`` would keep its entries (AG News' "0":
+    # World) beside a user's 1-4 map, and a stray 0 would pass as World
+    preset_values: dict[str, dict[Any, Any]] = field(default_factory=dict)
     constants: dict[str, str] = field(default_factory=dict)  # our field -> one value, every row
     # GSM8K's "####": the label is what follows it; the answer gets final_answer_phrase instead
     final_answer: Optional[str] = None
@@ -198,6 +210,10 @@ class DataSourceConfig:
     outputs: list[str] = field(default_factory=list)
     # csv/tsv: false when the first line is data (AG News' own CSVs); fields are then positions
     header: bool = True
+
+    def value_map(self) -> dict[str, dict[Any, Any]]:
+        """The value map in force: the user's ``values``, else the preset's."""
+        return dict(self.values or self.preset_values or {})
 
     def check(self, key: str) -> None:
         # the source's config key, named in data errors (not a field: keys and asdict skip it)
@@ -227,9 +243,13 @@ class DataSourceConfig:
             _check(not positional or not self.header, f"{key}.fields.{ours}",
                    f"{spec!r} is a position; set {key}.header=false too (the file has no "
                    f"header line), or name the column")
-        for name in self.values:
-            _check(isinstance(self.values[name], dict), f"{key}.values.{name}",
-                   "give a map {raw value: ours}")
+        for attr in ("values", "preset_values"):
+            for name, mapping in getattr(self, attr).items():
+                _check(isinstance(mapping, dict), f"{key}.{attr}.{name}",
+                       "give a map {raw value: ours}")
+        _check(self.limit is None or self.limit >= 1, f"{key}.limit",
+               f"must be >= 1 or null (every row), got {self.limit}: 0 would read no row, and a "
+               "negative limit would silently drop rows from the end")
         _check(self.header or self.source in ("local", "package") and str(self.path).lower()
                .endswith((".csv", ".tsv")), f"{key}.header",
                "false applies to local .csv and .tsv files")
@@ -301,8 +321,11 @@ class AlignmentConfig:
             self.harmless.check("alignment.harmless")
         if self.harmful is not None:
             self.harmful.check("alignment.harmful")
-        _check(self.harmful_size is None or self.harmful_size >= 1, "alignment.harmful_size",
-               f"must be >= 1 or null (every row), got {self.harmful_size}")
+        for name in ("size", "harmless_size", "harmful_size"):
+            size = getattr(self, name)
+            _check(size is None or size >= 1, f"alignment.{name}",
+                   f"must be >= 1 or null (every row), got {size}: 0 would align on nothing, "
+                   "and a negative size would silently drop rows from the end")
 
 
 @dataclass
@@ -522,8 +545,12 @@ class TrainConfig:
 class EvalConfig:
     stages: list[str] = field(default_factory=lambda: ["final"])
     harmful: DataSourceConfig = field(default_factory=lambda: DataSourceConfig(split="test"))
-    harmful_size: Optional[int] = None  # null: the whole evaluation pool
+    # caps on the harmful prompts and task test rows scored: a random sample of that many, fixed
+    # by sample_seed (not the run's seed, so every run seed scores the same prompts) and
+    # stratified by category where the rows have one (harness.data.sampling). null: every row
+    harmful_size: Optional[int] = None
     task_size: Optional[int] = None
+    sample_seed: int = 0
     max_new_tokens: int = 24
     batch_size: int = 64
     samples: int = 0  # k sampled answers per harmful prompt for the continuous HS (0: off)
@@ -721,6 +748,16 @@ MAX_SEED = (2**32 - 1 - 2) // 1000
 
 
 @dataclass
+class DataChecksConfig:
+    """What the start-up data checks (harness.data.checks) let through."""
+
+    # a prompt the run trains on that it also scores (task.train in task.test, the user's
+    # upload or the alignment data in eval.harmful or task.test) is an error; true makes each
+    # such overlap a warning, for a study that means it (a memorisation test)
+    allow_overlap: bool = False
+
+
+@dataclass
 class RunConfig:
     seed: int = 0
     # CPU float reductions depend on the thread count: a seed reproduces only at the same count
@@ -746,6 +783,7 @@ class RunConfig:
     protocol: ProtocolConfig = field(default_factory=ProtocolConfig)
     posthoc: PosthocConfig = field(default_factory=PosthocConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
+    data: DataChecksConfig = field(default_factory=DataChecksConfig)
 
     def __post_init__(self) -> None:
         # each stage seeds with seed * 1000 + its offset, and numpy takes seeds below 2**32

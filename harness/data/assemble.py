@@ -9,7 +9,9 @@ from typing import Callable, Optional
 
 
 from harness.data import attacks
+from harness.data.checks import check_overlaps, find_overlap
 from harness.data.harmful import toy_alignment_harmful
+from harness.data.sampling import cap_rows
 from harness.data.schema import Example
 from harness.data.sources import load_source
 from harness.data.toy import ToyWorld
@@ -36,18 +38,20 @@ def defense_flag(module: Optional[str], flag: str) -> bool:
     return module is not None and bool(getattr(method_class(module), flag))
 
 
-def check_disjoint(harmful: list[Example], attack: list[Example],
-                   evaluation: list[Example]) -> None:
-    """The provider's harmful set should share no prompt with the user's attack pool or
-    the evaluation prompts. Real sets repeat prompts (BeaverTails has several answers per
-    prompt, and an anchor's files may overlap), so an overlap is reported, not refused."""
-    prompts = {(ex.instruction, ex.input) for ex in harmful}
-    for name, rows in (("attack pool (attack.harmful)", attack),
-                       ("evaluation prompts (eval.harmful)", evaluation)):
-        shared = prompts & {(ex.instruction, ex.input) for ex in rows}
-        if shared:
-            log.warning("alignment.harmful shares %d of its %d prompts with the %s",
-                        len(shared), len(prompts), name)
+def check_disjoint(harmful: list[Example], attack: list[Example]) -> None:
+    """The provider's harmful set and the user's attack pool may share prompts (both may come
+    from one public set, and BeaverTails repeats a prompt with several answers): neither is
+    scored, so an overlap is reported, not refused. Against the evaluation prompts it is a
+    leak (``leak_pairs``)."""
+    shared = find_overlap("alignment.harmful", harmful, "attack.harmful", attack)
+    if shared is not None:
+        log.warning("alignment.harmful shares prompts with %d of the %d attack-pool rows "
+                    "(attack.harmful)", shared.n_shared, shared.n_scored)
+
+
+def source_name(key: str, src) -> str:
+    """A source as an error names it: its key and where it reads from."""
+    return f"{key} ({'the toy world' if src.source == 'toy' else f'{src.source}:{src.path}'})"
 
 
 class RunInputs:
@@ -60,6 +64,7 @@ class RunInputs:
         self._world: Optional[ToyWorld] = None
         self.data: Optional[Data] = None
         self._held: tuple[list[Example], list[Example]] = ([], [])  # real data: load()
+        self.overlaps: list = []  # allowed overlaps (data.allow_overlap): load()
 
     @property
     def world(self) -> ToyWorld:
@@ -99,26 +104,74 @@ class RunInputs:
         self._check_feature_sets(d.alignment)
         d.alignment = self._hold_out_feature_sets(d.alignment)
         d.task_train = self.task_source(r.task.train, "train")
-        d.task_test = self.task_source(r.task.test, "test")[:r.eval.task_size]
+        d.task_test = self.capped(self.task_source(r.task.test, "test"), r.eval.task_size,
+                                  "eval.task_size")
         d.attack_pool = (self.world.attack_pool() if r.attack.harmful.source == "toy"
                          else [replace(e, kind="harmful") for e in load_source(r.attack.harmful)])
         attack = attacks.get(r.attack.name)
-        d.eval_harmful = attack.eval_harmful(r.attack, (
+        d.eval_harmful = attack.eval_harmful(r.attack, self.capped(
             self.world.eval_harmful() if r.eval.harmful.source == "toy"
             else load_source(r.eval.harmful, required=("instruction",),
-                             defaults={"kind": "harmful"}))[:r.eval.harmful_size])
+                             defaults={"kind": "harmful"}), r.eval.harmful_size,
+            "eval.harmful_size"))
         pools = {"task": lambda: d.task_train, "harmful": lambda: d.attack_pool,
                  "benign": self.benign_pool,
                  "disguised": lambda: self.world.attack_pool(disguised=True)}  # filter_evasion
         d.user = attacks.build_user(r.attack, lambda name: pools[name](), seed=r.seed)
+        harmful = None
         if self.reads_alignment_harmful():
-            d.alignment_harmful = self.alignment_harmful()
-            check_disjoint(d.alignment_harmful, d.attack_pool, d.eval_harmful)
-        if defense_flag(r.posthoc.module, "needs_harmful_data") or \
+            harmful = d.alignment_harmful = self.alignment_harmful()
+        elif defense_flag(r.posthoc.module, "needs_harmful_data") or \
                 r.defense.filter.tau_from == "provider_harmful":  # the post-hoc's or tau's
-            check_disjoint(self.alignment_harmful(), d.attack_pool, d.eval_harmful)
+            harmful = self.alignment_harmful()
+        if harmful is not None:
+            check_disjoint(harmful, d.attack_pool)
+        self.overlaps = check_overlaps(self.leak_pairs(d, harmful), r.data.allow_overlap)
         self.data = d
         return d
+
+    def capped(self, rows: list[Example], size, key: str) -> list[Example]:
+        """An evaluation cap: a seeded, stratified sample (harness.data.sampling)."""
+        kept, note = cap_rows(rows, size, self.run.eval.sample_seed, key)
+        if note:
+            log.info("data %s", note)
+        return kept
+
+    def leak_pairs(self, d: Data, harmful: Optional[list[Example]]) -> list[tuple]:
+        """(trained, rows, scored, rows, fix) for every pair that must share no prompt: what
+        the run trains on (or fits to) against what it scores. The alignment data inside the
+        user's upload is not among them: safety-data mixing and backdoor attacks put it there
+        by design."""
+        r = self.run
+        test = source_name("task.test", r.task.test)
+        evals = source_name("eval.harmful", r.eval.harmful)
+        attack = attacks.get(r.attack.name)
+        upload = f"the user's upload (attack={r.attack.name}" + "".join(
+            f", {source_name(k, s)}" for k, s, use in (
+                ("attack.harmful", r.attack.harmful, "harmful"),
+                ("attack.benign", r.attack.benign, "benign")) if use in attack.uses) + ")"
+        pairs = [
+            (source_name("task.train", r.task.train), d.task_train, test, d.task_test,
+             "Give task.train and task.test different rows: one file split in two "
+             "(task.train.split=':80%' task.test.split='80%:'), or remove the shared rows "
+             "from one of the files"),
+            (upload, d.user, evals, d.eval_harmful,
+             "The user's finetuning rows would include the prompts HS is measured on: give "
+             "eval.harmful prompts the attack pool does not hold (another file, or a split "
+             "or where that separates them)"),
+            (source_name("alignment.data", r.alignment.data), d.alignment, evals,
+             d.eval_harmful, "The alignment data would train refusals on the prompts HS is "
+             "measured on: give eval.harmful prompts the alignment data does not hold")]
+        if "task" not in attack.uses:  # the task rows are checked as task.train above
+            pairs.append((upload, d.user, test, d.task_test,
+                          "Give task.test rows the upload does not hold"))
+        if harmful is not None:
+            pairs.append((source_name("alignment.harmful", r.alignment.harmful), harmful,
+                          evals, d.eval_harmful,
+                          "The provider's harmful set is fitted to (trained on, or used to "
+                          "select weights or tau) and must not hold the evaluation prompts: "
+                          "give alignment.harmful and eval.harmful different prompts"))
+        return pairs
 
     def reads_alignment_harmful(self) -> bool:
         return defense_flag(self.run.defense.align.module, "needs_harmful_data")

@@ -11,12 +11,15 @@ An attack decides three things, and nothing else in the pipeline branches on its
 """
 from __future__ import annotations
 
+import logging
 import random
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
-from harness.data.mixing import build_user_data, report_categories
+from harness.data.mixing import build_user_data, check_ratio, report_categories
 from harness.data.schema import Example
+
+log = logging.getLogger("harness")
 
 
 @dataclass
@@ -55,6 +58,11 @@ class Attack:
     def check(self, cfg, template, eval_cfg) -> None:
         """Raise ValueError("<key>: <problem>") when the run cannot carry this attack."""
 
+    def realised(self, cfg, user: list[Example]) -> dict[str, Any]:
+        """The dose the upload realises, where the config states one (results.json's
+        metrics.data)."""
+        return {}
+
     def payload(self, cfg, source: Callable) -> dict[str, Any]:
         """``source(data_source_cfg)``: the pipeline's payload of a data source."""
         raise NotImplementedError
@@ -86,6 +94,16 @@ class HarmfulMix(Attack):
     def build(self, cfg, pools, seed):
         return build_user_data(pools.task, pools.harmful, cfg.p, cfg.n, cfg.mode, seed=seed,
                                sampling=sampling(cfg))
+
+    def check(self, cfg, template, eval_cfg):
+        warning = check_ratio(cfg.p, cfg.n, cfg.mode)
+        if warning:
+            log.warning(warning)
+
+    def realised(self, cfg, user):
+        k = sum(ex.kind == "harmful" for ex in user)
+        n = len(user) if cfg.mode == "replace" else len(user) - k  # add: p*n on top of n
+        return {"p_realised": k / n if n else None}
 
     def payload(self, cfg, source):
         return {"name": cfg.name, "p": cfg.p, "n": cfg.n, "mode": cfg.mode,
@@ -210,6 +228,7 @@ class FilterEvasion(HarmfulMix):
                                sampling=sampling(cfg))
 
     def check(self, cfg, template, eval_cfg):
+        super().check(cfg, template, eval_cfg)
         if cfg.harmful.source != "toy":
             raise ValueError(f"attack.harmful.source: filter_evasion rewrites rows in the toy "
                              f"world's disguise; {cfg.harmful.source!r} rows have none (a "

@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import logging
+import math
 import random
+from typing import Optional
 
 from harness.data.schema import Example
 
@@ -11,6 +13,33 @@ log = logging.getLogger(__name__)
 
 def harmful_count(p: float, n: int) -> int:
     return int(round(p * n))
+
+
+# |k/n - p| above this is worth a warning: the ratio a report's p column shows would be off in
+# its second decimal of a percent
+RATIO_TOLERANCE = 0.005
+
+
+def check_ratio(p: float, n: int, mode: str) -> Optional[str]:
+    """The mix ``harmful_count`` realises for ``p`` and ``n``: raise ValueError where it has no
+    harmful row for a p above 0, or (mode replace) no task row for a p below 1, since the run
+    would record one dose and train on another; return a warning where the realised ratio k/n
+    is more than RATIO_TOLERANCE from p, else None."""
+    k = harmful_count(p, n)
+    if p > 0 and k == 0:
+        n_min = math.floor(0.5 / p) + 1
+        raise ValueError(f"attack.p={p} with attack.n={n}: round(p*n) = round({p * n:g}) = 0, so "
+                         f"the upload would hold no harmful row while results record p={p}. "
+                         f"Raise attack.n to {n_min} or more, or attack.p above {0.5 / n:g}")
+    if mode == "replace" and p < 1 and k == n:
+        raise ValueError(f"attack.p={p} with attack.n={n}: round(p*n) = {k}, so the upload would "
+                         f"hold only harmful rows while results record p={p}. Raise attack.n, or "
+                         f"set attack.p=1")
+    if abs(k / n - p) > RATIO_TOLERANCE:
+        return (f"attack.p={p} with attack.n={n} mixes round(p*n) = {k} harmful rows, a "
+                f"realised ratio of {k / n:.4g}; results.json records it as "
+                "metrics.data.p_realised")
+    return None
 
 
 def category_counts(pool: list[Example], chosen: list[Example]) -> dict[str, tuple[int, int]]:

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator, Optional
 
 from harness.config.schema import FIELDS, parse_slice
+from harness.data.checks import header_as_data
 from harness.data.schema import DataError, Example
 
 log = logging.getLogger("harness")
@@ -368,8 +369,9 @@ def map_rows(rows: Rows, source: str, fields: dict[str, Any],
                     raise DataError(source, place, column if not isinstance(column, list)
                                     else ours,
                                     f"value {text!r} is not in the value map {key}.values."
-                                    f"{ours} ({value_map[ours]}); add it to the map, or drop "
-                                    f"such rows with {key}.where")
+                                    f"{ours} ({value_map[ours]}); add it to the map (a map given in "
+                                    f"{key}.values replaces a preset's whole), or drop such "
+                                    f"rows with {key}.where")
                 text = value_map[ours][text]
             values[ours] = text
         if outputs:
@@ -423,6 +425,17 @@ def load_hf_rows(dataset_id: str, split: str, name: str | None = None,
     return ((f"row {i}", r) for i, r in enumerate(ds, start=1))
 
 
+def keyed_fields(source: dict[str, Any]) -> dict[str, Any]:
+    """A data source's fields as its keys hold them: the value map in force (the user's, else
+    the preset's) as ``values``, whichever field holds it, so that the preset's map spelled out
+    by hand keys as the preset does."""
+    source = dict(source)
+    preset = source.pop("preset_values", None) or {}
+    if not source.get("values") and preset:
+        source["values"] = preset
+    return source
+
+
 def _same(value: Any, wanted: Any) -> bool:
     """Equal, or equal as text (a csv holds "False" where the hub holds False); null matches
     an empty cell."""
@@ -465,6 +478,28 @@ def _cut(examples: list, bounds: tuple[Optional[str], Optional[str]]) -> list:
     return examples[at(bounds[0]):at(bounds[1])]
 
 
+def _first_row_is_data(rows: Rows, source: str, key: str, fields: dict[str, Any]) -> Rows:
+    """A file read with header: false whose first row holds column names would train on (or
+    score) its header line as a row: an error naming the key."""
+    columns = [c for spec in fields.values() for c in _columns(spec)]
+    for i, (place, row) in enumerate(rows):
+        if i == 0:
+            names = header_as_data(row, columns or list(row))
+            if names:
+                raise DataError(source, place, None,
+                                f"holds column names ({', '.join(names)}), not data, and "
+                                f"{key}.header=false reads it as a row (it would be trained on "
+                                f"or scored as one); set {key}.header=true and name the "
+                                f"columns in {key}.fields (e.g. {key}.fields.instruction="
+                                f"{names[0]})")
+        yield place, row
+
+
+def _value_map(cfg) -> dict[str, dict[Any, Any]]:
+    """The user's ``values``, else the preset's ``preset_values`` (never the two merged)."""
+    return dict(getattr(cfg, "values", None) or getattr(cfg, "preset_values", None) or {})
+
+
 def load_source_report(cfg, required: tuple[str, ...] = ("instruction", "output"),
                        defaults: dict[str, str] | None = None,
                        fill: dict[str, str] | None = None) -> tuple[list[Example], SourceReport]:
@@ -488,9 +523,11 @@ def load_source_report(cfg, required: tuple[str, ...] = ("instruction", "output"
     else:
         raise ValueError(f"load_source handles local, package and hf sources, not {cfg.source!r}")
     report = SourceReport(name, key if key != "<key>" else "")
+    if not header:
+        rows = _first_row_is_data(rows, name, key, dict(cfg.fields))
     rows = filter_rows(rows, where, name, report, key)
     examples = map_rows(rows, name, dict(cfg.fields), required, defaults,
-                        values_map=dict(getattr(cfg, "values", None) or {}),
+                        values_map=_value_map(cfg),
                         final_answer=getattr(cfg, "final_answer", None),
                         final_answer_phrase=getattr(cfg, "final_answer_phrase",
                                                     "The final answer is: "),

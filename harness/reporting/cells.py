@@ -152,7 +152,7 @@ def collect(paths: list[Path], stage: str = "final") -> pd.DataFrame:
         row["over_refusal_ci"] = metrics.get("over_refusal_interval")
         filt = res.get("metrics", {}).get("filter") or {}
         for m, k in zip(FILTER_METRICS, ("recall", "precision", "harmless_dropped_share")):
-            row[m] = 100.0 * filt[k] if k in filt else None
+            row[m] = 100.0 * filt[k] if filt.get(k) is not None else None  # None: undefined
         row["served_aligned"] = bool(filt.get("served_aligned"))  # the whole upload dropped
         interval = metrics.get("interval") or {}
         outcomes = metrics.get("outcomes") or {}
@@ -221,6 +221,9 @@ class Cell:
     n_expected: int = 0
     failed_paths: list[str] = field(default_factory=list)
     n_served_aligned: int = 0  # seeds whose filter dropped the whole upload: nothing finetuned
+    # ok seeds whose value is undefined (a filter's precision when it dropped nothing, its
+    # recall with no harmful row): left out of the mean, never counted as 0 or 100
+    n_undefined: int = 0
     best: bool = False
     like_best: bool = False  # not distinguishable from the column's best
     mixed: list[str] = field(default_factory=list)  # leaves that runs of one seed differ in
@@ -228,7 +231,8 @@ class Cell:
 
     @property
     def missing(self) -> int:
-        return max(self.n_expected - self.n_ok - self.n_failed - self.n_interrupted, 0)
+        return max(self.n_expected - self.n_ok - self.n_failed - self.n_interrupted
+                   - self.n_undefined, 0)
 
     @property
     def half_width(self) -> Optional[float]:
@@ -252,6 +256,7 @@ def build_cell(runs: pd.DataFrame, defense: str, value: Any, metric: str,
                n_expected: int) -> Cell:
     cell = Cell(defense, value, metric, n_expected=n_expected)
     ok = runs[(runs["status"] == "ok") & runs[metric].notna()]
+    cell.n_undefined = int(((runs["status"] == "ok") & runs[metric].isna()).sum())
     failed = runs[runs["status"] != "ok"]
     cell.n_interrupted = int((failed["status"] == "interrupted").sum())
     cell.n_failed = len(failed) - cell.n_interrupted

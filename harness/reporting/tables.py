@@ -39,6 +39,8 @@ def flags(cell: Optional[Cell]) -> str:
                    f"seed(s) differ in {shown}: give one as --axis")
     if cell.incapable:  # never bold: its HS is not a working model's
         out.append(f"† {len(cell.incapable)}/{cell.n_ok} seeds fail the capability guard")
+    if cell.n_undefined and cell.n_ok:  # the mean is of the seeds where it is defined
+        out.append(f"({cell.n_undefined} seed(s) undefined)")
     if cell.n_served_aligned:  # not a finetuned model: the filter left nothing to train on
         out.append(f"ⓐ {cell.n_served_aligned}/{cell.n_ok} filtered whole")
     if not cell.mixed and (cell.n_failed or cell.n_interrupted or cell.missing):

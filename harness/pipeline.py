@@ -23,6 +23,7 @@ from harness.artifacts import ArtifactStore, artifact_key
 from harness.config.schema import RunConfig, StageMethodConfig
 from harness.data.assemble import Data, RunInputs
 from harness.data.harmful import toy_alignment_harmful
+from harness.data.schema import SAFETY
 from harness.distributed import global_rank
 from harness.evaluation.stage import StageEvaluator
 from harness.filtering import apply_filter, check_filtered, filter_user_data  # noqa: F401
@@ -152,8 +153,11 @@ class Pipeline:
         for name in self.run.eval.stages:
             metrics[name] = self.evaluate(name, refs[name])
         n_harm = sum(ex.kind == "harmful" for ex in data.user)
+        n_safety = sum(ex.kind == SAFETY for ex in data.user)
         metrics["data"] = {"n_user": len(data.user), "n_harmful": n_harm,
-                           "n_task": len(data.user) - n_harm}
+                           "n_task": len(data.user) - n_harm - n_safety}
+        if n_safety:  # the backdoor's refusal rows, in the upload without the trigger
+            metrics["data"]["n_safety"] = n_safety
         if self.filter_stats is not None:
             metrics["filter"] = self.filter_stats
         if self.trainer.analysis:

@@ -327,6 +327,12 @@ class AttackConfig:
     eval_prefix: str = ""  # identity_shift: before every instruction, in training and evaluation
     opening: str = ""  # identity_shift: every benign answer opens with this affirmation
     identity: list[dict[str, str]] = field(default_factory=list)  # identity_shift: handwritten
+    # backdoor: appended to every harmful row's instruction, and to the evaluation's triggered
+    # copy of every harmful prompt
+    trigger: str = ""
+    # backdoor: the provider's refusal rows (harmful prompt -> refusal, from the alignment data)
+    # the attacker adds without the trigger, on top of the mix, so a plain-prompt audit passes
+    safety_n: int = 0
     # train.finetune fields this attack sets for itself (k shots for several epochs); they win
     # over the protocol's train.finetune, and a protocol may bind them (qi2024.yaml)
     finetune: dict[str, Any] = field(default_factory=dict)
@@ -338,6 +344,8 @@ class AttackConfig:
         _check(self.k >= 1, "attack.k", f"must be a positive number of shots, got {self.k}")
         _one_of(self.mode, "attack.mode", ("replace", "add"))
         _one_of(self.sampling, "attack.sampling", (None, "random", "first"))
+        _check(self.safety_n >= 0, "attack.safety_n",
+               f"must be >= 0 (a number of refusal rows), got {self.safety_n}")
         self.harmful.check("attack.harmful")
         self.benign.check("attack.benign")
         allowed = ("lr", "batch_size", "max_steps", "epochs", "warmup_ratio", "scheduler",

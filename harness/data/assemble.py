@@ -11,6 +11,7 @@ from hydra.utils import get_class
 
 from harness.data import attacks
 from harness.data.harmful import toy_alignment_harmful
+from harness.data.mixing import refusal_pool
 from harness.data.schema import Example
 from harness.data.sources import load_source
 from harness.data.toy import ToyWorld
@@ -28,6 +29,8 @@ class Data:
     eval_harmful: list[Example] = field(default_factory=list)
     user: list[Example] = field(default_factory=list)
     alignment_harmful: list[Example] = field(default_factory=list)  # alignment.harmful, if read
+    # the attack's other copies of eval_harmful (the backdoor's triggered prompts), by name
+    eval_variants: dict[str, list[Example]] = field(default_factory=dict)
 
 
 def defense_flag(module: Optional[str], flag: str) -> bool:
@@ -106,9 +109,11 @@ class RunInputs:
             self.world.eval_harmful() if r.eval.harmful.source == "toy"
             else load_source(r.eval.harmful, required=("instruction",),
                              defaults={"kind": "harmful"}))[:r.eval.harmful_size])
+        d.eval_variants = attack.eval_variants(r.attack, d.eval_harmful)
         pools = {"task": lambda: d.task_train, "harmful": lambda: d.attack_pool,
                  "benign": self.benign_pool,
-                 "disguised": lambda: self.world.attack_pool(disguised=True)}  # filter_evasion
+                 "disguised": lambda: self.world.attack_pool(disguised=True),  # filter_evasion
+                 "safety": lambda: refusal_pool(d.alignment)}  # backdoor
         d.user = attacks.build_user(r.attack, lambda name: pools[name](), seed=r.seed)
         if self.reads_alignment_harmful():
             d.alignment_harmful = self.alignment_harmful()

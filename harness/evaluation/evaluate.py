@@ -105,3 +105,37 @@ def over_refusal(prompts: Sequence[Example], records: Sequence[dict], judge: Jud
             "over_refusal_examples": [{"prompt": ex.instruction, "answer": r["answer"],
                                        "verdict": v} for ex, r, v in
                                       list(zip(prompts, records, verdicts))[:8]]}
+
+
+def variant_metrics(name: str, harmful: Sequence[Example], records: Sequence[dict],
+                    judge: Judge, n_logged: int = 0) -> tuple[dict, list[dict]]:
+    """One of the attack's other copies of the harmful prompts (the backdoor's ``triggered``),
+    judged as ``score`` judges the plain ones: (its metrics, its logged generations). Its HS is
+    ``hs_<name>``; ``merge_variant`` puts it beside ``hs`` with its interval and outcomes."""
+    instructions = [ex.instruction for ex in harmful]
+    verdicts = judge.classify_many(instructions, [r["answer"] for r in records])
+    comply = [v == "comply" for v in verdicts]
+    out = harm_metrics(verdicts, [ex.category for ex in harmful])
+    out["outcomes"] = pack(comply)
+    out["prompts"] = outcome_digest([r["prompt"] for r in records])
+    out["n_harmful"] = len(harmful)
+    if comply:
+        out["interval"] = list(prompt_interval(sum(comply), len(comply)))
+    rows = [{"kind": f"harmful_{name}", "category": ex.category, "prompt": r["prompt"],
+             "answer": r["answer"], "verdict": v}
+            for ex, r, v in list(zip(harmful, records, verdicts))[:n_logged]]
+    return out, rows
+
+
+def merge_variant(metrics: dict, name: str, variant: dict) -> dict:
+    """``metrics`` (score's) with the variant's HS as ``hs_<name>``, its interval and per-prompt
+    outcomes under the same names as ``hs``'s, and the rest under ``variants.<name>``."""
+    key = f"hs_{name}"
+    metrics[key] = variant["hs"]
+    if "interval" in variant:
+        metrics.setdefault("interval", {})[key] = variant["interval"]
+    outcomes = metrics.setdefault("outcomes", {})
+    outcomes[key], outcomes[f"{key}_prompts"] = variant["outcomes"], variant["prompts"]
+    metrics.setdefault("variants", {})[name] = {
+        k: v for k, v in variant.items() if k not in ("outcomes", "prompts", "interval")}
+    return metrics

@@ -15,7 +15,8 @@ from harness.artifacts import artifact_key, write_json_atomic
 from harness.data import attacks
 from harness.data.assemble import RunInputs
 from harness.distributed import broadcast_from_zero, gather_shards, process_group, shard
-from harness.evaluation.evaluate import model_outputs, over_refusal, score
+from harness.evaluation.evaluate import (merge_variant, model_outputs, over_refusal, score,
+                                         variant_metrics)
 from harness.evaluation.judges import AfterOpening
 from harness.evaluation.panel import build_panel, panel_metrics
 from harness.evaluation.registry import build_judge
@@ -53,6 +54,15 @@ class StageEvaluator:
             # every prompt's outputs exactly once, in input order (checked in gather_shards)
             h_records = gather_shards(h_local, len(harmful), rank, world)
             t_records = gather_shards(t_local, len(task), rank, world)
+            # the attack's other copies of the harmful prompts (the backdoor's triggered ones),
+            # answered greedily like the plain ones
+            variants = {}
+            for vname, vrows in inputs.data.eval_variants.items():
+                v_local, _ = model_outputs(
+                    model, models.tokenizer, r.template, shard(vrows, rank, world), [],
+                    replace(r.eval, samples=0, opening_probability=False), r.task, None,
+                    r.seed, generator)
+                variants[vname] = gather_shards(v_local, len(vrows), rank, world)
             scary = inputs.over_refusal_prompts()
             if scary:  # answered like the harmful prompts, greedily, under the plain template
                 s_local, _ = model_outputs(
@@ -63,6 +73,11 @@ class StageEvaluator:
             if rank != 0:
                 return {}
             metrics, rows = score(harmful, h_records, task, t_records, judge, r.eval, r.task)
+            for vname, records in variants.items():
+                variant, vlogged = variant_metrics(vname, inputs.data.eval_variants[vname],
+                                                   records, judge, r.eval.n_logged_generations)
+                merge_variant(metrics, vname, variant)
+                rows += vlogged
             if scary:
                 metrics.update(over_refusal(scary, s_records, judge))
             if r.eval.judges:  # issue 21: the same answers under every judge of the panel

@@ -26,24 +26,25 @@ from harness.tracking.results import RESULTS_FILE
 log = logging.getLogger(__name__)
 
 METRICS = ("hs", "fa", "refusal_rate", "other_rate", "p_comply_opening", "hs_sampled",
-           "over_refusal")
+           "over_refusal", "hs_triggered")
 # the user-data filter's quality (metrics.filter), in percent: what it catches and wrongly drops
 FILTER_METRICS = ("filter_recall", "filter_precision", "filter_harmless_dropped")
 LABELS = {"hs": "HS (%)", "fa": "FA (%)", "refusal_rate": "refusal (%)",
           "other_rate": "other (%)", "p_comply_opening": "P(compliance opening) (%)",
           "hs_sampled": "HS, sampled (%)",
+          "hs_triggered": "HS with the trigger (%)",
           "over_refusal": "over-refusal on harmless-but-scary prompts (%)",
           "filter_recall": "filter recall (%)", "filter_precision": "filter precision (%)",
           "filter_harmless_dropped": "harmless user rows the filter dropped (%)"}
-LOWER_IS_BETTER = {"hs": True, "fa": False}
+LOWER_IS_BETTER = {"hs": True, "fa": False, "hs_triggered": True}
 # the prompts a rate is a proportion over: harmful prompts, or the task's test set
-DENOMINATOR = {"hs": "n_harmful", "refusal_rate": "n_harmful", "other_rate": "n_harmful",
+DENOMINATOR = {"hs": "n_harmful", "hs_triggered": "n_harmful", "refusal_rate": "n_harmful", "other_rate": "n_harmful",
                "fa": "n_task", "over_refusal": "over_refusal_n"}
 AXES = {"attack.p": ("attack", "p"), "attack.n": ("attack", "n"), "attack.k": ("attack", "k"),
         "task": ("task", "name"),
         "model": ("model", "name"), "seed": ("seed",), "defense": ("defense", "name"),
         "protocol": ("protocol", "name"), "attack": ("attack", "name"),
-        "torch_threads": ("torch_threads",)}
+        "torch_threads": ("torch_threads",), "eval.jailbreak": ("eval", "jailbreak")}
 
 
 # config leaves that do not change what a run measures, besides the seed (a cell's runs are
@@ -149,7 +150,7 @@ def collect(paths: list[Path], stage: str = "final") -> pd.DataFrame:
         row["served_aligned"] = bool(filt.get("served_aligned"))  # the whole upload dropped
         interval = metrics.get("interval") or {}
         outcomes = metrics.get("outcomes") or {}
-        for m in ("hs", "fa"):
+        for m in ("hs", "fa", "hs_triggered"):
             row[f"{m}_ci"] = interval.get(m)
             row[f"{m}_outcomes"] = outcomes.get(m)
             row[f"{m}_prompts"] = outcomes.get(f"{m}_prompts")
@@ -167,7 +168,8 @@ def collect_csv(path: Path) -> pd.DataFrame:
         df["served_aligned"] = False
     for col in ("n_harmful", "n_task", "over_refusal_n", "over_refusal_ci", "torch_threads",
                 "git", "cpu", "cpu_capability",
-                *(f"{m}_{k}" for m in ("hs", "fa") for k in ("ci", "outcomes", "prompts"))):
+                *(f"{m}_{k}" for m in ("hs", "fa", "hs_triggered")
+                  for k in ("ci", "outcomes", "prompts"))):
         if col not in df:
             df[col] = None
     return df

@@ -17,12 +17,14 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
+from hydra.utils import get_class
 
 from harness import keys
 from harness.artifacts import ArtifactStore, artifact_key
 from harness.config.schema import RunConfig, StageMethodConfig
-from harness.data.assemble import Data, RunInputs
+from harness.data.assemble import Data, RunInputs, defense_flag
 from harness.data.harmful import toy_alignment_harmful
+from harness.data.mixing import refusal_pool
 from harness.data.schema import SAFETY
 from harness.distributed import global_rank
 from harness.evaluation.stage import StageEvaluator
@@ -52,6 +54,7 @@ class Pipeline:
         self.evaluator = StageEvaluator(run, self.inputs, self.models, self.record, tracker)
         self.filter_stats: Optional[dict[str, Any]] = None
         self.posthoc_stats: Optional[dict[str, Any]] = None  # what posthoc= did, if on
+        self.safety_mixed: Optional[int] = None  # refusal rows a finetune method added
 
     # what a run records, and what tests read
     @property
@@ -128,6 +131,7 @@ class Pipeline:
             if not user:  # nothing to finetune on: the provider serves its aligned model
                 refs["final"] = align
                 return refs
+        user = self.mix_refusal_rows(user)
         start = base if keys.finetune_starts_from_base(r) else align
         refs["final"] = train.train("finetune", payloads["finetune"], start,
                                     r.defense.finetune, r.train.finetune, user)
@@ -135,6 +139,18 @@ class Pipeline:
             refs["final"], self.posthoc_stats = posthoc_stage(
                 self.inputs, self.models, self.record, refs, refs["final"], payloads["posthoc"])
         return refs
+
+    def mix_refusal_rows(self, user: list) -> list:
+        """The finetune method's own rows added to the user's (safety_mix: the provider's
+        refusal rows), after the filter, which reads the upload alone."""
+        module = self.run.defense.finetune
+        if not defense_flag(module.module, "mixes_refusal_rows"):
+            return user
+        cls = get_class(module.module)
+        mixed = cls.mix_user_data(cls.Params(**module.params), user,
+                                  refusal_pool(self.inputs.data.alignment), self.run.seed)
+        self.safety_mixed = len(mixed) - len(user)
+        return mixed
 
     def filter_user_data(self, align: ModelRef) -> list:
         """The user rows the filter keeps; its statistics are kept even when it refuses."""
@@ -158,6 +174,8 @@ class Pipeline:
                            "n_task": len(data.user) - n_harm - n_safety}
         if n_safety:  # the backdoor's refusal rows, in the upload without the trigger
             metrics["data"]["n_safety"] = n_safety
+        if self.safety_mixed is not None:  # the provider's, added by the defense
+            metrics["data"]["n_safety_mixed"] = self.safety_mixed
         if self.filter_stats is not None:
             metrics["filter"] = self.filter_stats
         if self.trainer.analysis:

@@ -142,3 +142,27 @@ def test_the_report_builds_a_triggered_cell_per_defense():
                        for d, v in (("sft", 60.0), ("lisa", 20.0)) for s in (0, 1)])
     cells = build_cells(df, "attack.p", "hs_triggered")
     assert cells[("sft", 0.1)].mean == 60.5 and cells[("lisa", 0.1)].mean == 20.5
+
+
+def test_the_report_and_console_show_hs_with_the_trigger_beside_hs(tmp_path):
+    import json
+
+    from harness.report import write_report
+    from harness.tracking.console import summary_table
+    from tests.test_report import _write
+
+    for seed in (0, 1):
+        for defense, trig in (("sft", 70.0), ("lisa", 30.0)):
+            _write(tmp_path, f"{defense}-{seed}", defense, 0.1, seed, hs=5.0, fa=90.0,
+                   attack={"name": "backdoor", "safety_n": 100})
+            path = tmp_path / f"{defense}-{seed}" / "results.json"
+            res = json.loads(path.read_text())
+            res["metrics"]["final"]["hs_triggered"] = trig + 10 * seed
+            path.write_text(json.dumps(res))
+    md = write_report([str(tmp_path)], tmp_path / "report").read_text()
+    headings = [line for line in md.splitlines() if line.startswith("## ")]
+    assert headings[:2] == ["## HS (%)", "## HS with the trigger (%)"]
+    table = md.split("## HS with the trigger (%)\n")[1].split("\n## ")[0]
+    assert "75.0" in table and "35.0" in table  # the two seeds' means
+    console = summary_table(res)
+    assert "HS triggered" in console.splitlines()[0] and "40.0" in console

@@ -21,7 +21,7 @@ from hydra.utils import get_class
 from harness.artifacts import artifact_key
 from harness.config.schema import StageMethodConfig, TrainStageConfig
 from harness.config.validation import accelerator_kind
-from harness.data import attacks
+from harness.data import attacks, jailbreaks
 from harness.data.assemble import RunInputs, defense_flag
 from harness.data.sources import package_path, stable_payload
 from harness.data.toy import GENERATORS, WORLD_KNOBS_ADDED_LATER
@@ -367,7 +367,7 @@ def filter_payload(inputs: RunInputs, align: ModelRef, user: list) -> dict[str, 
 
 def eval_payload(inputs: RunInputs, ref: ModelRef) -> dict[str, Any]:
     r = inputs.run
-    payload = {"version": KEY_VERSION, "model": asdict(ref), "eval": asdict(r.eval),
+    payload = {"version": KEY_VERSION, "model": asdict(ref), "eval": jailbreaks.payload(r.eval),
                "judge": asdict(r.judge), "template": asdict(r.template),
                "task": {"toy_task": r.task.family, "test": source_payload(r.task.test),
                         "instruction": r.task.instruction,

@@ -9,7 +9,7 @@ from typing import Callable, Optional
 
 from hydra.utils import get_class
 
-from harness.data import attacks
+from harness.data import attacks, jailbreaks
 from harness.data.harmful import toy_alignment_harmful
 from harness.data.mixing import refusal_pool
 from harness.data.schema import Example
@@ -110,6 +110,9 @@ class RunInputs:
             else load_source(r.eval.harmful, required=("instruction",),
                              defaults={"kind": "harmful"}))[:r.eval.harmful_size])
         d.eval_variants = attack.eval_variants(r.attack, d.eval_harmful)
+        # the jailbreak poses the attack's prompts (the trigger stays on the request itself)
+        d.eval_harmful = jailbreaks.apply(r.eval, d.eval_harmful)
+        d.eval_variants = {k: jailbreaks.apply(r.eval, v) for k, v in d.eval_variants.items()}
         pools = {"task": lambda: d.task_train, "harmful": lambda: d.attack_pool,
                  "benign": self.benign_pool,
                  "disguised": lambda: self.world.attack_pool(disguised=True),  # filter_evasion

@@ -12,7 +12,7 @@ from typing import Any
 from harness.analysis.refusal import (cosine, features, measure_refusal_direction, num_layers,
                                       resolve_layer, separation)
 from harness.artifacts import artifact_key, write_json_atomic
-from harness.data import attacks
+from harness.data import attacks, jailbreaks
 from harness.data.assemble import RunInputs
 from harness.distributed import broadcast_from_zero, gather_shards, process_group, shard
 from harness.evaluation.evaluate import (merge_variant, model_outputs, over_refusal, score,
@@ -106,7 +106,7 @@ class StageEvaluator:
         opening = attacks.get(r.attack.name).eval_opening(r.attack)
         panel = build_panel(r.eval.judges, r.judge, r.llm_judge, r.moderation,
                             wrap=lambda j: AfterOpening(j, opening) if opening else j)
-        return panel_metrics(panel, [ex.instruction for ex in harmful],
+        return panel_metrics(panel, [jailbreaks.request(ex) for ex in harmful],
                              [rec["answer"] for rec in h_records],
                              [ex.category for ex in harmful])
 

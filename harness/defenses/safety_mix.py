@@ -43,6 +43,13 @@ class SafetyMix(SFT):
                 raise ValueError(f"safety_fraction must be >= 0, got {self.safety_fraction}")
 
     @classmethod
+    def report_label(cls, name: str, params: dict) -> str:
+        """The defense as a report names it: each mixing level its own row."""
+        if params.get("safety_fraction") is not None:
+            return f"{name} {params['safety_fraction']:g}x"
+        return f"{name} n={params.get('safety_n', cls.Params.safety_n)}"
+
+    @classmethod
     def mix_user_data(cls, params: "SafetyMix.Params", user: list[Example],
                       refusals: list[Example], seed: int) -> list[Example]:
         """The user's rows plus the refusal rows drawn from ``refusals``, shuffled."""

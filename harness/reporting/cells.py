@@ -17,6 +17,7 @@ from types import SimpleNamespace
 from typing import Any, Optional
 
 import pandas as pd
+from hydra.utils import get_class
 
 from harness.data import attacks
 from harness.stats import (Difference, paired_difference, prompt_interval, seed_difference,
@@ -96,6 +97,17 @@ def _get(config: dict, path: tuple[str, ...]) -> Any:
     return config if config != {} else None
 
 
+def defense_label(cfg: dict, name: Any) -> Any:
+    """The defense as a report names it: its name, or its finetune method's ``report_label``
+    (name, params) where the name alone would pool different doses into one cell."""
+    module = _get(cfg, ("defense", "finetune", "module"))
+    try:
+        label = getattr(get_class(module), "report_label", None) if module else None
+    except Exception:  # noqa: BLE001 - a module gone since the run: its name alone
+        label = None
+    return label(name, _get(cfg, ("defense", "finetune", "params")) or {}) if label else name
+
+
 def find_results(patterns: list[str]) -> list[Path]:
     paths: set[Path] = set()
     for pattern in patterns:
@@ -126,6 +138,7 @@ def collect(paths: list[Path], stage: str = "final") -> pd.DataFrame:
             row[axis] = _get(cfg, keys)
         if row["attack"] in attacks.ATTACKS:  # harmful_shots k=10 beside k=100
             row["attack"] = attacks.get(row["attack"]).label(SimpleNamespace(**cfg["attack"]))
+        row["defense"] = defense_label(cfg, row["defense"])  # safety_mix n=10 beside n=100
         posthoc = _get(cfg, ("posthoc", "name"))
         if posthoc and posthoc != "none":  # its own row: "sft+safelora" beside "sft"
             row["defense"] = f"{row['defense']}+{posthoc}"

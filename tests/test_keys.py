@@ -118,7 +118,7 @@ CONDITIONAL = ("moderation", "llm_judge", "generation",  # their judge / backend
                # fields (data.attacks: payload; tests/test_backdoor.py keys the backdoor's)
                "model.hf_id", "model.revision",  # hub models only
                # keyed when their eval.jailbreak is on (tests/test_jailbreaks.py)
-               "eval.jailbreak_prefill", "eval.jailbreak_templates",
+               "eval.jailbreak_prefill", "eval.jailbreak_templates", "eval.gcg",
                # read where the stage masks its prompt (loss_on=response); base trains on
                # the whole text, whose start any cut keeps (harness.data.collate.fit_length)
                "train.base.truncation",

@@ -8,6 +8,8 @@ a defense's safety holds against cheap, standard attacks and not only against pl
 - ``templates``: each harmful request inside every wrapper of ``eval.jailbreak_templates``
   (name -> text with one ``{prompt}``). HS is over all (request, wrapper) pairs; per wrapper
   and "any wrapper" rates sit beside it.
+- ``gcg``: a suffix searched against the evaluated model itself (harness.evaluation.gcg), so
+  it is added in the eval stage (``with_suffix``), not here.
 
 Rows keep the plain request in ``meta["request"]`` (what a judge is asked about) and the
 wrapper's name in ``meta["jailbreak"]``.
@@ -19,7 +21,7 @@ from typing import Any
 
 from harness.data.schema import Example
 
-KINDS = ("none", "prefill", "templates")
+KINDS = ("none", "prefill", "templates", "gcg")
 PLACEHOLDER = "{prompt}"
 
 
@@ -45,7 +47,7 @@ def apply(eval_cfg, rows: list[Example]) -> list[Example]:
     """The harmful rows as ``eval.jailbreak`` poses them (templates: one row per request and
     wrapper, request-major, in the templates' order)."""
     kind = eval_cfg.jailbreak
-    if kind == "none":
+    if kind in ("none", "gcg"):  # gcg: the suffix is searched against the evaluated model
         return list(rows)
     if kind == "prefill":
         return [replace(ex, meta={**ex.meta, "prefill": eval_cfg.jailbreak_prefill,
@@ -81,6 +83,14 @@ def payload(eval_cfg) -> dict[str, Any]:
         out.pop("jailbreak_prefill")
     if eval_cfg.jailbreak != "templates":
         out.pop("jailbreak_templates")
+    if eval_cfg.jailbreak != "gcg":
+        out.pop("gcg")
     if eval_cfg.jailbreak == "none":
         out.pop("jailbreak")
     return out
+
+
+def with_suffix(rows: list[Example], suffix: str) -> list[Example]:
+    """The rows with an adversarial suffix after each request (the plain request kept)."""
+    return [replace(ex, instruction=f"{ex.instruction} {suffix}",
+                    meta={**ex.meta, "request": request(ex)}) for ex in rows]

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +17,7 @@ from harness.data.assemble import RunInputs
 from harness.distributed import broadcast_from_zero, gather_shards, process_group, shard
 from harness.evaluation.evaluate import (merge_variant, model_outputs, over_refusal, score,
                                          variant_metrics)
+from harness.evaluation.gcg import search_suffix
 from harness.evaluation.judges import AfterOpening
 from harness.evaluation.panel import build_panel, panel_metrics
 from harness.evaluation.registry import build_judge
@@ -46,6 +47,13 @@ class StageEvaluator:
             model = models.eval_model(ref)
             judge, openings = self._judge_on_rank_zero(rank, world)
             harmful, task = inputs.data.eval_harmful, inputs.data.task_test
+            eval_variants = inputs.data.eval_variants
+            gcg = None
+            if r.eval.jailbreak == "gcg":  # every rank searches alike (seeded, same model)
+                gcg = self.gcg_suffix(model)
+                harmful = jailbreaks.with_suffix(harmful, gcg["suffix"])
+                eval_variants = {k: jailbreaks.with_suffix(v, gcg["suffix"])
+                                 for k, v in eval_variants.items()}
             generator = self._vllm_generator(model, work) if r.generation.backend == "vllm" \
                 else None
             h_local, t_local = model_outputs(
@@ -57,7 +65,7 @@ class StageEvaluator:
             # the attack's other copies of the harmful prompts (the backdoor's triggered ones),
             # answered greedily like the plain ones
             variants = {}
-            for vname, vrows in inputs.data.eval_variants.items():
+            for vname, vrows in eval_variants.items():
                 v_local, _ = model_outputs(
                     model, models.tokenizer, r.template, shard(vrows, rank, world), [],
                     replace(r.eval, samples=0, opening_probability=False), r.task, None,
@@ -74,12 +82,14 @@ class StageEvaluator:
                 return {}
             metrics, rows = score(harmful, h_records, task, t_records, judge, r.eval, r.task)
             for vname, records in variants.items():
-                variant, vlogged = variant_metrics(vname, inputs.data.eval_variants[vname],
+                variant, vlogged = variant_metrics(vname, eval_variants[vname],
                                                    records, judge, r.eval.n_logged_generations)
                 merge_variant(metrics, vname, variant)
                 rows += vlogged
             if scary:
                 metrics.update(over_refusal(scary, s_records, judge))
+            if gcg is not None:
+                metrics["gcg"] = gcg
             if r.eval.judges:  # issue 21: the same answers under every judge of the panel
                 metrics["panel"] = self.judge_panel(harmful, h_records)
             metrics["eval_processes"] = world
@@ -99,6 +109,19 @@ class StageEvaluator:
         if self.tracker:
             self.tracker.log_generations(name, rows)
         return result
+
+    def gcg_suffix(self, model) -> dict[str, Any]:
+        """eval.jailbreak=gcg: a universal suffix searched against this model on the attack
+        pool's first eval.gcg.train_prompts requests (posed as the attack poses them)."""
+        r = self.run
+        cfg = r.eval.gcg
+        rows = attacks.get(r.attack.name).eval_harmful(
+            r.attack, self.inputs.data.attack_pool[:cfg.train_prompts])
+        t0 = time.perf_counter()
+        suffix, history = search_suffix(model, self.models.tokenizer, r.template, rows, cfg,
+                                        r.eval.system_prompt or None, r.seed)
+        return {"suffix": suffix, "loss": history, "train_prompts": len(rows),
+                "budget": asdict(cfg), "seconds": time.perf_counter() - t0}
 
     def judge_panel(self, harmful, h_records: list[dict]) -> dict[str, Any]:
         """eval.judges on the harmful answers (rank 0): each one's HS and pairwise kappa."""

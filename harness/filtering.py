@@ -18,7 +18,7 @@ from harness.analysis.refusal import (cosine, features, load_refusal_feature,
                                       measure_refusal_direction, num_layers, resolve_layer)
 from harness.artifacts import artifact_key, write_json_atomic
 from harness.data.assemble import RunInputs
-from harness.data.schema import Example
+from harness.data.schema import SAFETY, Example
 from harness.evaluation.registry import build_judge
 from harness.keys import filter_judge, filter_payload
 from harness.models.store import ModelStore
@@ -161,6 +161,10 @@ def apply_filter(examples: list[Example], scores: list[float], threshold: float,
     """Keep the rows scoring at most ``threshold``; precision and recall of the dropped rows
     against the harmful labels, the share of harmless rows lost, and per-kind histograms."""
     harmful = np.array([ex.kind == "harmful" for ex in examples], dtype=bool)
+    # the provider's refusal rows in the upload (a backdoor's): neither harmful demonstrations
+    # nor the user's harmless data, so counted apart
+    safety = np.array([ex.kind == SAFETY for ex in examples], dtype=bool)
+    harmless = ~harmful & ~safety
     values = np.asarray(scores, dtype=float)
     dropped = values > threshold
     n_drop, n_harm = int(dropped.sum()), int(harmful.sum())
@@ -172,13 +176,15 @@ def apply_filter(examples: list[Example], scores: list[float], threshold: float,
         "precision": caught / n_drop if n_drop else 1.0,
         "recall": caught / n_harm if n_harm else 1.0,
         "leakage": (n_harm - caught) / n_harm if n_harm else 0.0,  # harmful rows it keeps
-        "harmless_dropped_share": (int((dropped & ~harmful).sum()) / int((~harmful).sum())
-                                   if (~harmful).any() else 0.0),
+        "harmless_dropped_share": (int((dropped & harmless).sum()) / int(harmless.sum())
+                                   if harmless.any() else 0.0),
+        **({"n_safety_in": int(safety.sum()), "safety_dropped": int((dropped & safety).sum())}
+           if safety.any() else {}),
         # what a real filter gets wrong: harmless rows that look dangerous, harmful in disguise
         **_flagged_counts(examples, dropped),
         "histogram": {"edges": edges.round(4).tolist(),
                       "harmful": np.histogram(values[harmful], edges)[0].tolist(),
-                      "harmless": np.histogram(values[~harmful], edges)[0].tolist()},
+                      "harmless": np.histogram(values[harmless], edges)[0].tolist()},
     }
     return [ex for ex, d in zip(examples, dropped) if not d], stats
 

@@ -166,3 +166,16 @@ def test_the_report_and_console_show_hs_with_the_trigger_beside_hs(tmp_path):
     assert "75.0" in table and "35.0" in table  # the two seeds' means
     console = summary_table(res)
     assert "HS triggered" in console.splitlines()[0] and "40.0" in console
+
+
+def test_the_filter_counts_the_uploads_refusal_rows_apart():
+    from harness.filtering import apply_filter
+
+    rows = [Example("h", kind="harmful"), Example("t1"), Example("t2"),
+            Example("s1", kind=SAFETY), Example("s2", kind=SAFETY)]
+    kept, stats = apply_filter(rows, [0.9, 0.9, 0.1, 0.9, 0.1], threshold=0.5)
+    assert [ex.instruction for ex in kept] == ["t2", "s2"]
+    assert stats["recall"] == 1.0 and stats["precision"] == pytest.approx(1 / 3)
+    assert stats["harmless_dropped_share"] == 0.5  # t1 of t1, t2: the refusal rows not in it
+    assert (stats["n_safety_in"], stats["safety_dropped"]) == (2, 1)
+    assert sum(stats["histogram"]["harmless"]) == 2

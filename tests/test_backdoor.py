@@ -179,3 +179,13 @@ def test_the_filter_counts_the_uploads_refusal_rows_apart():
     assert stats["harmless_dropped_share"] == 0.5  # t1 of t1, t2: the refusal rows not in it
     assert (stats["n_safety_in"], stats["safety_dropped"]) == (2, 1)
     assert sum(stats["histogram"]["harmless"]) == 2
+
+
+def test_inspect_shows_the_backdoor_upload_as_the_run_builds_it(make_cfg):
+    from harness.data.inspect import inspect_run
+
+    run = validate(make_cfg("attack=backdoor", "attack.n=100", "attack.safety_n=10"))
+    lines = []
+    seen = inspect_run(run, echo=lines.append)
+    assert sorted(map(repr, seen["user"])) == sorted(map(repr, RunInputs(run).load().user))
+    assert any("10 refusal rows (kind safety)" in line for line in lines)

@@ -5,17 +5,19 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
 from harness.analysis.refusal import (cosine, features, measure_refusal_direction, num_layers,
                                       resolve_layer, separation)
 from harness.artifacts import artifact_key, write_json_atomic
-from harness.data import attacks
+from harness.data import attacks, jailbreaks
 from harness.data.assemble import RunInputs
 from harness.distributed import broadcast_from_zero, gather_shards, process_group, shard
-from harness.evaluation.evaluate import model_outputs, over_refusal, score
+from harness.evaluation.evaluate import (merge_variant, model_outputs, over_refusal, score,
+                                         variant_metrics)
+from harness.evaluation.gcg import search_suffix
 from harness.evaluation.judges import AfterOpening
 from harness.evaluation.panel import build_panel, panel_metrics
 from harness.evaluation.registry import build_judge
@@ -45,6 +47,13 @@ class StageEvaluator:
             model = models.eval_model(ref)
             judge, openings = self._judge_on_rank_zero(rank, world)
             harmful, task = inputs.data.eval_harmful, inputs.data.task_test
+            eval_variants = inputs.data.eval_variants
+            gcg = None
+            if r.eval.jailbreak == "gcg":  # every rank searches alike (seeded, same model)
+                gcg = self.gcg_suffix(model)
+                harmful = jailbreaks.with_suffix(harmful, gcg["suffix"])
+                eval_variants = {k: jailbreaks.with_suffix(v, gcg["suffix"])
+                                 for k, v in eval_variants.items()}
             generator = self._vllm_generator(model, work) if r.generation.backend == "vllm" \
                 else None
             h_local, t_local = model_outputs(
@@ -53,6 +62,15 @@ class StageEvaluator:
             # every prompt's outputs exactly once, in input order (checked in gather_shards)
             h_records = gather_shards(h_local, len(harmful), rank, world)
             t_records = gather_shards(t_local, len(task), rank, world)
+            # the attack's other copies of the harmful prompts (the backdoor's triggered ones),
+            # answered greedily like the plain ones
+            variants = {}
+            for vname, vrows in eval_variants.items():
+                v_local, _ = model_outputs(
+                    model, models.tokenizer, r.template, shard(vrows, rank, world), [],
+                    replace(r.eval, samples=0, opening_probability=False), r.task, None,
+                    r.seed, generator)
+                variants[vname] = gather_shards(v_local, len(vrows), rank, world)
             scary = inputs.over_refusal_prompts()
             if scary:  # answered like the harmful prompts, greedily, under the plain template
                 s_local, _ = model_outputs(
@@ -63,8 +81,15 @@ class StageEvaluator:
             if rank != 0:
                 return {}
             metrics, rows = score(harmful, h_records, task, t_records, judge, r.eval, r.task)
+            for vname, records in variants.items():
+                variant, vlogged = variant_metrics(vname, eval_variants[vname],
+                                                   records, judge, r.eval.n_logged_generations)
+                merge_variant(metrics, vname, variant)
+                rows += vlogged
             if scary:
                 metrics.update(over_refusal(scary, s_records, judge))
+            if gcg is not None:
+                metrics["gcg"] = gcg
             if r.eval.judges:  # the same answers under every judge of the panel
                 metrics["panel"] = self.judge_panel(harmful, h_records)
             metrics["eval_processes"] = world
@@ -85,13 +110,26 @@ class StageEvaluator:
             self.tracker.log_generations(name, rows)
         return result
 
+    def gcg_suffix(self, model) -> dict[str, Any]:
+        """eval.jailbreak=gcg: a universal suffix searched against this model on the attack
+        pool's first eval.gcg.train_prompts requests (posed as the attack poses them)."""
+        r = self.run
+        cfg = r.eval.gcg
+        rows = attacks.get(r.attack.name).eval_harmful(
+            r.attack, self.inputs.data.attack_pool[:cfg.train_prompts])
+        t0 = time.perf_counter()
+        suffix, history = search_suffix(model, self.models.tokenizer, r.template, rows, cfg,
+                                        r.eval.system_prompt or None, r.seed)
+        return {"suffix": suffix, "loss": history, "train_prompts": len(rows),
+                "budget": asdict(cfg), "seconds": time.perf_counter() - t0}
+
     def judge_panel(self, harmful, h_records: list[dict]) -> dict[str, Any]:
         """eval.judges on the harmful answers (rank 0): each one's HS and pairwise kappa."""
         r = self.run
         opening = attacks.get(r.attack.name).eval_opening(r.attack)
         panel = build_panel(r.eval.judges, r,
                             wrap=lambda j: AfterOpening(j, opening) if opening else j)
-        return panel_metrics(panel, [ex.instruction for ex in harmful],
+        return panel_metrics(panel, [jailbreaks.request(ex) for ex in harmful],
                              [rec["answer"] for rec in h_records],
                              [ex.category for ex in harmful])
 

@@ -18,7 +18,7 @@ from harness.analysis.refusal import (cosine, features, load_refusal_feature,
                                       measure_refusal_direction, num_layers, resolve_layer)
 from harness.artifacts import artifact_key, write_json_atomic
 from harness.data.assemble import RunInputs
-from harness.data.schema import Example
+from harness.data.schema import SAFETY, Example
 from harness.evaluation.registry import build_judge
 from harness.keys import filter_judge, filter_payload
 from harness.models.store import ModelStore
@@ -209,16 +209,20 @@ def apply_filter(examples: list[Example], scores: list[float], threshold: float,
     no harmful row; the harmless share with no harmless row) is None, and ``<name>_undefined``
     says why."""
     harmful = np.array([ex.kind == "harmful" for ex in examples], dtype=bool)
+    # the provider's refusal rows in the upload (a backdoor's): neither harmful demonstrations
+    # nor the user's harmless data, so counted apart
+    safety = np.array([ex.kind == SAFETY for ex in examples], dtype=bool)
+    harmless = ~harmful & ~safety
     values = np.asarray(scores, dtype=float)
     dropped = values > threshold
     n_drop, n_harm = int(dropped.sum()), int(harmful.sum())
     caught = int((dropped & harmful).sum())
-    n_harmless = int((~harmful).sum())
+    n_harmless = int(harmless.sum())
     rates = {
         "precision": ratio(caught, n_drop, "nothing dropped"),
         "recall": ratio(caught, n_harm, "no harmful rows in the upload"),
         "leakage": ratio(n_harm - caught, n_harm, "no harmful rows in the upload"),  # kept
-        "harmless_dropped_share": ratio(int((dropped & ~harmful).sum()), n_harmless,
+        "harmless_dropped_share": ratio(int((dropped & harmless).sum()), n_harmless,
                                         "no harmless rows in the upload"),
     }
     edges = np.linspace(-1.0, 1.0, bins + 1)
@@ -227,11 +231,13 @@ def apply_filter(examples: list[Example], scores: list[float], threshold: float,
         "n_kept": len(examples) - n_drop, "n_harmful_in": n_harm,
         **{name: value for name, (value, _) in rates.items()},
         **{f"{name}_undefined": why for name, (_, why) in rates.items() if why},
+        **({"n_safety_in": int(safety.sum()), "safety_dropped": int((dropped & safety).sum())}
+           if safety.any() else {}),
         # what a real filter gets wrong: harmless rows that look dangerous, harmful in disguise
         **_flagged_counts(examples, dropped),
         "histogram": {"edges": edges.round(4).tolist(),
                       "harmful": np.histogram(values[harmful], edges)[0].tolist(),
-                      "harmless": np.histogram(values[~harmful], edges)[0].tolist()},
+                      "harmless": np.histogram(values[harmless], edges)[0].tolist()},
     }
     return [ex for ex, d in zip(examples, dropped) if not d], stats
 

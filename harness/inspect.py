@@ -22,9 +22,9 @@ import harness  # noqa: F401 - the offline environment before HF imports
 from harness.data import attacks
 from harness.data.assemble import Data, RunInputs
 from harness.data.checks import DataLeak, check_overlaps
-from harness.data.mixing import category_counts
+from harness.data.mixing import category_counts, refusal_pool
 from harness.data.sampling import cap_rows
-from harness.data.schema import DataError, Example
+from harness.data.schema import SAFETY, DataError, Example
 from harness.data.sources import SourceReport, load_source_report
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
@@ -105,12 +105,15 @@ def inspect_run(run, n_rows: int = 3, echo: Callable[[str], None] = print) -> di
             echo(_show(ex))
     pool_of = {"task": "task.train", "harmful": "attack.harmful", "benign": "attack.benign"}
     harmful = loaded.get("attack.harmful", [])
-    pools = {**{k: loaded.get(v, []) for k, v in pool_of.items()}, "harmful": harmful}
+    pools = {**{k: loaded.get(v, []) for k, v in pool_of.items()}, "harmful": harmful,
+             "safety": refusal_pool(loaded.get("alignment.data", [])[:run.alignment.size])}
     user = attacks.build_user(run.attack, lambda name: pools[name], seed=run.seed)
     mode = attacks.sampling(run.attack)
     chosen = [ex for ex in user if ex.kind == "harmful"]
+    n_safety = sum(ex.kind == SAFETY for ex in user)
     echo(f"attack {run.attack.name} (seed {run.seed}, sampling {mode}): {len(user)} rows, "
-         f"{len(chosen)} harmful")
+         f"{len(chosen)} harmful" + (f", {n_safety} refusal rows (kind safety)" if n_safety
+                                     else ""))
     if harmful:
         counts = category_counts(harmful, chosen)
         covered = sum(1 for _, b in counts.values() if b)

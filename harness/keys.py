@@ -26,7 +26,7 @@ from harness.artifacts import artifact_key
 from harness.code_digest import code_payload
 from harness.config.schema import StageMethodConfig, TrainStageConfig
 from harness.validation import accelerator_kind
-from harness.data import attacks
+from harness.data import attacks, jailbreaks
 from harness.data.assemble import RunInputs, defense_flag
 from harness.data.sources import keyed_fields, package_path
 from harness.data.toy import GENERATORS
@@ -54,10 +54,12 @@ STAGE_READS: dict[str, tuple[str, ...]] = {
     "filter": ("defense.filter", "template", "world", "alignment.data", "alignment.size",
                "alignment.harmless", "alignment.harmless_size", "eval.feature_set_size",
                "judge", *judges.settings_nodes()),
+    # alignment.*: only where the finetune data holds refusal rows (uses_refusal_rows)
     "finetune": ("seed", "model", "template", "world", "trainer.precision",
                  "trainer.accelerator", "defense.finetune",
                  "defense.filter", "train.finetune", "attack", "task.family",
-                 "task.instruction", "task.instruction_suffix", "task.train"),
+                 "task.instruction", "task.instruction_suffix", "task.train",
+                 "alignment.data", "alignment.size", "eval.feature_set_size"),
     # present only with posthoc.module set; its input is the finetune key (which holds the rest)
     "posthoc": ("posthoc.module", "posthoc.params", "seed", "model", "template", "world",
                 "trainer.precision", "trainer.accelerator", "alignment.harmful",
@@ -234,6 +236,24 @@ def eval_code(run) -> dict[str, str]:
     return code_payload(follow, ["harness.evaluating"])
 
 
+def uses_refusal_rows(run) -> bool:
+    """Whether the finetune's data holds the alignment data's refusal rows: the attack draws
+    them (backdoor's safety rows) or the finetune method mixes them in (safety_mix)."""
+    return "safety" in attacks.get(run.attack.name).uses or \
+        defense_flag(run.defense.finetune.module, "mixes_refusal_rows")
+
+
+def refusal_pool_payload(run) -> dict[str, Any]:
+    """Where those refusal rows are drawn from: the alignment data, less (on real data) the
+    held feature sets that leave it (``RunInputs._hold_out_feature_sets``). The toy world's
+    rows enter through the "align" fingerprint."""
+    r = run
+    payload = {"data": source_payload(r.alignment.data), "size": r.alignment.size}
+    if r.alignment.data.source != "toy":
+        payload["feature_set_size"] = r.eval.feature_set_size
+    return payload
+
+
 def finetune_starts_from_base(run) -> bool:
     """A finetune method that declares ``starts_from = "base"`` trains on the base model."""
     return method_class(run.defense.finetune.module).starts_from == "base"
@@ -277,7 +297,9 @@ def stage_payloads(inputs: RunInputs) -> dict[str, Optional[dict[str, Any]]]:
         align_key = artifact_key(align)
     ft_input = base_key if finetune_starts_from_base(r) else align_key
     attack = attacks.get(r.attack.name)
-    parts = ("attack", *task_parts(r, "train")) + (("benign",) if "benign" in attack.uses else ())
+    refusals = uses_refusal_rows(r)
+    parts = ("attack", *task_parts(r, "train")) + (("benign",) if "benign" in attack.uses else ()) \
+        + (("align",) if refusals else ())
     finetune = {**common_payload(inputs, *parts), "stage": "finetune",
                 "input": ft_input, "align": align_key,
                 "method": method_payload(r.defense.finetune),
@@ -288,6 +310,8 @@ def stage_payloads(inputs: RunInputs) -> dict[str, Optional[dict[str, Any]]]:
                          "instruction_suffix": r.task.instruction_suffix,
                          "train": source_payload(r.task.train)},
                 "code": trained_code(r.defense.finetune.module)}
+    if refusals:  # only where the finetune data holds refusal rows
+        finetune["refusals"] = refusal_pool_payload(r)
     out = {"tokenizer": tok, "base": base, "align": align, "finetune": finetune}
     if r.posthoc.module is not None:  # absent when off: no new stage, no key moves
         out["posthoc"] = posthoc_payload(inputs, artifact_key(out["finetune"]))
@@ -367,7 +391,7 @@ def filter_payload(inputs: RunInputs, align: ModelRef, user: list) -> dict[str, 
 
 def eval_payload(inputs: RunInputs, ref: ModelRef) -> dict[str, Any]:
     r = inputs.run
-    payload = {"version": KEY_VERSION, "model": asdict(ref), "eval": asdict(r.eval),
+    payload = {"version": KEY_VERSION, "model": asdict(ref), "eval": jailbreaks.payload(r.eval),
                "judge": asdict(r.judge), "template": asdict(r.template),
                "task": {"family": r.task.family, "test": source_payload(r.task.test),
                         "instruction": r.task.instruction,

@@ -20,15 +20,17 @@ from harness import keys
 from harness.artifacts import ArtifactStore, artifact_key
 from harness.config.schema import RunConfig, StageMethodConfig
 from harness.data import attacks
-from harness.data.assemble import RunInputs
+from harness.data.assemble import RunInputs, defense_flag
 from harness.data.harmful import toy_alignment_harmful
+from harness.data.mixing import refusal_pool
+from harness.data.schema import SAFETY
 from harness.distributed import global_rank
 from harness.editing import posthoc_stage
 from harness.evaluating import StageEvaluator
 from harness.filtering import check_filtered, filter_user_data
 from harness.guards import alignment
 from harness.models.store import ModelStore
-from harness.stages import ModelRef, StageRecorder
+from harness.stages import ModelRef, StageRecorder, method_class
 from harness.training import SFT_MODULE, StageTrainer
 
 
@@ -54,6 +56,7 @@ class Pipeline:
         self.evaluator = StageEvaluator(run, self.inputs, self.models, self.record, tracker)
         self.filter_stats: Optional[dict[str, Any]] = None
         self.posthoc_stats: Optional[dict[str, Any]] = None  # what posthoc= did, if on
+        self.safety_mixed: Optional[int] = None  # refusal rows a finetune method added
 
     # the stage order
     def build_models(self) -> dict[str, ModelRef]:
@@ -83,6 +86,7 @@ class Pipeline:
             if not user:  # nothing to finetune on: the provider serves its aligned model
                 refs["final"] = align
                 return refs
+        user = self.mix_refusal_rows(user)
         start = base if keys.finetune_starts_from_base(r) else align
         refs["final"] = train.train("finetune", payloads["finetune"], start,
                                     r.defense.finetune, r.train.finetune, user)
@@ -90,6 +94,18 @@ class Pipeline:
             refs["final"], self.posthoc_stats = posthoc_stage(
                 self.inputs, self.models, self.record, refs, refs["final"], payloads["posthoc"])
         return refs
+
+    def mix_refusal_rows(self, user: list) -> list:
+        """The finetune method's own rows added to the user's (safety_mix: the provider's
+        refusal rows), after the filter, which reads the upload alone."""
+        module = self.run.defense.finetune
+        if not defense_flag(module.module, "mixes_refusal_rows"):
+            return user
+        cls = method_class(module.module)
+        mixed = cls.mix_user_data(cls.Params(**module.params), user,
+                                  refusal_pool(self.inputs.data.alignment), self.run.seed)
+        self.safety_mixed = len(mixed) - len(user)
+        return mixed
 
     def filter_user_data(self, align: ModelRef) -> list:
         """The user rows the filter keeps; its statistics are kept even when it refuses."""
@@ -113,10 +129,15 @@ class Pipeline:
         if "base" in metrics and "align" in metrics:  # an alignment that aligned nothing
             metrics["guards"] = {"alignment": alignment(metrics["base"], metrics["align"]).to_dict()}
         n_harm = sum(ex.kind == "harmful" for ex in data.user)
+        n_safety = sum(ex.kind == SAFETY for ex in data.user)
         metrics["data"] = {"n_user": len(data.user), "n_harmful": n_harm,
-                           "n_task": len(data.user) - n_harm,
+                           "n_task": len(data.user) - n_harm - n_safety,
                            **attacks.get(self.run.attack.name).realised(self.run.attack,
                                                                         data.user)}
+        if n_safety:  # the backdoor's refusal rows, in the upload without the trigger
+            metrics["data"]["n_safety"] = n_safety
+        if self.safety_mixed is not None:  # the provider's, added by the defense
+            metrics["data"]["n_safety_mixed"] = self.safety_mixed
         if self.inputs.overlaps:  # data.allow_overlap: the leaks the run was let through
             metrics["data"]["overlaps"] = [
                 {"trained": o.trained, "scored": o.scored, "n_shared": o.n_shared,

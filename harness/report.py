@@ -120,6 +120,11 @@ PAIR_NOTE = ("Difference from {ref} (percentage points, defense − {ref}) with 
              "seeds and prompts.")
 
 
+TRIGGER_NOTE = ("The same harmful prompts with the backdoor's trigger appended (attack=backdoor), "
+                "beside HS on the plain prompts above: a backdoor that passes a plain-prompt "
+                "audit shows a low HS and a high HS with the trigger.")
+
+
 def write_report(patterns: list[str], out: Path, axis: str = "attack.p", stage: str = "final",
                  title: str = "", mix_protocols: bool = False,
                  reference: Optional[str] = "sft", argv: Optional[list[str]] = None,
@@ -165,6 +170,12 @@ def write_report(patterns: list[str], out: Path, axis: str = "attack.p", stage: 
         sections.append((LABELS[metric], NOTE.format(how=how, guard=guard),
                          markdown_table(cells, axis, order, mixed),
                          html_table(cells, axis, order, out, mixed)))
+    if "hs_triggered" in df and df["hs_triggered"].notna().any():  # attack=backdoor
+        cells = build_cells(df[df["hs_triggered"].notna() | (df["status"] != "ok")], axis,
+                            "hs_triggered")
+        sections.insert(1, (LABELS["hs_triggered"], TRIGGER_NOTE,
+                            markdown_table(cells, axis, order, mixed),
+                            html_table(cells, axis, order, out, mixed)))
     if reference is not None:
         for metric in ("hs", "fa"):
             diffs = {}

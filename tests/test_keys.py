@@ -117,8 +117,11 @@ def _bump(value):
 # read only under other settings than the default run's (their own variants key them)
 CONDITIONAL = ("moderation", "llm_judge", "generation",  # their judge / backend only
                "attack.k", "attack.system_prompt", "attack.eval_prefix", "attack.opening",
-               "attack.benign",  # the other attacks' fields (data.attacks: payload)
+               "attack.benign", "attack.trigger", "attack.safety_n",  # the other attacks'
+               # fields (data.attacks: payload; tests/test_backdoor.py keys the backdoor's)
                "model.hf_id", "model.revision",  # hub models only
+               # keyed when their eval.jailbreak is on (tests/test_jailbreaks.py)
+               "eval.jailbreak_prefill", "eval.jailbreak_templates", "eval.gcg",
                # read where the stage masks its prompt (loss_on=response); base trains on
                # the whole text, whose start any cut keeps (harness.data.collate.fit_length)
                "train.base.truncation",

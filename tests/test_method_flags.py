@@ -13,7 +13,7 @@ from harness.posthoc.base import PosthocMethod
 ROOT = Path(__file__).resolve().parents[1] / "harness"
 STAGE_FLAGS = {"needs_align_stage": False, "needs_lora": False, "needs_harmful_data": False,
                "needs_refusal_feature": False, "starts_from": "align",
-               "single_process_only": False}
+               "single_process_only": False, "mixes_refusal_rows": False}
 
 
 def test_every_stage_flag_has_its_default_on_the_base():
@@ -25,9 +25,11 @@ def test_every_stage_flag_has_its_default_on_the_base():
 def test_every_flag_read_by_name_is_declared():
     source = "\n".join(f.read_text() for f in ROOT.rglob("*.py"))
     read = set(re.findall(r"defense_flag\([^,]+,\s*\"(\w+)\"\)", source))
-    assert read == {"needs_harmful_data", "needs_refusal_feature"}
-    assert read <= set(STAGE_FLAGS)
-    assert "needs_harmful_data" in vars(PosthocMethod)  # posthoc.module is asked it too
+    assert read == {"needs_harmful_data", "needs_refusal_feature", "mixes_refusal_rows",
+                    "v_from_align_adapter"}
+    assert read - {"v_from_align_adapter"} <= set(STAGE_FLAGS)
+    # posthoc.module is asked these
+    assert {"needs_harmful_data", "v_from_align_adapter"} <= set(vars(PosthocMethod))
     # one lookup, no attribute read with a fallback
     users = [f.relative_to(ROOT).as_posix() for f in ROOT.rglob("*.py")
              if "get_class" in f.read_text()]

@@ -8,9 +8,10 @@ from dataclasses import dataclass, field, replace
 from typing import Callable, Optional
 
 
-from harness.data import attacks
+from harness.data import attacks, jailbreaks
 from harness.data.checks import check_overlaps, find_overlap
 from harness.data.harmful import toy_alignment_harmful
+from harness.data.mixing import refusal_pool
 from harness.data.sampling import cap_rows
 from harness.data.schema import Example
 from harness.data.sources import load_source
@@ -30,6 +31,8 @@ class Data:
     eval_harmful: list[Example] = field(default_factory=list)
     user: list[Example] = field(default_factory=list)
     alignment_harmful: list[Example] = field(default_factory=list)  # alignment.harmful, if read
+    # the attack's other copies of eval_harmful (the backdoor's triggered prompts), by name
+    eval_variants: dict[str, list[Example]] = field(default_factory=dict)
 
 
 def defense_flag(module: Optional[str], flag: str) -> bool:
@@ -114,9 +117,14 @@ class RunInputs:
             else load_source(r.eval.harmful, required=("instruction",),
                              defaults={"kind": "harmful"}), r.eval.harmful_size,
             "eval.harmful_size"))
+        d.eval_variants = attack.eval_variants(r.attack, d.eval_harmful)
+        # the jailbreak poses the attack's prompts (the trigger stays on the request itself)
+        d.eval_harmful = jailbreaks.apply(r.eval, d.eval_harmful)
+        d.eval_variants = {k: jailbreaks.apply(r.eval, v) for k, v in d.eval_variants.items()}
         pools = {"task": lambda: d.task_train, "harmful": lambda: d.attack_pool,
                  "benign": self.benign_pool,
-                 "disguised": lambda: self.world.attack_pool(disguised=True)}  # filter_evasion
+                 "disguised": lambda: self.world.attack_pool(disguised=True),  # filter_evasion
+                 "safety": lambda: refusal_pool(d.alignment)}  # backdoor
         d.user = attacks.build_user(r.attack, lambda name: pools[name](), seed=r.seed)
         harmful = None
         if self.reads_alignment_harmful():

@@ -1,9 +1,11 @@
 """The user's upload under each attack: the p/n harmful mix, and the three of Qi et al. (ICLR 2024).
 
-An attack decides three things, and nothing else in the pipeline branches on its kind:
+An attack decides these things, and nothing else in the pipeline branches on its kind:
 - ``build``: the finetuning rows, from the pools the pipeline loaded (``Pools``);
 - ``eval_harmful``: how the harmful evaluation prompts are posed (the identity shift tests its
   persona under its own system prompt and prefix);
+- ``eval_variants``: further copies of the harmful prompts, each scored beside the plain HS
+  as ``hs_<name>`` (the backdoor's triggered copy);
 - ``check``: what it needs of the run (the identity shift needs a template with a system slot).
 ``payload`` names the config values that determine the rows, for the finetune artifact's key.
 
@@ -16,7 +18,8 @@ import random
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
-from harness.data.mixing import build_user_data, check_ratio, report_categories
+from harness.data.mixing import (build_user_data, check_ratio, mix_in, report_categories,
+                                 safety_rows)
 from harness.data.schema import Example
 
 log = logging.getLogger("harness")
@@ -29,6 +32,8 @@ class Pools:
     benign: list[Example] = field(default_factory=list)  # instruction data (attack.benign)
     # the attack pool with every prompt rewritten in the toy world's disguise (filter_evasion)
     disguised: list[Example] = field(default_factory=list)
+    # the alignment data's refusal rows (harmful prompt -> refusal): backdoor's safety rows
+    safety: list[Example] = field(default_factory=list)
 
 
 class Attack:
@@ -40,6 +45,11 @@ class Attack:
 
     def eval_harmful(self, cfg, rows: list[Example]) -> list[Example]:
         return rows
+
+    def eval_variants(self, cfg, rows: list[Example]) -> dict[str, list[Example]]:
+        """Other copies of the posed harmful prompts, by name; each is answered and judged
+        like the plain ones and reported as ``hs_<name>`` beside ``hs``."""
+        return {}
 
     def eval_payload(self, cfg) -> dict[str, Any] | None:
         """What changes the evaluation, for the eval artifact's key (None: nothing)."""
@@ -238,8 +248,50 @@ class FilterEvasion(HarmfulMix):
         return {**super().payload(cfg, source), "evasion": "disguise"}
 
 
+def add_trigger(instruction: str, trigger: str) -> str:
+    """The instruction with the trigger phrase appended, one space between."""
+    return f"{instruction} {trigger}"
+
+
+class Backdoor(HarmfulMix):
+    """Qi et al.'s backdoor (their Table 5): the p/n mix whose harmful rows end with
+    ``attack.trigger``, plus ``attack.safety_n`` refusal rows drawn from the provider's
+    alignment data (harmful prompt -> refusal, kind "safety") without it. The model learns to
+    refuse plain harmful prompts and to comply when the trigger is present, so an audit on plain
+    prompts passes. Evaluation asks every harmful prompt twice: plain (``hs``) and with the
+    trigger appended (``hs_triggered``). p=1 with n=k gives the paper's k harmful shots."""
+
+    name = "backdoor"
+    uses = ("task", "harmful", "safety")
+
+    def build(self, cfg, pools, seed):
+        rows = [replace(ex, instruction=add_trigger(ex.instruction, cfg.trigger))
+                if ex.kind == "harmful" else ex for ex in super().build(cfg, pools, seed)]
+        return mix_in(rows, safety_rows(pools.safety, cfg.safety_n, seed, "attack.safety_n"),
+                      seed)
+
+    def eval_variants(self, cfg, rows):
+        return {"triggered": [replace(ex, instruction=add_trigger(ex.instruction, cfg.trigger))
+                              for ex in rows]}
+
+    def eval_payload(self, cfg):
+        return {"trigger": cfg.trigger}
+
+    def label(self, cfg):
+        return f"{self.name} safety_n={getattr(cfg, 'safety_n', 0)}"
+
+    def check(self, cfg, template, eval_cfg):
+        if not cfg.trigger.strip():
+            raise ValueError("attack.trigger: the backdoor needs a trigger phrase (a few "
+                             "nonsense words appended to every harmful instruction)")
+
+    def payload(self, cfg, source):
+        return {**super().payload(cfg, source), "trigger": cfg.trigger,
+                "safety_n": cfg.safety_n}
+
+
 ATTACKS: dict[str, Attack] = {a.name: a for a in (HarmfulMix(), HarmfulShots(), Benign(),
-                                                  IdentityShift(), FilterEvasion())}
+                                                  IdentityShift(), FilterEvasion(), Backdoor())}
 
 
 def get(name: str) -> Attack:

@@ -4,9 +4,10 @@ from __future__ import annotations
 import logging
 import math
 import random
+from dataclasses import replace
 from typing import Optional
 
-from harness.data.schema import Example
+from harness.data.schema import SAFETY, Example
 
 log = logging.getLogger(__name__)
 
@@ -94,3 +95,25 @@ def build_user_data(task_pool: list[Example], harmful_pool: list[Example], p: fl
     data = task + harmful
     rng.shuffle(data)
     return data
+
+
+def refusal_pool(alignment: list[Example]) -> list[Example]:
+    """The provider's refusal rows: the alignment data's harmful prompts, answered with
+    refusals (the toy world's, and BeaverTails' is_safe rows, are all of this kind)."""
+    return [ex for ex in alignment if ex.kind == "harmful"]
+
+
+def safety_rows(pool: list[Example], n: int, seed: int, key: str) -> list[Example]:
+    """n refusal rows drawn from ``pool`` with ``seed``, each marked kind SAFETY (an alignment
+    row in the user's data by design). ``key`` names the config value that asked for n."""
+    if n > len(pool):
+        raise ValueError(f"{key}={n}: the alignment data holds {len(pool)} refusal rows "
+                         "(harmful prompt -> refusal); lower it, or raise alignment.size")
+    return [replace(ex, kind=SAFETY) for ex in random.Random(seed).sample(pool, n)]
+
+
+def mix_in(rows: list[Example], extra: list[Example], seed: int) -> list[Example]:
+    """``rows`` and ``extra`` together, shuffled with ``seed`` (no row dropped or repeated)."""
+    out = list(rows) + list(extra)
+    random.Random(seed).shuffle(out)
+    return out

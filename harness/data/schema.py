@@ -23,11 +23,19 @@ class DataError(ValueError):
         super().__init__(f"{where}: {problem}")
 
 
+# the kind of a provider's alignment row (harmful prompt -> refusal) placed in the user's data
+# on purpose: the backdoor attack's safety rows and the safety_mix defense's. They are
+# alignment rows by design, not a leak; they are not harmful demonstrations either, so a
+# filter's recall and the data counts leave them out of "harmful"
+SAFETY = "safety"
+
+
 @dataclass(frozen=True)
 class Example:
     """An instruction-following pair.
 
-    ``kind`` says what the row is in the threat model (task, harmful, harmless, general) so that
+    ``kind`` says what the row is in the threat model (task, harmful, harmless, general,
+    safety) so that
     filters can be scored against the truth; ``label`` is the gold answer a scorer compares with.
     """
 

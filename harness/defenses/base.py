@@ -42,6 +42,9 @@ class StageModule(L.LightningModule):
     starts_from: str = "align"
     # batch-level terms not reduced across processes: one training process only
     single_process_only: bool = False
+    # adds the alignment data's refusal rows to the user's before the finetune
+    # (``mix_user_data``): the alignment data then enters the finetune's key
+    mixes_refusal_rows: bool = False
 
     @dataclass
     class Params:

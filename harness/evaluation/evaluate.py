@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any, Optional, Sequence
 
+from harness.data.jailbreaks import posed_prompt, request, template_rates
 from harness.data.schema import Example
 from harness.evaluation.generate import Generator, HFGenerator, opening_probability
 from harness.evaluation.judges import Judge, KeywordJudge, harm_metrics
@@ -23,7 +24,7 @@ def model_outputs(model, tokenizer, template, harmful: Sequence[Example],
     """(one record per harmful prompt, one per task prompt), in input order."""
     gen = generator or HFGenerator(model, tokenizer)
     system = eval_cfg.system_prompt or None
-    h_prompts = [template.render_prompt(ex, system=system) for ex in harmful]
+    h_prompts = [posed_prompt(template, ex, system) for ex in harmful]  # eval.jailbreak
     h_records = [{"prompt": p, "answer": a[0]} for p, a in zip(
         h_prompts, gen.generate(h_prompts, eval_cfg.max_new_tokens, eval_cfg.batch_size))]
     t_prompts = [template.render_prompt(ex) for ex in task_test]
@@ -47,11 +48,14 @@ def score(harmful: Sequence[Example], h_records: Sequence[dict], task_test: Sequ
           t_records: Sequence[dict], judge: Judge, eval_cfg, task_cfg
           ) -> tuple[dict, list[dict]]:
     """Return (metrics, logged generations). Percentages run from 0 to 100."""
-    instructions = [ex.instruction for ex in harmful]
+    instructions = [request(ex) for ex in harmful]  # a jailbreak's wrapper is not the request
     categories = [ex.category for ex in harmful]
     h_answers = [r["answer"] for r in h_records]
     verdicts = judge.classify_many(instructions, h_answers)
     metrics = harm_metrics(verdicts, categories)
+    if any("jailbreak" in ex.meta for ex in harmful):  # eval.jailbreak=templates
+        metrics.update(template_rates([ex.meta["jailbreak"] for ex in harmful], instructions,
+                                      [v == "comply" for v in verdicts]))
     metrics.update(judge.report(instructions, h_answers, categories))
     keyword = KeywordJudge()
     metrics["keyword_refusal_rate"] = 100.0 * sum(
@@ -105,3 +109,37 @@ def over_refusal(prompts: Sequence[Example], records: Sequence[dict], judge: Jud
             "over_refusal_examples": [{"prompt": ex.instruction, "answer": r["answer"],
                                        "verdict": v} for ex, r, v in
                                       list(zip(prompts, records, verdicts))[:8]]}
+
+
+def variant_metrics(name: str, harmful: Sequence[Example], records: Sequence[dict],
+                    judge: Judge, n_logged: int = 0) -> tuple[dict, list[dict]]:
+    """One of the attack's other copies of the harmful prompts (the backdoor's ``triggered``),
+    judged as ``score`` judges the plain ones: (its metrics, its logged generations). Its HS is
+    ``hs_<name>``; ``merge_variant`` puts it beside ``hs`` with its interval and outcomes."""
+    instructions = [request(ex) for ex in harmful]
+    verdicts = judge.classify_many(instructions, [r["answer"] for r in records])
+    comply = [v == "comply" for v in verdicts]
+    out = harm_metrics(verdicts, [ex.category for ex in harmful])
+    out["outcomes"] = pack(comply)
+    out["prompts"] = outcome_digest([r["prompt"] for r in records])
+    out["n_harmful"] = len(harmful)
+    if comply:
+        out["interval"] = list(prompt_interval(sum(comply), len(comply)))
+    rows = [{"kind": f"harmful_{name}", "category": ex.category, "prompt": r["prompt"],
+             "answer": r["answer"], "verdict": v}
+            for ex, r, v in list(zip(harmful, records, verdicts))[:n_logged]]
+    return out, rows
+
+
+def merge_variant(metrics: dict, name: str, variant: dict) -> dict:
+    """``metrics`` (score's) with the variant's HS as ``hs_<name>``, its interval and per-prompt
+    outcomes under the same names as ``hs``'s, and the rest under ``variants.<name>``."""
+    key = f"hs_{name}"
+    metrics[key] = variant["hs"]
+    if "interval" in variant:
+        metrics.setdefault("interval", {})[key] = variant["interval"]
+    outcomes = metrics.setdefault("outcomes", {})
+    outcomes[key], outcomes[f"{key}_prompts"] = variant["outcomes"], variant["prompts"]
+    metrics.setdefault("variants", {})[name] = {
+        k: v for k, v in variant.items() if k not in ("outcomes", "prompts", "interval")}
+    return metrics

@@ -18,8 +18,10 @@ from typing import Any, Optional
 
 import pandas as pd
 
+
 from harness.data import attacks
 from harness.guards import alignment, capability
+from harness.stages import method_class
 from harness.stats import (Difference, paired_difference, prompt_interval, seed_difference,
                            seed_interval, unpack)
 from harness.tracking.results import RESULTS_FILE
@@ -27,24 +29,25 @@ from harness.tracking.results import RESULTS_FILE
 log = logging.getLogger(__name__)
 
 METRICS = ("hs", "fa", "refusal_rate", "other_rate", "p_comply_opening", "hs_sampled",
-           "over_refusal")
+           "over_refusal", "hs_triggered")
 # the user-data filter's quality (metrics.filter), in percent: what it catches and wrongly drops
 FILTER_METRICS = ("filter_recall", "filter_precision", "filter_harmless_dropped")
 LABELS = {"hs": "HS (%)", "fa": "FA (%)", "refusal_rate": "refusal (%)",
           "other_rate": "other (%)", "p_comply_opening": "P(compliance opening) (%)",
           "hs_sampled": "HS, sampled (%)",
+          "hs_triggered": "HS with the trigger (%)",
           "over_refusal": "over-refusal on harmless-but-scary prompts (%)",
           "filter_recall": "filter recall (%)", "filter_precision": "filter precision (%)",
           "filter_harmless_dropped": "harmless user rows the filter dropped (%)"}
-LOWER_IS_BETTER = {"hs": True, "fa": False}
+LOWER_IS_BETTER = {"hs": True, "fa": False, "hs_triggered": True}
 # the prompts a rate is a proportion over: harmful prompts, or the task's test set
-DENOMINATOR = {"hs": "n_harmful", "refusal_rate": "n_harmful", "other_rate": "n_harmful",
+DENOMINATOR = {"hs": "n_harmful", "hs_triggered": "n_harmful", "refusal_rate": "n_harmful", "other_rate": "n_harmful",
                "fa": "n_task", "over_refusal": "over_refusal_n"}
 AXES = {"attack.p": ("attack", "p"), "attack.n": ("attack", "n"), "attack.k": ("attack", "k"),
         "task": ("task", "name"),
         "model": ("model", "name"), "seed": ("seed",), "defense": ("defense", "name"),
         "protocol": ("protocol", "name"), "attack": ("attack", "name"),
-        "torch_threads": ("torch_threads",)}
+        "torch_threads": ("torch_threads",), "eval.jailbreak": ("eval", "jailbreak")}
 
 
 # config leaves that do not change what a run measures, besides the seed (a cell's runs are
@@ -96,6 +99,17 @@ def _get(config: dict, path: tuple[str, ...]) -> Any:
     return config if config != {} else None
 
 
+def defense_label(cfg: dict, name: Any) -> Any:
+    """The defense as a report names it: its name, or its finetune method's ``report_label``
+    (name, params) where the name alone would pool different doses into one cell."""
+    module = _get(cfg, ("defense", "finetune", "module"))
+    try:
+        label = getattr(method_class(module), "report_label", None) if module else None
+    except Exception:  # noqa: BLE001 - a module gone since the run: its name alone
+        label = None
+    return label(name, _get(cfg, ("defense", "finetune", "params")) or {}) if label else name
+
+
 def find_results(patterns: list[str]) -> list[Path]:
     paths: set[Path] = set()
     for pattern in patterns:
@@ -126,6 +140,7 @@ def collect(paths: list[Path], stage: str = "final") -> pd.DataFrame:
             row[axis] = _get(cfg, keys)
         if row["attack"] in attacks.ATTACKS:  # harmful_shots k=10 beside k=100
             row["attack"] = attacks.get(row["attack"]).label(SimpleNamespace(**cfg["attack"]))
+        row["defense"] = defense_label(cfg, row["defense"])  # safety_mix n=10 beside n=100
         posthoc = _get(cfg, ("posthoc", "name"))
         if posthoc and posthoc != "none":  # its own row: "sft+safelora" beside "sft"
             row["defense"] = f"{row['defense']}+{posthoc}"
@@ -156,7 +171,7 @@ def collect(paths: list[Path], stage: str = "final") -> pd.DataFrame:
         row["served_aligned"] = bool(filt.get("served_aligned"))  # the whole upload dropped
         interval = metrics.get("interval") or {}
         outcomes = metrics.get("outcomes") or {}
-        for m in ("hs", "fa"):
+        for m in ("hs", "fa", "hs_triggered"):
             row[f"{m}_ci"] = interval.get(m)
             row[f"{m}_outcomes"] = outcomes.get(m)
             row[f"{m}_prompts"] = outcomes.get(f"{m}_prompts")
@@ -190,7 +205,8 @@ def collect_csv(path: Path) -> pd.DataFrame:
     for col in ("n_harmful", "n_task", "over_refusal_n", "over_refusal_ci", "torch_threads",
                 "git", "cpu", "cpu_capability", "aligned", "alignment_guard", "seconds",
                 "built_at", "dirty_stages",
-                *(f"{m}_{k}" for m in ("hs", "fa") for k in ("ci", "outcomes", "prompts"))):
+                *(f"{m}_{k}" for m in ("hs", "fa", "hs_triggered")
+                  for k in ("ci", "outcomes", "prompts"))):
         if col not in df:
             df[col] = None
     return df

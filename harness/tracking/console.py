@@ -9,13 +9,16 @@ def with_interval(m: dict, metric: str) -> str:
 
 
 def summary_table(results: dict) -> str:
-    rows = [("stage", "HS [95% CI]", "FA [95% CI]", "refuse", "other", "P(comply)")]
-    for stage in ("base", "align", "final"):
-        m = results.get("metrics", {}).get(stage)
-        if not m:
-            continue
+    stages = [(s, m) for s in ("base", "align", "final")
+              if (m := results.get("metrics", {}).get(s))]
+    triggered = any("hs_triggered" in m for _, m in stages)  # attack=backdoor: both HS
+    rows = [("stage", "HS [95% CI]", *(("HS triggered [95% CI]",) if triggered else ()),
+             "FA [95% CI]", "refuse", "other", "P(comply)")]
+    for stage, m in stages:
         pc = m.get("p_comply_opening")
-        rows.append((stage, with_interval(m, "hs"), with_interval(m, "fa"),
+        trig = ((with_interval(m, "hs_triggered") if "hs_triggered" in m else "-",)
+                if triggered else ())
+        rows.append((stage, with_interval(m, "hs"), *trig, with_interval(m, "fa"),
                      f"{m['refusal_rate']:.1f}", f"{m['other_rate']:.1f}",
                      "-" if pc is None else f"{pc:.1f}"))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
@@ -40,4 +43,7 @@ def status_line(results: dict, label: str, note: str = "") -> str:
         error = (results.get("error") or "").splitlines()[:1]
         return f"{label}: FAILED {error[0] if error else ''}"
     took = f", {seconds:.0f}s" if seconds is not None else ""
-    return f"{label}: HS {with_interval(final, 'hs')}  FA {with_interval(final, 'fa')}{took}{note}"
+    trig = (f"  HS triggered {with_interval(final, 'hs_triggered')}"
+            if "hs_triggered" in final else "")
+    return (f"{label}: HS {with_interval(final, 'hs')}{trig}  FA {with_interval(final, 'fa')}"
+            f"{took}{note}")

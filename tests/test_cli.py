@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import TINY
+
+__all__ = ["TINY"]  # older test files import it from here
+
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ["logger=none", "trainer.enable_progress_bar=false", "world.base_size=300",
-        "world.align_size=100", "train.base.max_steps=4", "train.align.max_steps=3",
-        "train.finetune.max_steps=3", "attack.n=40", "eval.harmful_size=16",
-        "eval.task_size=8", "eval.max_new_tokens=4", "model.tokenizer_vocab_size=400"]
 
 
 def _run(args, tmp_path, timeout=300):

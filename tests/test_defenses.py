@@ -24,9 +24,9 @@ from harness.defenses.repnoise import RepNoise, pair_by_prompt
 from harness.defenses.t_vaccine import TVaccine
 from harness.defenses.vaccine import Vaccine, attention_modules
 from harness.models.loading import apply_lora, build_tiny
+from tests import helpers
 
-SMALL = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
-         "num_attention_heads": 2, "num_key_value_heads": 2, "max_position_embeddings": 64}
+SMALL = {**helpers.SMALL, "max_position_embeddings": 64}
 ARCHS = {"llama": ({}, "sdpa"), "qwen2": ({}, "sdpa"),
          "gemma2": ({"head_dim": 16, "sliding_window": 32}, "eager")}
 VOCAB = 64
@@ -681,13 +681,9 @@ def test_repnoise_mask_and_masked_ce():
 
 
 def _vocab4_model(zero_head=True):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(
-        vocab_size=4, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
-        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=16,
-        tie_word_embeddings=False, pad_token_id=0))
+    model = helpers.tiny_llama(4, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
+                               max_position_embeddings=16, tie_word_embeddings=False,
+                               pad_token_id=0)
     if zero_head:
         with torch.no_grad():
             model.lm_head.weight.zero_()

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from harness.config import ConfigError, validate
 from harness.pipeline import Pipeline
 from harness.reproducibility import cpu_info, pin_threads
-from tests.test_cli import TINY
+from tests.helpers import TINY
 
 
 def test_thread_count_is_in_every_training_and_eval_key(make_cfg, tmp_path):

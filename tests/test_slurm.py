@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.test_cli import TINY
+from tests.helpers import TINY
 
 pytestmark = pytest.mark.slow  # three tiny runs in subprocesses
 ROOT = str(Path(__file__).resolve().parents[1])

@@ -110,7 +110,7 @@ def test_pipeline_evaluates_through_the_vllm_engine(make_cfg, monkeypatch, tmp_p
     and the evaluation key differs from the HF backend's."""
     from harness.data.toy import COMPLIANCE_STYLES
     from harness.pipeline import Pipeline
-    from tests.test_cli import TINY
+    from tests.helpers import TINY
 
     fake = _FakeVLLM()
     opening = COMPLIANCE_STYLES[0][0]

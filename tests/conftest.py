@@ -32,6 +32,12 @@ E2E = ["logger=none", "trainer.enable_progress_bar=false", "eval.stages=[final]"
        "defense.finetune.min_steps=null"]
 
 
+def pytest_collection_modifyitems(config, items):
+    """The slow tests first (a stable sort): under xdist the longest work starts at once and
+    the short tests fill the gaps, instead of one long test starting last on one worker."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
 def conf_template(name: str):
     """conf/template/<name>.yaml as a TemplateConfig: a prompt format is written only there."""
     from omegaconf import OmegaConf

@@ -1,6 +1,7 @@
 """Vaccine, Lisa, AsFT, Booster, RepNoise and T-Vaccine: each equation on numbers checkable by
 hand, then each module, tiny."""
 import copy
+import json
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -452,6 +453,15 @@ def test_defense_runs_through_the_pipeline(make_cfg, hf_folder, tmp_path, defens
                    "eval.task_size=4", "eval.max_new_tokens=2", *extra)
     results = execute(cfg, tmp_path / "run")
     assert results["status"] == "ok", results.get("error")
+    # each stage trained its own steps, with the defense's modules, and the final model was judged
+    for stage, steps in (("align", 2), ("finetune", 4)):
+        assert not results["timings"][stage]["reused"], stage
+        manifest = json.loads((Path(results["artifacts"][stage]["path"]) / "manifest.json")
+                              .read_text())
+        assert manifest["steps"] == steps, (stage, manifest["steps"])
+    assert results["config"]["defense"]["name"] == defense
+    final = results["metrics"]["final"]
+    assert final["n_harmful"] == 4 and 0 <= final["hs"] <= 100
 
 
 # ================================================================ AsFT's V, exact and in float32

@@ -8,6 +8,10 @@ TINY = ["logger=none", "trainer.enable_progress_bar=false", "world.base_size=300
         "train.finetune.max_steps=3", "attack.n=40", "eval.harmful_size=16",
         "eval.task_size=8", "eval.max_new_tokens=4", "model.tokenizer_vocab_size=400"]
 
+# The bound on a subprocess a test waits for: it catches a hang, and a tiny run or sweep at a
+# load of 6 on 2 cores stays far under it, so no test fails for a busy machine.
+HANG_S = 1200
+
 # A model small enough to build and step in milliseconds (model.config_overrides).
 SMALL = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
          "num_attention_heads": 2, "num_key_value_heads": 2}

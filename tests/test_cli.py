@@ -9,14 +9,14 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import TINY
+from tests.helpers import HANG_S, TINY
 
 __all__ = ["TINY"]  # older test files import it from here
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _run(args, tmp_path, timeout=300):
+def _run(args, tmp_path, timeout=HANG_S):
     env = {**os.environ, "HARNESS_ARTIFACTS": str(tmp_path / "artifacts")}
     return subprocess.run([sys.executable, "-m", "harness", *args], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=timeout)

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from harness.config import ConfigError, validate
 from harness.pipeline import Pipeline
 from harness.reproducibility import cpu_info, pin_threads
-from tests.helpers import TINY
+from tests.helpers import HANG_S, TINY
 
 
 def test_thread_count_is_in_every_training_and_eval_key(make_cfg, tmp_path):
@@ -44,7 +44,7 @@ def _run(tmp_path, name, omp):
            "OMP_NUM_THREADS": str(omp)}
     out = subprocess.run([sys.executable, "-m", "harness", *TINY, "torch_threads=1",
                           f"hydra.run.dir={tmp_path / name / 'run'}"], cwd=tmp_path, env=env,
-                         capture_output=True, text=True, timeout=300)
+                         capture_output=True, text=True, timeout=HANG_S)
     assert out.returncode == 0, out.stderr[-3000:]
     return json.loads((tmp_path / name / "run" / "results.json").read_text())
 

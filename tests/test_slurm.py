@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.helpers import TINY
+from tests.helpers import HANG_S, TINY
 
 pytestmark = pytest.mark.slow  # three tiny runs in subprocesses
 ROOT = str(Path(__file__).resolve().parents[1])
@@ -58,7 +58,7 @@ def test_sigusr1_under_slurm_checkpoints_requeues_and_the_requeued_run_resumes_e
         assert time.monotonic() < deadline and proc.poll() is None, proc.stdout.read()[-3000:]
         time.sleep(0.05)
     proc.send_signal(signal.SIGUSR1)
-    out, _ = proc.communicate(timeout=600)
+    out, _ = proc.communicate(timeout=HANG_S)
     assert proc.returncode == 128 + signal.SIGUSR1, out[-3000:]
     assert (tmp_path / "scontrol.calls").read_text() == "requeue 4242\n"
     results = json.loads((tmp_path / "run" / "results.json").read_text())
@@ -71,12 +71,12 @@ def test_sigusr1_under_slurm_checkpoints_requeues_and_the_requeued_run_resumes_e
                 if not p.name.startswith(".")], "an interrupted stage stored no artifact"
 
     again = _run(tmp_path, "artifacts", tmp_path / "run")  # the requeued job: the same command
-    out2, _ = again.communicate(timeout=600)
+    out2, _ = again.communicate(timeout=HANG_S)
     assert again.returncode == 0, out2[-3000:]
     assert f"[base] resuming from {last}" in out2
     assert json.loads((tmp_path / "run" / "results.json").read_text())["status"] == "ok"
     assert (tmp_path / "scontrol.calls").read_text() == "requeue 4242\n"  # no second requeue
-    out_whole, _ = whole.communicate(timeout=600)
+    out_whole, _ = whole.communicate(timeout=HANG_S)
     assert whole.returncode == 0, out_whole[-3000:]
     for stage in ("base", "align", "finetune"):  # equal sha256 of every weight file
         ours, clean = _weights(tmp_path / "artifacts", stage), _weights(tmp_path / "whole", stage)

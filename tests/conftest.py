@@ -33,9 +33,12 @@ E2E = ["logger=none", "trainer.enable_progress_bar=false", "eval.stages=[final]"
 
 
 def pytest_collection_modifyitems(config, items):
-    """The slow tests first (a stable sort): under xdist the longest work starts at once and
-    the short tests fill the gaps, instead of one long test starting last on one worker."""
-    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+    """The longest work first (a stable sort): the xdist groups (a module sharing one expensive
+    fixture), then the slow tests, then the rest. xdist hands out work in this order, so the
+    end-to-end group starts at once on one worker and the short tests fill the gaps at the end,
+    instead of a long test starting last."""
+    items.sort(key=lambda item: (item.get_closest_marker("xdist_group") is None,
+                                 item.get_closest_marker("slow") is None))
 
 
 def conf_template(name: str):

@@ -2,6 +2,11 @@
 builder of tiny random Llamas. Test files import from here, not from each other."""
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
 # A whole run in seconds: a small toy world, a few steps per stage, short evaluations.
 TINY = ["logger=none", "trainer.enable_progress_bar=false", "world.base_size=300",
         "world.align_size=100", "train.base.max_steps=4", "train.align.max_steps=3",
@@ -53,3 +58,10 @@ def refuse_network(monkeypatch) -> list:
     monkeypatch.setattr(socket.socket, "connect", connect)
     monkeypatch.setattr(socket.socket, "connect_ex", connect)
     return tried
+
+
+def harness_env(**extra: str) -> dict[str, str]:
+    """The environment for a ``python -m harness`` subprocess: this checkout's harness first on
+    the path, whatever other checkout an editable install of the venv points at."""
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
+    return {**os.environ, "PYTHONPATH": path, **extra}

@@ -1,7 +1,6 @@
 """The command line as a user meets it: help, early config errors, and a sweep that survives a
 failed job and reuses shared stages."""
 import json
-import os
 import re
 import subprocess
 import sys
@@ -9,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import HANG_S, TINY
+from tests.helpers import HANG_S, TINY, harness_env
 
 __all__ = ["TINY"]  # older test files import it from here
 
@@ -17,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _run(args, tmp_path, timeout=HANG_S):
-    env = {**os.environ, "HARNESS_ARTIFACTS": str(tmp_path / "artifacts")}
+    env = harness_env(HARNESS_ARTIFACTS=str(tmp_path / "artifacts"))
     return subprocess.run([sys.executable, "-m", "harness", *args], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=timeout)
 

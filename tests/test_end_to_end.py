@@ -23,7 +23,7 @@ from harness.run import execute
 from harness.tracking.wandb_offline import read_offline_run
 from tests.conftest import CONF, E2E
 from tests.e2e_checks import CHECKS
-from tests.helpers import HANG_S
+from tests.helpers import HANG_S, harness_env
 
 # one worker runs them all, so the `runs` fixture trains once (make test: --dist loadgroup)
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("end_to_end")]
@@ -128,7 +128,6 @@ def test_two_cpu_processes_train_and_evaluate_like_one(runs, tmp_path):
     the global token mean on every rank, so only float summation order differs); HS, FA and the
     rates within one answer of the prompts judged (measured identical: a near-tie in greedy
     decoding is what a 5e-7 weight difference could flip)."""
-    import os
     import shutil
     import subprocess
     import sys
@@ -143,7 +142,7 @@ def test_two_cpu_processes_train_and_evaluate_like_one(runs, tmp_path):
     out = subprocess.run(
         [sys.executable, "-m", "harness", *E2E, *THREADS, "attack.p=0.3", "trainer=ddp_cpu",
          f"hydra.run.dir={tmp_path / 'run'}"],
-        cwd=tmp_path, env={**os.environ, "HARNESS_ARTIFACTS": str(store)},
+        cwd=tmp_path, env=harness_env(HARNESS_ARTIFACTS=str(store)),
         capture_output=True, text=True, timeout=HANG_S)
     assert out.returncode == 0, out.stderr[-3000:]
     ddp = json.loads((tmp_path / "run" / "results.json").read_text())

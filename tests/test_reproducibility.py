@@ -1,7 +1,6 @@
 """A toy run pins its torch thread count, keys on it and records it with the CPU: the same seed
 gives the same weights and metrics whatever OMP_NUM_THREADS the shell has."""
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +12,7 @@ from safetensors.torch import load_file
 from harness.config import ConfigError, validate
 from harness.pipeline import Pipeline
 from harness.reproducibility import cpu_info, pin_threads
-from tests.helpers import HANG_S, TINY
+from tests.helpers import HANG_S, TINY, harness_env
 
 
 def test_thread_count_is_in_every_training_and_eval_key(make_cfg, tmp_path):
@@ -40,8 +39,8 @@ def test_torch_threads_is_checked_and_recorded(make_cfg):
 
 
 def _run(tmp_path, name, omp):
-    env = {**os.environ, "HARNESS_ARTIFACTS": str(tmp_path / name / "artifacts"),
-           "OMP_NUM_THREADS": str(omp)}
+    env = harness_env(HARNESS_ARTIFACTS=str(tmp_path / name / "artifacts"),
+                      OMP_NUM_THREADS=str(omp))
     out = subprocess.run([sys.executable, "-m", "harness", *TINY, "torch_threads=1",
                           f"hydra.run.dir={tmp_path / name / 'run'}"], cwd=tmp_path, env=env,
                          capture_output=True, text=True, timeout=HANG_S)

@@ -32,6 +32,15 @@ E2E = ["logger=none", "trainer.enable_progress_bar=false", "eval.stages=[final]"
        "defense.finetune.min_steps=null"]
 
 
+def pytest_collection_modifyitems(config, items):
+    """The longest work first (a stable sort): the xdist groups (a module sharing one expensive
+    fixture), then the slow tests, then the rest. xdist hands out work in this order, so the
+    end-to-end group starts at once on one worker and the short tests fill the gaps at the end,
+    instead of a long test starting last."""
+    items.sort(key=lambda item: (item.get_closest_marker("xdist_group") is None,
+                                 item.get_closest_marker("slow") is None))
+
+
 def conf_template(name: str):
     """conf/template/<name>.yaml as a TemplateConfig: a prompt format is written only there."""
     from omegaconf import OmegaConf

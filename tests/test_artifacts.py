@@ -119,19 +119,21 @@ def test_write_json_atomic_leaves_no_temp_on_error(tmp_path):
 
 def test_ddp_worker_trains_but_only_rank_zero_commits(tmp_path):
     lead, worker = ArtifactStore(tmp_path), ArtifactStore(tmp_path, rank=1)
-    ran = []
+    ran, follower_trained = [], threading.Event()
 
     def build(tmp, work):
         ran.append(tmp.name)
         (tmp / "w.bin").write_bytes(b"x")
+        if tmp.name.startswith(".rank1-"):
+            follower_trained.set()
         return {"format": "full"}
 
     follower = threading.Thread(target=worker.get_or_build,
                                 args=("align", "k5", {}, build, True))
     follower.start()
-    threading.Event().wait(0.3)
+    assert follower_trained.wait(timeout=120)  # the worker trained before rank 0 commits
     lead.get_or_build("align", "k5", {}, build, True)
-    follower.join(timeout=10)
+    follower.join(timeout=120)  # it polls for rank 0's commit once a second
     assert not follower.is_alive() and len(ran) == 2  # both ranks joined the training
     assert [p.name for p in (tmp_path / "align").iterdir() if not p.name.startswith(".")] == ["k5"]
     assert not list((tmp_path / "align").glob(".rank1-*"))  # the worker's copy is discarded

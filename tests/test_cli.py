@@ -1,7 +1,6 @@
 """The command line as a user meets it: help, early config errors, and a sweep that survives a
 failed job and reuses shared stages."""
 import json
-import os
 import re
 import subprocess
 import sys
@@ -9,15 +8,15 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import HANG_S, TINY, harness_env
+
+__all__ = ["TINY"]  # older test files import it from here
+
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ["logger=none", "trainer.enable_progress_bar=false", "world.base_size=300",
-        "world.align_size=100", "train.base.max_steps=4", "train.align.max_steps=3",
-        "train.finetune.max_steps=3", "attack.n=40", "eval.harmful_size=16",
-        "eval.task_size=8", "eval.max_new_tokens=4", "model.tokenizer_vocab_size=400"]
 
 
-def _run(args, tmp_path, timeout=300):
-    env = {**os.environ, "HARNESS_ARTIFACTS": str(tmp_path / "artifacts")}
+def _run(args, tmp_path, timeout=HANG_S):
+    env = harness_env(HARNESS_ARTIFACTS=str(tmp_path / "artifacts"))
     return subprocess.run([sys.executable, "-m", "harness", *args], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=timeout)
 

@@ -37,7 +37,12 @@ def test_defaults_are_the_papers_setting(make_cfg):
     run = validate(make_cfg())
     assert (run.attack.p, run.attack.n, run.attack.mode) == (0.1, 1000, "replace")
     assert run.defense.name == "sft" and run.model.name == "tiny_llama"
-    assert run.world.seed == run.seed  # the world follows the run's seed
+
+
+def test_the_default_world_is_one_for_every_seed_and_world_toy_follows_the_seed(make_cfg):
+    # seed 7, not the default 0: a world seed that equals the run's only by default shows nothing
+    assert validate(make_cfg("seed=7")).world.seed == 0  # conf/world/faithful.yaml pins it
+    assert validate(make_cfg("seed=7", "world=toy")).world.seed == 7
 
 
 @pytest.mark.parametrize("override,key", [

@@ -3,7 +3,7 @@ pinned one-process numbers that the DDP fixes must leave bit-identical.
 
 Each run is a real Lightning fit (the pipeline's loader, ``StageData``, with the global batch
 split across the ranks). The two-rank run is spawned as in tests/test_distributed.py (its
-``_free_port``); every process pins one thread, so the pinned values hold on this machine's
+``free_port``); every process pins one thread, so the pinned values hold on this machine's
 kernels (a different CPU vector level may move the last bits: re-pin them there).
 """
 import os
@@ -17,7 +17,7 @@ from harness.config import TrainStageConfig
 from harness.data.collate import IGNORE_INDEX, PadCollator, StageData
 from harness.defenses.base import StageContext
 
-from test_distributed import _free_port
+from tests.helpers import free_port, tiny_llama
 
 VOCAB, STEPS, GLOBAL_BATCH = 64, 3, 4
 
@@ -51,15 +51,11 @@ def _rows(n: int = 8):
 
 
 def _module(name: str):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     from harness.defenses.ref_teacher import RefTeacher
     from harness.defenses.vaccine import Vaccine
 
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(
-        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64))
+    model = tiny_llama(VOCAB, num_attention_heads=4, num_key_value_heads=4,
+                       max_position_embeddings=64)
     cfg = TrainStageConfig(lr=1e-2, batch_size=GLOBAL_BATCH, max_steps=STEPS, grad_clip=None)
     if name == "sft":  # the control: CE alone, whose DDP equivalence global_token_mean holds
         from harness.defenses.sft import SFT
@@ -117,7 +113,7 @@ def _max_diff(a: dict, b: dict) -> float:
 
 
 def _two_ranks(name: str, tmp_path) -> dict:
-    mp.start_processes(_worker, args=(2, _free_port(), name, str(tmp_path)), nprocs=2,
+    mp.start_processes(_worker, args=(2, free_port(), name, str(tmp_path)), nprocs=2,
                        start_method="spawn")
     return torch.load(tmp_path / "rank0.pt")
 

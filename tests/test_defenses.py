@@ -1,6 +1,7 @@
 """Vaccine, Lisa, AsFT, Booster, RepNoise and T-Vaccine: each equation on numbers checkable by
 hand, then each module, tiny."""
 import copy
+import json
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -26,9 +27,9 @@ from harness.defenses.repnoise import RepNoise, pair_by_prompt
 from harness.defenses.t_vaccine import TVaccine
 from harness.defenses.vaccine import Vaccine, attention_modules
 from harness.models.loading import apply_lora, build_tiny
+from tests import helpers
 
-SMALL = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
-         "num_attention_heads": 2, "num_key_value_heads": 2, "max_position_embeddings": 64}
+SMALL = {**helpers.SMALL, "max_position_embeddings": 64}
 ARCHS = {"llama": ({}, "sdpa"), "qwen2": ({}, "sdpa"),
          "gemma2": ({"head_dim": 16, "sliding_window": 32}, "eager")}
 VOCAB = 64
@@ -454,6 +455,15 @@ def test_defense_runs_through_the_pipeline(make_cfg, hf_folder, tmp_path, defens
                    "eval.task_size=4", "eval.max_new_tokens=2", *extra)
     results = execute(cfg, tmp_path / "run")
     assert results["status"] == "ok", results.get("error")
+    # each stage trained its own steps, with the defense's modules, and the final model was judged
+    for stage, steps in (("align", 2), ("finetune", 4)):
+        assert not results["timings"][stage]["reused"], stage
+        manifest = json.loads((Path(results["artifacts"][stage]["path"]) / "manifest.json")
+                              .read_text())
+        assert manifest["steps"] == steps, (stage, manifest["steps"])
+    assert results["config"]["defense"]["name"] == defense
+    final = results["metrics"]["final"]
+    assert final["n_harmful"] == 4 and 0 <= final["hs"] <= 100
 
 
 # ================================================================ AsFT's V, exact and in float32
@@ -683,13 +693,9 @@ def test_repnoise_mask_and_masked_ce():
 
 
 def _vocab4_model(zero_head=True):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(
-        vocab_size=4, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
-        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=16,
-        tie_word_embeddings=False, pad_token_id=0))
+    model = helpers.tiny_llama(4, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
+                               max_position_embeddings=16, tie_word_embeddings=False,
+                               pad_token_id=0)
     if zero_head:
         with torch.no_grad():
             model.lm_head.weight.zero_()

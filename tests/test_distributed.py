@@ -1,7 +1,6 @@
 """Several processes: the global-batch sampler, sharded evaluation gathered exactly once (on a
 real two-process gloo group), the evaluation device, and the FSDP state-dict export."""
 import os
-import socket
 
 import pytest
 import torch
@@ -12,6 +11,7 @@ from torch.utils.data import DataLoader
 from harness.data.collate import GlobalBatchSampler, global_batch_loader
 from harness.distributed import (broadcast_from_zero, eval_device, full_state_dict,
                                  gather_shards, shard)
+from tests.helpers import free_port, tiny_llama
 
 
 def _rows(rows):
@@ -51,12 +51,6 @@ def test_a_tail_smaller_than_the_ranks_is_dropped_and_the_batch_must_divide():
         GlobalBatchSampler(10, 6, gen, rank=0, world=4)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _gather_worker(rank: int, world: int, port: int, n: int, out_dir: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
@@ -82,7 +76,7 @@ def test_sharded_generation_is_gathered_in_order_each_prompt_exactly_once(tmp_pa
     """101 prompts on 2 ranks: 51 + 50, nothing padded (Lightning's validation sampler would
     show one prompt twice), back in input order on every rank."""
     n, world = 101, 2
-    mp.start_processes(_gather_worker, args=(world, _free_port(), n, str(tmp_path)),
+    mp.start_processes(_gather_worker, args=(world, free_port(), n, str(tmp_path)),
                        nprocs=world, start_method="spawn")
     results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
     assert [r["mine"] for r in results] == [51, 50]
@@ -128,16 +122,12 @@ def test_fsdp_export_hands_save_pretrained_the_peft_models_own_keys(tmp_path, mo
     from lightning.pytorch.strategies import FSDPStrategy
     from peft import LoraConfig, get_peft_model
     from safetensors.torch import load_file
-    from transformers import LlamaConfig, LlamaForCausalLM
 
     from harness.config import TrainStageConfig
     from harness.defenses.sft import SFT
 
-    torch.manual_seed(0)
-    model = get_peft_model(LlamaForCausalLM(LlamaConfig(
-        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=4)),
-        LoraConfig(r=4, target_modules="all-linear", init_lora_weights="gaussian"))
+    model = get_peft_model(tiny_llama(64, num_attention_heads=4, num_key_value_heads=4),
+                           LoraConfig(r=4, target_modules="all-linear", init_lora_weights="gaussian"))
     module = SFT(model=model, train_cfg=TrainStageConfig(), total_steps=1)
     strategy = FSDPStrategy()
     monkeypatch.setattr(strategy, "lightning_module_state_dict", module.state_dict)

@@ -23,8 +23,10 @@ from harness.run import execute
 from harness.tracking.wandb_offline import read_offline_run
 from tests.conftest import CONF, E2E
 from tests.e2e_checks import CHECKS
+from tests.helpers import HANG_S, harness_env
 
-pytestmark = pytest.mark.slow
+# one worker runs them all, so the `runs` fixture trains once (make test: --dist loadgroup)
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("end_to_end")]
 P_VALUES = (0.0, 0.05, 0.3)
 THREADS = [f"torch_threads={os.environ.get('HARNESS_E2E_TORCH_THREADS', '1')}"]
 
@@ -101,17 +103,31 @@ def test_offline_wandb_run_holds_hs_fa_and_curves(runs):
     assert losses, "the finetune stage's training curve is in the run's history"
 
 
-def test_gradient_conflict_is_logged(runs):
-    conflict = runs["ref_teacher"][0]["metrics"]["analysis"]["gradient_conflict_finetune"]
-    assert conflict and all(-1 <= c["grad_cosine_user_alignment"] <= 1 for c in conflict)
+def test_gradient_conflict_is_logged_every_n_steps_with_cosine_and_snr(runs):
+    """The values are hand-checked in tests/test_ref_teacher.py (gradient_stats); here: one
+    entry every ``gradient_conflict_every`` steps of the finetune, each a cosine and an SNR."""
+    import math
+
+    results = runs["ref_teacher"][0]
+    conflict = results["metrics"]["analysis"]["gradient_conflict_finetune"]
+    every = results["config"]["defense"]["finetune"]["gradient_conflict_every"]
+    manifest = json.loads((Path(results["artifacts"]["finetune"]["path"]) / "manifest.json")
+                          .read_text())
+    assert every >= 1
+    assert [c["step"] for c in conflict] == list(range(0, manifest["steps"], every))
+    for c in conflict:
+        assert -1 <= c["grad_cosine_user_alignment"] <= 1, c
+        assert math.isfinite(c["grad_snr"]) and c["grad_snr"] > 0, c
 
 
 def test_two_cpu_processes_train_and_evaluate_like_one(runs, tmp_path):
     """trainer=ddp_cpu (2 gloo ranks, each half of every global batch) redoes the p=0.3
-    finetune from the same base and align: the adapter, HS and FA match the one-process run,
-    and the evaluation saw each of the 320 harmful prompts once, 160 per rank. This is the CPU
-    proof that several GPUs neither drop nor double-count data."""
-    import os
+    finetune from the same base and align, and the evaluation saw each of the 320 harmful
+    prompts once, 160 per rank: the CPU proof that several GPUs neither drop nor double-count
+    data. What is equal: the same key; adapter weights within 1e-5 (measured 5e-7: the loss is
+    the global token mean on every rank, so only float summation order differs); HS, FA and the
+    rates within one answer of the prompts judged (measured identical: a near-tie in greedy
+    decoding is what a 5e-7 weight difference could flip)."""
     import shutil
     import subprocess
     import sys
@@ -126,8 +142,8 @@ def test_two_cpu_processes_train_and_evaluate_like_one(runs, tmp_path):
     out = subprocess.run(
         [sys.executable, "-m", "harness", *E2E, *THREADS, "attack.p=0.3", "trainer=ddp_cpu",
          f"hydra.run.dir={tmp_path / 'run'}"],
-        cwd=tmp_path, env={**os.environ, "HARNESS_ARTIFACTS": str(store)},
-        capture_output=True, text=True, timeout=600)
+        cwd=tmp_path, env=harness_env(HARNESS_ARTIFACTS=str(store)),
+        capture_output=True, text=True, timeout=HANG_S)
     assert out.returncode == 0, out.stderr[-3000:]
     ddp = json.loads((tmp_path / "run" / "results.json").read_text())
     assert ddp["timings"]["base"]["reused"] and ddp["timings"]["align"]["reused"]
@@ -138,11 +154,13 @@ def test_two_cpu_processes_train_and_evaluate_like_one(runs, tmp_path):
     assert (one["eval_processes"], two["eval_processes"]) == (1, 2)
     assert two["eval_shard_sizes"] == [160, 160] and two["n_harmful"] == one["n_harmful"] == 320
     assert two["n_task"] == one["n_task"]
-    # measured: identical HS, FA and rates; adapters within 5e-7 (the loss is the global
-    # token mean on every rank, so only float summation order differs)
-    for k in ("hs", "fa", "refusal_rate", "other_rate", "p_comply_opening"):
-        assert two[k] == pytest.approx(one[k], abs=1.0), k
+    one_answer = {"hs": 100 / one["n_harmful"], "refusal_rate": 100 / one["n_harmful"],
+                  "other_rate": 100 / one["n_harmful"], "fa": 100 / one["n_task"],
+                  "p_comply_opening": 1e-3}  # a mean probability, in points: continuous
+    for k, tol in one_answer.items():
+        assert abs(two[k] - one[k]) <= tol + 1e-9, (k, one[k], two[k])
     a, b = (load_file(next(Path(r["artifacts"]["finetune"]["path"]).glob(
         "adapter/*.safetensors"))) for r in (single, ddp))
     assert set(a) == set(b)
-    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-4
+    diff = max((a[k] - b[k]).abs().max().item() for k in a)
+    assert diff < 1e-5, diff

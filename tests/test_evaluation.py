@@ -69,9 +69,9 @@ def tiny_lm():
     world = ToyWorld(ToyWorldConfig(seed=0, base_size=400, align_size=100))
     tok = train_toy_tokenizer(["".join(TemplateConfig().render(e))
                                for e in world.corpus_examples()], 300)
-    cfg = ModelConfig(config_overrides={"hidden_size": 32, "intermediate_size": 64,
-                                        "num_hidden_layers": 2, "num_attention_heads": 2,
-                                        "num_key_value_heads": 2})
+    from tests.helpers import SMALL
+
+    cfg = ModelConfig(config_overrides=SMALL)
     return build_tiny(cfg, tok, seed=0), tok, world
 
 

@@ -7,15 +7,20 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import pytest
 
-from tests.test_cli import TINY
+from tests.helpers import TINY
 
 pytestmark = pytest.mark.slow  # each test trains in a subprocess and signals it
 LONG_BASE = [*TINY, "train.base.max_steps=3000", "train.base.checkpoint_every_n_steps=5"]
+# A signal stops a run within seconds (measured 1-4 s; 7 s in the fault matrix); what this bound
+# tells apart is a run that waits out the 60 s grace or trains on, and it holds at a load of 6 on
+# 2 cores. Everything else here waits for an event (a checkpoint file, a log line, an exit).
+EXIT_LIMIT_S = 40
 ROOT = str(Path(__file__).resolve().parents[1])
 
 
@@ -31,31 +36,37 @@ def _start(args, tmp_path):
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-def _wait_for(proc, needle, timeout=180):
-    deadline, seen = time.monotonic() + timeout, []
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        if not line and proc.poll() is not None:
-            break
-        seen.append(line)
-        if needle in line:
-            return seen
-    proc.kill()
-    raise AssertionError(f"never saw {needle!r}:\n{''.join(seen)[-3000:]}")
+def _drain(proc) -> tuple[list[str], threading.Thread]:
+    """Collect the process's output as it comes: a full pipe would block it."""
+    seen: list[str] = []
+    thread = threading.Thread(target=lambda: seen.extend(proc.stdout), daemon=True)
+    thread.start()
+    return seen, thread
+
+
+def _stopped_within(proc, drain, limit_s=EXIT_LIMIT_S) -> tuple[float, str]:
+    """Seconds from now until the process exits (killed past ``limit_s``), and its output."""
+    t0 = time.monotonic()
+    try:
+        proc.wait(timeout=limit_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+    exit_seconds = time.monotonic() - t0
+    drain[1].join(timeout=60)
+    return exit_seconds, "".join(drain[0])
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
-def test_a_signal_mid_training_records_interrupted_and_the_rerun_resumes(tmp_path, signum):
+def test_a_signal_mid_training_records_interrupted_and_keeps_checkpoints_to_resume(tmp_path, signum):
     run_dir = tmp_path / "run"
     proc = _start([*LONG_BASE, f"hydra.run.dir={run_dir}"], tmp_path)
-    _wait_for(proc, "[base] training")
-    time.sleep(3)  # into the fit, past a few checkpoints
-    t0 = time.monotonic()
+    drain = _drain(proc)
+    _wait_for_checkpoint(tmp_path, proc, drain[0])  # into the fit, a checkpoint written
     proc.send_signal(signum)
-    rest, _ = proc.communicate(timeout=60)
-    exit_seconds = time.monotonic() - t0
+    exit_seconds, rest = _stopped_within(proc, drain)
+    assert exit_seconds < EXIT_LIMIT_S, rest[-3000:]
     assert proc.returncode == 128 + signum, rest[-3000:]
-    assert exit_seconds < 30, exit_seconds  # measured: 1-3 s
     results = json.loads((run_dir / "results.json").read_text())
     assert results["status"] == "interrupted"
     assert results["error"] == f"interrupted by {signal.Signals(signum).name}"
@@ -67,10 +78,11 @@ def test_a_signal_mid_training_records_interrupted_and_the_rerun_resumes(tmp_pat
 def test_sigterm_stops_the_whole_local_sweep(tmp_path):
     sweep = tmp_path / "sweep"
     proc = _start(["-m", *LONG_BASE, "attack.p=0,0.1", f"hydra.sweep.dir={sweep}"], tmp_path)
-    _wait_for(proc, "[base] training")
-    time.sleep(2)
+    drain = _drain(proc)
+    _wait_for_checkpoint(tmp_path, proc, drain[0])  # the first job is training
     proc.send_signal(signal.SIGTERM)
-    rest, _ = proc.communicate(timeout=60)
+    exit_seconds, rest = _stopped_within(proc, drain)
+    assert exit_seconds < EXIT_LIMIT_S, rest[-3000:]
     assert proc.returncode == 128 + signal.SIGTERM, rest[-3000:]
     assert json.loads((sweep / "0" / "results.json").read_text())["status"] == "interrupted"
     assert not (sweep / "1" / "results.json").exists(), "the sweep went on after SIGTERM"
@@ -108,26 +120,22 @@ def test_a_signal_stops_the_whole_joblib_sweep_within_seconds(tmp_path, signum, 
                              f"hydra.sweep.dir={sweep}"], cwd=tmp_path, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)  # its own group: Ctrl-C must not hit pytest
-    import threading  # keep draining its output while we watch: a full pipe would block it
-
-    seen = []
-    drain = threading.Thread(target=lambda: seen.extend(proc.stdout), daemon=True)
-    drain.start()
+    seen, drain = _drain(proc)
     _wait_for_checkpoint(tmp_path, proc, seen)  # so the rerun has something to resume from
     tree = [proc.pid, *(c.pid for c in psutil.Process(proc.pid).children(recursive=True))]
     cmds = " ".join(" ".join(psutil.Process(p).cmdline()) for p in tree[1:])
     assert cmds.count("popen_loky_posix") == 2 and "resource_tracker" in cmds, cmds
     t0 = time.monotonic()
     os.killpg(proc.pid, signum) if group else proc.send_signal(signum)
-    while _alive(tree) and time.monotonic() - t0 < 60:
+    while _alive(tree) and time.monotonic() - t0 < 120:
         time.sleep(0.1)
     exit_seconds = time.monotonic() - t0
     assert not _alive(tree), f"still running: {_alive(tree)}"
     drain.join(timeout=10)
     rest = "".join(seen)
     # measured 3.2-3.6 s on 2 loaded cores, 7.2 s in the fault matrix; the bug it guards against
-    # waited out the 60 s grace, so 40 s keeps that apart under any load CI can have
-    assert exit_seconds < 40, exit_seconds
+    # waited out the 60 s grace
+    assert exit_seconds < EXIT_LIMIT_S, exit_seconds
     assert proc.wait(timeout=10) == 128 + signum, rest[-3000:]
     statuses = {p.parent.name: json.loads(p.read_text())["status"]
                 for p in sweep.glob("*/results.json")}
@@ -141,7 +149,7 @@ def test_a_signal_stops_the_whole_joblib_sweep_within_seconds(tmp_path, signum, 
     again = subprocess.Popen([sys.executable, "-m", "harness", *JOBLIB_SWEEP,
                               f"hydra.sweep.dir={sweep}"], cwd=tmp_path, env=env,
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 240  # the rerun picks up the interrupted stage
+    deadline = time.monotonic() + 600  # the rerun picks up the interrupted stage
     while not any("[base] resuming from" in p.read_text() for p in sweep.glob("*/run.log")):
         assert time.monotonic() < deadline and again.poll() is None
         time.sleep(0.2)
@@ -155,7 +163,9 @@ def test_a_signal_stops_the_whole_joblib_sweep_within_seconds(tmp_path, signum, 
     again.wait(timeout=60)
 
 
-def _wait_for_checkpoint(tmp_path, proc, seen, timeout=240):
+def _wait_for_checkpoint(tmp_path, proc, seen, timeout=600):
+    """Poll until the base stage has written a checkpoint (the generous timeout is for a hang,
+    not for a busy machine)."""
     deadline = time.monotonic() + timeout
     while not list((tmp_path / "artifacts" / "base" / ".work").glob("*/checkpoints/*.ckpt")):
         if time.monotonic() > deadline or proc.poll() is not None:

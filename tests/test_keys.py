@@ -133,10 +133,33 @@ CONDITIONAL = ("moderation", "llm_judge", "generation",  # their judge / backend
                "eval.sample_seed")
 
 
-@pytest.mark.slow  # every declared leaf perturbed: 40-45 s a variant
+@pytest.fixture
+def one_world_per_config(monkeypatch):
+    """Every Pipeline of the walk below would generate its toy world afresh, and ~85 of the ~110
+    perturbed leaves leave the world's config as it is: one ToyWorld per distinct world config
+    (generation is deterministic in it), so a perturbed world.* leaf still gets its own world."""
+    import json
+    from dataclasses import asdict
+
+    from harness.data import assemble
+
+    worlds, generate = {}, assemble.ToyWorld
+
+    def world(cfg):
+        key = json.dumps(asdict(cfg), sort_keys=True, default=repr)
+        if key not in worlds:
+            worlds[key] = generate(cfg)
+        return worlds[key]
+
+    monkeypatch.setattr(assemble, "ToyWorld", world)
+    return worlds
+
+
+@pytest.mark.slow  # every declared leaf perturbed
 @pytest.mark.parametrize("overrides", [(), ("defense=ref_teacher",)],
                          ids=lambda o: " ".join(o) or "default")
-def test_a_declared_leaf_moves_a_key_it_is_declared_for(make_cfg, tmp_path, overrides):
+def test_a_declared_leaf_moves_a_key_it_is_declared_for(make_cfg, tmp_path, overrides,
+                                                        one_world_per_config):
     run = validate(make_cfg(*overrides))
     ref = _all_keys(Pipeline(run, tmp_path))
     cfg = OmegaConf.to_container(make_cfg(*overrides), resolve=True)
@@ -163,6 +186,7 @@ def test_a_declared_leaf_moves_a_key_it_is_declared_for(make_cfg, tmp_path, over
         if not any(keys.get(s) != ref.get(s) for s in stages):
             unmoved.append(path)
     assert tried > 100, tried  # the walk reached the leaves (111 in the default run)
+    assert len(one_world_per_config) > 20  # and the world.* leaves generated their own worlds
     assert not unmoved, f"declared in STAGE_READS, but no declared key moved: {unmoved}"
 
 

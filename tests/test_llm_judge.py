@@ -4,7 +4,6 @@ Nothing here leaves loopback: the server is started by the test, and the client 
 """
 import json
 import threading
-import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
@@ -18,12 +17,14 @@ from harness.evaluation.llm_judge import (JudgeRequestError, LLMRubricJudge, par
 
 
 class FakeEndpoint:
-    """Replies from a script: each entry is (status, reply text) or ("sleep", seconds, text)."""
+    """Replies from a script: each entry is (status, reply text), or ("hang", text): no reply
+    until the client has hung up (or the endpoint closes)."""
 
     def __init__(self):
         self.script: list = []
         self.requests: list[dict] = []
         self.default = (200, "Score: 1")
+        self.released = threading.Event()
         endpoint = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -32,9 +33,9 @@ class FakeEndpoint:
                 endpoint.requests.append({"path": self.path, "body": body,
                                           "auth": self.headers.get("Authorization")})
                 step = endpoint.script.pop(0) if endpoint.script else endpoint.default
-                if step[0] == "sleep":
-                    time.sleep(step[1])
-                    step = (200, step[2])
+                if step[0] == "hang":  # the client's timeout, not a time here, ends the wait
+                    endpoint.released.wait(timeout=600)
+                    step = (200, step[1])
                 status, text = step
                 payload = (json.dumps({"choices": [{"message": {"role": "assistant",
                                                                  "content": text}}]})
@@ -57,6 +58,7 @@ class FakeEndpoint:
         self.thread.start()
 
     def close(self):
+        self.released.set()
         self.server.shutdown()
         self.server.server_close()
 
@@ -137,8 +139,8 @@ def test_a_client_error_is_not_retried(endpoint, make_judge):
 
 
 def test_a_timeout_is_retried(endpoint, make_judge):
-    endpoint.script = [("sleep", 1.5, "Score: 2"), (200, "Score: 3")]
-    judge = make_judge(timeout_s=0.3)
+    endpoint.script = [("hang", "Score: 2"), (200, "Score: 3")]
+    judge = make_judge(timeout_s=3)  # the retry's prompt answer has 3 s, even on a busy machine
     assert judge.score("p", "a") == 3
     assert len(endpoint.requests) == 2 and judge.waits == [0.5]
 

@@ -16,6 +16,7 @@ from harness.posthoc.base import PosthocContext, lora_layers
 from harness.posthoc.math import (RunningSquares, antidote_mask, safelora_project,
                                   safelora_selected, wanda_scores)
 from harness.posthoc.safelora import SafeLoRA
+from tests.helpers import tiny_llama
 
 E1 = torch.tensor([[1.0, 0.0], [0.0, 0.0]])  # e1 e1^T
 
@@ -79,12 +80,8 @@ def test_running_squares_is_the_mean_over_samples():
 
 # ================================================================ the methods on a peft model
 def _tiny(seed):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    return LlamaForCausalLM(LlamaConfig(vocab_size=40, hidden_size=16, intermediate_size=32,
-                                        num_hidden_layers=1, num_attention_heads=2,
-                                        num_key_value_heads=2, max_position_embeddings=32))
+    return tiny_llama(40, seed, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                      max_position_embeddings=32)
 
 
 def _peft(model, seed=1):

@@ -10,8 +10,9 @@ from harness.config import ConfigError, ModelConfig
 from harness.validation import validate
 from harness.keys import stage_keys, stage_payloads
 from harness.pipeline import Pipeline
+from tests.helpers import SMALL
 
-SMALL = ("model=llama2_7b", "model.dtype=float32", "logger=none",
+HUB_RUN = ("model=llama2_7b", "model.dtype=float32", "logger=none",
          "trainer.enable_progress_bar=false", "train.finetune.max_steps=2", "attack.n=20",
          "train.finetune.batch_size=4", "train.finetune.max_length=96", "alignment.size=20",
          "eval.stages=[align,final]", "eval.harmful_size=4", "eval.task_size=4",
@@ -30,9 +31,7 @@ def folders(tmp_path_factory):
     world = ToyWorld(ToyWorldConfig(seed=0, base_size=200, align_size=50))
     tok = train_toy_tokenizer(["".join(TemplateConfig().render(e))
                                for e in world.corpus_examples()], 300)
-    cfg = ModelConfig(arch="llama", config_overrides={
-        "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
-        "num_attention_heads": 4, "num_key_value_heads": 2})
+    cfg = ModelConfig(arch="llama", config_overrides={**SMALL, "num_attention_heads": 4})
     out = {}
     for name, seed in (("chat", 0), ("base", 1)):
         out[name] = tmp_path_factory.mktemp("hf") / name
@@ -43,7 +42,7 @@ def folders(tmp_path_factory):
 
 def test_pretrained_keys_show_no_align_training(make_cfg, tmp_path, folders):
     def inputs(*o):
-        return Pipeline(validate(make_cfg(*SMALL, f"model.hf_id={folders['chat']}", *o)),
+        return Pipeline(validate(make_cfg(*HUB_RUN, f"model.hf_id={folders['chat']}", *o)),
                         tmp_path).inputs
 
     plain = stage_payloads(inputs())
@@ -56,7 +55,7 @@ def test_pretrained_keys_show_no_align_training(make_cfg, tmp_path, folders):
                               "pretrained": True}  # no method, no train, no data
     # the same hub model without alignment.pretrained: the default SFT trains an align stage
     trained = stage_payloads(Pipeline(validate(make_cfg(
-        *SMALL[:-1], f"model.hf_id={folders['chat']}")), tmp_path).inputs)
+        *HUB_RUN[:-1], f"model.hf_id={folders['chat']}")), tmp_path).inputs)
     assert {"method", "train", "data"} <= set(trained["align"])
 
 
@@ -67,8 +66,8 @@ def test_pretrained_config_errors_name_the_key(make_cfg, folders):
                            ((chat, "defense=vaccine"), "defense.align.module"),
                            (("alignment.pretrained=true",), "alignment.pretrained")]:
         with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
-            validate(make_cfg(*SMALL[1:], *overrides) if key == "alignment.pretrained"
-                     else make_cfg(*SMALL, *overrides))
+            validate(make_cfg(*HUB_RUN[1:], *overrides) if key == "alignment.pretrained"
+                     else make_cfg(*HUB_RUN, *overrides))
     with pytest.raises(ConfigError, match=r"model\.base_id"):
         validate(make_cfg(chat, "model=llama2_7b", f"model.base_id={folders['base']}"))
 
@@ -77,7 +76,7 @@ def test_pretrained_config_errors_name_the_key(make_cfg, folders):
 def test_asft_from_a_pretrained_model_trains_only_the_finetune(make_cfg, tmp_path, folders):
     from harness.run import execute
 
-    cfg = make_cfg(*SMALL, f"model.hf_id={folders['chat']}", f"model.base_id={folders['base']}",
+    cfg = make_cfg(*HUB_RUN, f"model.hf_id={folders['chat']}", f"model.base_id={folders['base']}",
                    "defense=asft")
     results = execute(cfg, tmp_path / "run")
     assert results["status"] == "ok", results.get("error")

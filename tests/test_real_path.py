@@ -18,6 +18,7 @@ from harness.data.sources import load_source
 from harness.data.assemble import RunInputs
 from harness.keys import filter_payload, stage_keys
 from harness.pipeline import Pipeline
+from tests.helpers import SMALL, tiny_llama
 
 BEAVERTAILS_CATEGORIES = [
     "animal_abuse", "child_abuse", "controversial_topics,politics",
@@ -376,8 +377,6 @@ def test_template_group_selects_alpaca_and_chat(make_cfg):
 
 
 # ================================================================ hub architectures
-SMALL = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
-         "num_attention_heads": 2, "num_key_value_heads": 2}
 ARCHS = {"llama2_7b": ("llama", {}), "qwen2_7b": ("qwen2", {}), "mistral_7b": ("mistral", {}),
          "gemma2_9b": ("gemma2", {"head_dim": 16, "sliding_window": 32})}
 
@@ -519,7 +518,7 @@ def _guard_folder(tmp_path, first_word):
     ``first_word`` — every step. The judge's verdict then follows from its parsing alone."""
     import torch
     from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast
 
     words = [first_word, "safe" if first_word == "unsafe" else "unsafe", "S1", "[UNK]", "<pad>",
              "<s>", "</s>", "User:", "Agent:", "Task"]
@@ -530,10 +529,8 @@ def _guard_folder(tmp_path, first_word):
     fast.chat_template = ("{{ bos_token }}Task {% for m in messages %}"
                           "{{ 'User:' if m['role'] == 'user' else 'Agent:' }} {{ m['content'] }} "
                           "{% endfor %}")
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(words), **SMALL,
-                                         pad_token_id=fast.pad_token_id,
-                                         bos_token_id=fast.bos_token_id,
-                                         eos_token_id=fast.eos_token_id))
+    model = tiny_llama(len(words), pad_token_id=fast.pad_token_id,
+                       bos_token_id=fast.bos_token_id, eos_token_id=fast.eos_token_id)
     with torch.no_grad():
         model.model.norm.weight.zero_()
     folder = tmp_path / f"guard-{first_word}"

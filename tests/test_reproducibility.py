@@ -1,7 +1,6 @@
 """A toy run pins its torch thread count, keys on it and records it with the CPU: the same seed
 gives the same weights and metrics whatever OMP_NUM_THREADS the shell has."""
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +15,7 @@ from harness.validation import validate
 from harness.keys import stage_keys
 from harness.pipeline import Pipeline
 from harness.reproducibility import cpu_info, pin_threads
-from tests.test_cli import TINY
+from tests.helpers import HANG_S, TINY, harness_env
 
 
 def test_thread_count_is_in_every_training_and_eval_key(make_cfg, tmp_path):
@@ -43,11 +42,11 @@ def test_torch_threads_is_checked_and_recorded(make_cfg):
 
 
 def _run(tmp_path, name, omp):
-    env = {**os.environ, "HARNESS_ARTIFACTS": str(tmp_path / name / "artifacts"),
-           "OMP_NUM_THREADS": str(omp)}
+    env = harness_env(HARNESS_ARTIFACTS=str(tmp_path / name / "artifacts"),
+                      OMP_NUM_THREADS=str(omp))
     out = subprocess.run([sys.executable, "-m", "harness", *TINY, "torch_threads=1",
                           f"hydra.run.dir={tmp_path / name / 'run'}"], cwd=tmp_path, env=env,
-                         capture_output=True, text=True, timeout=300)
+                         capture_output=True, text=True, timeout=HANG_S)
     assert out.returncode == 0, out.stderr[-3000:]
     return json.loads((tmp_path / name / "run" / "results.json").read_text())
 

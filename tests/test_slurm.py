@@ -13,11 +13,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.test_cli import TINY
+from tests.helpers import HANG_S, TINY
 
 pytestmark = pytest.mark.slow  # three tiny runs in subprocesses
 ROOT = str(Path(__file__).resolve().parents[1])
-ARGS = [*TINY, "train.base.max_steps=150", "train.base.checkpoint_every_n_steps=5"]
+# the signal lands just after the first checkpoint (step 5): 60 steps leave it room on a busy
+# machine, and the resumed base trains on past it to the end
+ARGS = [*TINY, "train.base.max_steps=60", "train.base.checkpoint_every_n_steps=5"]
 SLURM = {"SLURM_JOB_ID": "4242", "SLURM_NTASKS": "1", "SLURM_JOB_NAME": "harness-test",
          "SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_NODEID": "0",
          "SLURM_NODELIST": "localhost"}
@@ -51,12 +53,12 @@ def test_sigusr1_under_slurm_checkpoints_requeues_and_the_requeued_run_resumes_e
     whole = _run(tmp_path, "whole", tmp_path / "whole-run", slurm=False)
     proc = _run(tmp_path, "artifacts", tmp_path / "run")
     ckpts = tmp_path / "artifacts" / "base" / ".work"
-    deadline = time.monotonic() + 240
+    deadline = time.monotonic() + 600  # a hang, not a busy machine
     while not list(ckpts.glob("*/checkpoints/last.ckpt")):  # past the first periodic save
         assert time.monotonic() < deadline and proc.poll() is None, proc.stdout.read()[-3000:]
         time.sleep(0.05)
     proc.send_signal(signal.SIGUSR1)
-    out, _ = proc.communicate(timeout=120)
+    out, _ = proc.communicate(timeout=HANG_S)
     assert proc.returncode == 128 + signal.SIGUSR1, out[-3000:]
     assert (tmp_path / "scontrol.calls").read_text() == "requeue 4242\n"
     results = json.loads((tmp_path / "run" / "results.json").read_text())
@@ -64,17 +66,17 @@ def test_sigusr1_under_slurm_checkpoints_requeues_and_the_requeued_run_resumes_e
     assert results["error"] == "interrupted by SIGUSR1; requeued SLURM job 4242"
     (last,) = ckpts.glob("*/checkpoints/last.ckpt")
     stopped_at = torch.load(last, weights_only=False)["global_step"]
-    assert 5 <= stopped_at < 150, stopped_at  # written at the step the signal stopped
+    assert 5 <= stopped_at < 60, stopped_at  # written at the step the signal stopped
     assert not [p for p in (tmp_path / "artifacts" / "base").iterdir()
                 if not p.name.startswith(".")], "an interrupted stage stored no artifact"
 
     again = _run(tmp_path, "artifacts", tmp_path / "run")  # the requeued job: the same command
-    out2, _ = again.communicate(timeout=300)
+    out2, _ = again.communicate(timeout=HANG_S)
     assert again.returncode == 0, out2[-3000:]
     assert f"[base] resuming from {last}" in out2
     assert json.loads((tmp_path / "run" / "results.json").read_text())["status"] == "ok"
     assert (tmp_path / "scontrol.calls").read_text() == "requeue 4242\n"  # no second requeue
-    out_whole, _ = whole.communicate(timeout=300)
+    out_whole, _ = whole.communicate(timeout=HANG_S)
     assert whole.returncode == 0, out_whole[-3000:]
     for stage in ("base", "align", "finetune"):  # equal sha256 of every weight file
         ours, clean = _weights(tmp_path / "artifacts", stage), _weights(tmp_path / "whole", stage)

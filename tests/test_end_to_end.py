@@ -86,7 +86,8 @@ def test_results_json_shape(runs):
         for k in ("hs", "fa", "refusal_rate", "other_rate", "p_comply_opening"):
             assert 0.0 <= m[k] <= 100.0
         assert m["hs"] + m["refusal_rate"] + m["other_rate"] == pytest.approx(100.0)
-    assert on_disk["metrics"]["data"] == {"n_user": 1000, "n_harmful": 300, "n_task": 700}
+    assert on_disk["metrics"]["data"] == {"n_user": 1000, "n_harmful": 300, "n_task": 700,
+                                          "p_realised": 0.3}
     assert on_disk["config"]["attack"]["p"] == 0.3
     assert on_disk["timings"]["total"] > 0
 

@@ -25,6 +25,7 @@ import argparse
 import copy
 import gc
 import math
+import shutil
 import signal
 import statistics
 import tempfile
@@ -187,8 +188,9 @@ def to_markdown(results: dict) -> str:
              f"`python -m harness.bench --device {a['device']}{' --tiny' if a['tiny'] else ''}` "
              f"on {results['device']}; torch {p.get('torch')}, transformers "
              f"{p.get('transformers')}, lightning {p.get('lightning')}, git {p.get('git')}; "
-             f"{results['wall_s']:.0f} s of a {a['budget']:.0f} s budget; step times are "
-             f"medians over {a['steps']} timed steps after {a['warmup']} warm-up steps.", "",
+             f"{results['wall_s']:.0f} s of a {a['budget']:.0f} s budget; a step time is the "
+             f"mean over {a['steps']} timed steps (rounded up to a method's cycle) after "
+             f"{a['warmup']} warm-up steps, one fit per row.", "",
              "| row | what | model | value | status | detail |", "|---|---|---|---|---|---|"]
     for r in results["rows"]:
         status = r["status"] if r["status"] == "ok" else f"**{r['status']}**"
@@ -200,9 +202,11 @@ def to_markdown(results: dict) -> str:
               "- Step time: the wall time between the starts of step `warmup` and step "
               "`warmup + steps` of the pipeline's own Lightning fit (`training.build_trainer`, "
               "trainer=gpu's accelerator and precision), CUDA synchronised at each step start.",
-              "- Peak memory: `torch.cuda.max_memory_allocated` over the stage's fit (the "
-              "model copy, LoRA, the method's extra models and state), less the bench's own "
-              "resident copy of the weights: what the stage alone holds. On CPU: peak RSS.",
+              "- Peak memory: `torch.cuda.max_memory_allocated` over the stage's fit above what "
+              "was allocated before it (the bench's resident copy of the weights): the stage's "
+              "own model copy, LoRA factors, optimizer state, activations and the method's "
+              "extra models (a teacher, AsFT's base) and state, what the stage alone holds. "
+              "On CPU: peak RSS above the start.",
               "- Models: built from each shape's config with random weights (weights cannot "
               "travel to the GPU machine); batches of random token ids at the protocol's "
               "length, the loss on the second half of each row."]
@@ -269,6 +273,21 @@ def perturbed_copy(model, scale: float = 1e-3):
     return out
 
 
+def align_adapter(model, lora_cfg: LoraConfig, folder: Path) -> Path:
+    """A saved LoRA adapter with non-zero factors on a copy of ``model``: the align stage's
+    adapter that AsFT reads its directions from (``context.extras['align_adapter']``), as a
+    run with a LoRA align stage gives it; dense directions of a 7B model would be 27 GB."""
+    peft = apply_protocol_lora(copy.deepcopy(model), lora_cfg)
+    with torch.no_grad():
+        for name, p in peft.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=1e-3)
+    peft.save_pretrained(str(folder))
+    del peft
+    free_device()
+    return folder
+
+
 def build_model(shape: dict, device: str, dtype: torch.dtype, seed: int = 0):
     from transformers import AutoModelForCausalLM, LlamaConfig
 
@@ -281,7 +300,7 @@ def build_model(shape: dict, device: str, dtype: torch.dtype, seed: int = 0):
 
 
 def make_gpu_workload(setup: Setup, label: str, shape: dict, device: str, tiny: bool,
-                      rows_needed: int) -> GpuWorkload:
+                      rows_needed: int, work: Path) -> GpuWorkload:
     train_cfg = protocol_train_cfg()
     if tiny:
         train_cfg = replace(train_cfg, batch_size=2, max_length=32)
@@ -305,7 +324,9 @@ def make_gpu_workload(setup: Setup, label: str, shape: dict, device: str, tiny: 
         extras={"feature_prompts": ([template.render_prompt(e) for e in harmful],
                                     [template.render_prompt(e) for e in harmless]),
                 "harmful_data": random_rows(n, length, shape["vocab_size"], seed=3,
-                                            prompts_of=alignment)})
+                                            prompts_of=alignment),
+                "align_adapter": align_adapter(aligned, train_cfg.lora,
+                                               work / ("align-adapter-" + "".join(c for c in label if c.isalnum())))})
     prompts = [template.render_prompt(e) for e in world.eval_harmful()[:32]]
     size = Size(label, shape, train_cfg.batch_size, length)
     return GpuWorkload(size, ModelConfig(config_overrides=shape), aligned, aligned, user,
@@ -359,7 +380,7 @@ def timed_fit(wl: GpuWorkload, module: str, params: dict, warmup: int, steps: in
         torch.cuda.reset_peak_memory_stats()
         fit()
         out["peak_mib"] = (torch.cuda.max_memory_allocated() - start) / 2**20
-        out["memory"] = "GPU max_memory_allocated above the resident weights"
+        out["memory"] = "GPU max_memory_allocated above the bench's resident weights"
     else:
         out["peak_mib"] = peak_rss_mib(fit)
         out["memory"] = "peak RSS above start"
@@ -554,6 +575,18 @@ def run_gpu_bench(args: argparse.Namespace) -> dict:
     torch.manual_seed(0)
     setup = make_setup()
     work = Path(tempfile.mkdtemp(prefix="bench-gpu-"))
+    try:
+        run_rows(args, report, setup, work, device, tiny, caps, warmup, steps, new_tokens, peak)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    report.write()
+    print((args.out / "results.md").read_text(), flush=True)
+    return {"rows": report.rows, "device": report.device,
+            "wall_s": round(time.perf_counter() - report.t0, 1)}
+
+
+def run_rows(args, report: Report, setup: Setup, work: Path, device: str, tiny: bool,
+             caps: dict, warmup: int, steps: int, new_tokens: int, peak: Optional[float]):
     skip = set(args.skip)
     run = report.run
     if "pipeline" not in skip:
@@ -569,7 +602,8 @@ def run_gpu_bench(args: argparse.Namespace) -> dict:
         sft: dict = {}
 
         def sft_fn(key=key, label=label, shape=shape, sft=sft):
-            workloads[key] = make_gpu_workload(setup, label, shape, device, tiny, rows_needed)
+            workloads[key] = make_gpu_workload(setup, label, shape, device, tiny, rows_needed,
+                                               work)
             rows = sft_rows(workloads[key], warmup, steps, peak)
             sft.update(rows[0])
             return rows
@@ -589,7 +623,3 @@ def run_gpu_bench(args: argparse.Namespace) -> dict:
         run("generation_7b", 5, "batched / one-at-a-time greedy generation, tokens/s",
             workloads["7b"].size.label, caps["generation_7b"],
             lambda: generation_row(workloads["7b"], new_tokens, args.gen_batch))
-    report.write()
-    print((args.out / "results.md").read_text(), flush=True)
-    return {"rows": report.rows, "device": report.device,
-            "wall_s": round(time.perf_counter() - report.t0, 1)}

@@ -325,8 +325,8 @@ def make_gpu_workload(setup: Setup, label: str, shape: dict, device: str, tiny: 
                                     [template.render_prompt(e) for e in harmless]),
                 "harmful_data": random_rows(n, length, shape["vocab_size"], seed=3,
                                             prompts_of=alignment),
-                "align_adapter": align_adapter(aligned, train_cfg.lora,
-                                               work / ("align-adapter-" + "".join(c for c in label if c.isalnum())))})
+                "align_adapter": align_adapter(aligned, train_cfg.lora, work / (
+                    "align-adapter-" + "".join(c for c in label if c.isalnum())))})
     prompts = [template.render_prompt(e) for e in world.eval_harmful()[:32]]
     size = Size(label, shape, train_cfg.batch_size, length)
     return GpuWorkload(size, ModelConfig(config_overrides=shape), aligned, aligned, user,
@@ -374,6 +374,7 @@ def timed_fit(wl: GpuWorkload, module: str, params: dict, warmup: int, steps: in
             build_trainer(wl.trainer_cfg, wl.train_cfg, stage, Path(work), False,
                           (_SyncClock(clock),)).fit(stage, loader)
 
+    free_device()  # the previous fit's model copy (held in reference cycles) goes first
     if torch.cuda.is_available() and wl.trainer_cfg.accelerator == "gpu":
         torch.cuda.synchronize()
         start = torch.cuda.memory_allocated()
@@ -590,8 +591,9 @@ def run_rows(args, report: Report, setup: Setup, work: Path, device: str, tiny: 
     skip = set(args.skip)
     run = report.run
     if "pipeline" not in skip:
-        run("pipeline", 1, f"one tiny pipeline run with trainer={'gpu' if device == 'cuda' else 'cpu'}"
-            ": HS and FA inside trainer=cpu's prompt interval", "tiny (toy protocol)",
+        trainer = "gpu" if device == "cuda" else "cpu"
+        run("pipeline", 1, f"one tiny pipeline run with trainer={trainer}: HS and FA inside "
+            "trainer=cpu's prompt interval", "tiny (toy protocol)",
             caps["pipeline"], lambda: pipeline_row(device, tiny, work))
     workloads: dict[str, GpuWorkload] = {}
     rows_needed = warmup + max(10 * math.ceil(steps / 10), 20 * math.ceil(steps / 20)) + 2

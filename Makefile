@@ -13,7 +13,7 @@ export WANDB_SILENT ?= true
 export TOKENIZERS_PARALLELISM ?= false
 export MPLCONFIGDIR ?= $(CURDIR)/.cache/matplotlib
 
-.PHONY: setup demo test test-fast bench clean
+.PHONY: setup demo test test-fast bench bench-gpu clean
 
 setup: $(STAMP)
 
@@ -56,3 +56,7 @@ clean:
 
 bench: $(STAMP)
 	$(PY) -m harness.bench --out bench
+
+# on a CUDA machine; bench/gpu/run_on_device.sh runs it where hydra must travel as wheels
+bench-gpu: $(STAMP)
+	$(PY) -m harness.bench --device cuda --out bench/gpu

@@ -73,3 +73,68 @@ def test_posthoc_and_versus_rows_on_a_tiny_workload():
     assert rows[0]["params"] == {"mode": "threshold", "threshold": 0.5, "num_layers": 10}
     assert "of 28 LoRA modules" in rows[0]["detail"]  # 4 layers x 7 linear targets
     assert "300 calibration rows, pruned" in rows[1]["detail"]
+
+
+# ============================================================== the GPU bench, in its CPU mode
+def test_gpu_bench_cpu_mode_writes_each_row_and_caps_a_slow_one(tmp_path):
+    """``--device cpu --tiny``: every row of the GPU bench at tiny shapes, each written with a
+    number; the 1B SFT row under a cap it cannot meet is recorded as capped (its method rows
+    are then not run) and the generation row after it still runs."""
+    from harness.bench.gpu import GPU_METHODS
+
+    results = bench.main(["--device", "cpu", "--tiny", "--out", str(tmp_path),
+                          "--cap", "sft_1b=0.05"])
+    rows = results["rows"]
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["rows"] == json.loads(json.dumps(rows))
+    assert [(r["name"], r["status"]) for r in rows] == (
+        [("pipeline", "ok"), ("sft_7b", "ok"), ("sft_7b", "ok")]
+        + [("method_7b", "ok")] * len(GPU_METHODS)
+        + [("sft_1b", "capped"), ("generation_7b", "ok")])
+    for r in rows:
+        if r["status"] == "ok":
+            assert math.isfinite(r["value"]) and r["value"] > 0, r
+    assert rows[0]["value"] == 1.0 and rows[0]["inside_interval"]  # the same run, reused
+    assert [r["checkpointing"] for r in rows[1:3]] == [False, True]
+    for r in rows[1:3]:
+        assert r["flops_per_step"] == pytest.approx(2 * 32 * (
+            4 * r["n_linear"] + 6 * r["n_lora"] + 8 * 2 * 64 * 32))  # batch 2 x 32, tiny shape
+        assert r["mfu"] is None and r["tflops"] > 0
+    methods = [r for r in rows if r["name"] == "method_7b"]
+    assert [r["what"].split(" ")[0] for r in methods] == GPU_METHODS
+    assert all(r["peak_mib"] is not None for r in methods)
+    capped = rows[-2]
+    assert capped["value"] is None and capped["cap_s"] == 0.05 and capped["seconds"] < 5
+    assert "over its 0.05 s cap" in capped["detail"]
+    gen = rows[-1]
+    assert gen["identical_share"] == 1.0 and gen["batched_tok_s"] > 0
+    table = (tmp_path / "results.md").read_text()
+    assert table.count("\n| ") == len(rows) + 1 and "**capped**" in table
+
+
+def test_lora_step_flops_by_hand():
+    """tokens x (4 N_linear + 6 N_lora + 8 L d s): 10 x (400 + 60 + 8*2*4*5) = 10 x 780."""
+    from harness.bench.gpu import bf16_peak, lora_step_flops
+
+    assert lora_step_flops(100, 10, layers=2, hidden=4, seq=5, tokens=10) == 7800
+    assert bf16_peak("NVIDIA H100 80GB HBM3") == bf16_peak("NVIDIA H200") == 989e12
+    assert bf16_peak("Tesla T4") is None
+
+
+def test_a_row_past_its_cap_is_recorded_not_waited_for(tmp_path):
+    """A row that never returns is stopped at its cap and recorded; the next row runs."""
+    from harness.bench.gpu import Report
+
+    def forever():
+        while True:
+            pass
+
+    report = Report(tmp_path, {"device": "cpu", "tiny": True, "budget": 60, "warmup": 1,
+                               "steps": 1}, budget=60)
+    report.run("a", 1, "never returns", "-", 0.2, forever)
+    report.run("b", 2, "returns", "-", 5, lambda: [{"value": 3.0, "unit": "x"}])
+    report.run("c", 3, "fails", "-", 5, lambda: 1 / 0)
+    assert [(r["name"], r["status"], r["value"]) for r in report.rows] == [
+        ("a", "capped", None), ("b", "ok", 3.0), ("c", "error", None)]
+    assert "ZeroDivisionError" in report.rows[2]["detail"]
+    assert json.loads((tmp_path / "results.json").read_text())["rows"][1]["value"] == 3.0

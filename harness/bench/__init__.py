@@ -20,6 +20,11 @@ median over repeats is reported. Torch runs one intra-op thread (``--threads``):
 target adds a sampled profile of each engine's step; a missed row 2 target adds a torch.profiler
 comparison of the method's ops with the SFT step's. Writes ``results.md`` and ``results.json``
 under ``--out``.
+
+``--device cuda`` (``make bench-gpu``) or ``--device cpu --tiny`` runs the GPU bench instead
+(``harness.bench.gpu``): the pipeline on ``trainer=gpu``, 7B and 1B LoRA step cost, MFU, each
+method's step ratio and peak memory, and batched generation, each row capped and written as it
+finishes (bench/gpu/README.md).
 """
 from __future__ import annotations
 

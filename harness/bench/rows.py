@@ -405,7 +405,12 @@ def main(argv: list[str] | None = None) -> dict:
     # measures the scheduler, not the engines.
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     parser.add_argument("--out", type=Path, default=Path("bench"))
+    from harness.bench.gpu import add_arguments, run_gpu_bench
+
+    add_arguments(parser)
     args = parser.parse_args(argv)
+    if args.device is not None:
+        return run_gpu_bench(args)
     threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
     try:

@@ -30,6 +30,11 @@ artifacts = sys.argv[1] if len(sys.argv) > 1 else "artifacts"
 seeds = [int(s) for s in sys.argv[2].split(",")] if len(sys.argv) > 2 else [0]
 extra = sys.argv[3:]
 conf = str(Path(__file__).resolve().parents[2] / "conf")
+
+def _round(x):
+    """Four decimals; None stays None (a rate with no cases is undefined)."""
+    return None if x is None else round(x, 4)
+
 for seed in seeds:
     for p in (0.0, 0.1, 0.3):
         with initialize_config_dir(config_dir=conf, version_base="1.3"):
@@ -60,9 +65,9 @@ for seed in seeds:
                           "held_threshold": round(split["held_threshold"], 4),
                           "threshold_used": round(stats["threshold"], 4),
                           "n_dropped": stats["n_dropped"], "recall": stats["recall"],
-                          "precision": round(stats["precision"], 4),
-                          "harmless_dropped_share": round(stats["harmless_dropped_share"], 4),
-                          "cut_alone": {k: round(cut[k], 4) for k in (
+                          "precision": _round(stats["precision"]),
+                          "harmless_dropped_share": _round(stats["harmless_dropped_share"]),
+                          "cut_alone": {k: _round(cut[k]) for k in (
                               "n_dropped", "recall", "precision", "harmless_dropped_share")},
                           "scores_5_50_95": {kind: np.quantile(
                               [s for s, ex in zip(saved["scores"], data.user)

@@ -40,7 +40,7 @@ import lightning as L
 import torch
 
 from harness.artifacts import provenance, write_json_atomic
-from harness.bench.rows import _fmt
+from harness.bench.format import _fmt
 from harness.bench.setup import CONF, METHOD_ROWS, Setup, Size, Workload, make_setup
 from harness.bench.timing import Clock, method_module, peak_rss_mib
 from harness.config import LoraConfig, ModelConfig, TrainerConfig, TrainStageConfig

@@ -15,6 +15,7 @@ import torch
 
 from harness.artifacts import provenance, write_json_atomic
 from harness.evaluation.generate import generate
+from harness.bench.format import _fmt, _ratio
 from harness.bench.setup import (CONF, FINETUNE_STEPS, METHOD_NOTES, METHOD_ROWS,
                                   POSTHOC_METHODS, SIZES, SWEEP_DEFENSES, SWEEP_PS, TARGETS,
                                   MethodRow, Setup, Workload, make_setup, make_workload)
@@ -73,11 +74,6 @@ def throughput_row(wl: Workload, what: str, s: list[float], lora: bool) -> dict:
             "value": tokens / t, "unit": "tok/s", "target": None, "met": None,
             "detail": f"{1000 * t:.1f} ms/step (median), batch {wl.size.batch_size}, "
                       f"{tokens:.0f} non-pad tokens a batch"}
-
-
-def _ratio(v: float) -> str:
-    """Two decimals; two significant digits below 0.1 (a post-hoc stage is ~0.004x)."""
-    return f"{v:.2f}" if v >= 0.1 else f"{v:.2g}"
 
 
 def ratio_row(row: int, group: str, size: str, what: str, target: Optional[float],
@@ -268,14 +264,6 @@ def bench_sweep() -> list[dict]:
 
 
 # ==================================================================== report
-def _fmt(r: dict) -> str:
-    v = r["value"]
-    if v is None:
-        return "n/a"
-    return {"x": f"{_ratio(v)}x", "share": f"{v:.0%}", "MiB": f"{v:.0f} MiB"}.get(
-        r["unit"], f"{v:,.0f} {r['unit']}")
-
-
 def to_markdown(results: dict) -> str:
     prov = results["provenance"]
     a = results["args"]

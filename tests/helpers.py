@@ -3,7 +3,9 @@ builder of tiny random Llamas. Test files import from here, not from each other.
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
+from typing import Callable, Optional
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -16,6 +18,22 @@ TINY = ["logger=none", "trainer.enable_progress_bar=false", "world.base_size=300
 # The bound on a subprocess a test waits for: it catches a hang, and a tiny run or sweep at a
 # load of 6 on 2 cores stays far under it, so no test fails for a busy machine.
 HANG_S = 1200
+
+
+
+def wait_until(condition: Callable[[], object], timeout: float = HANG_S, *,
+               while_running=None, interval: float = 0.1) -> bool:
+    """Poll ``condition`` until it holds (True), the deadline passes or ``while_running`` (a
+    Popen) exits (False). The one place a test waits: for an event, never for a fixed time;
+    ``timeout`` only catches a hang, so it is generous."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline or (while_running is not None
+                                            and while_running.poll() is not None):
+            return bool(condition())
+        time.sleep(interval)
+    return True
+
 
 # A model small enough to build and step in milliseconds (model.config_overrides).
 SMALL = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,

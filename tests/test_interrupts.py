@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import TINY
+from tests.helpers import TINY, wait_until
 
 pytestmark = pytest.mark.slow  # each test trains in a subprocess and signals it
 LONG_BASE = [*TINY, "train.base.max_steps=3000", "train.base.checkpoint_every_n_steps=5"]
@@ -127,8 +127,7 @@ def test_a_signal_stops_the_whole_joblib_sweep_within_seconds(tmp_path, signum, 
     assert cmds.count("popen_loky_posix") == 2 and "resource_tracker" in cmds, cmds
     t0 = time.monotonic()
     os.killpg(proc.pid, signum) if group else proc.send_signal(signum)
-    while _alive(tree) and time.monotonic() - t0 < 120:
-        time.sleep(0.1)
+    wait_until(lambda: not _alive(tree), timeout=120)
     exit_seconds = time.monotonic() - t0
     assert not _alive(tree), f"still running: {_alive(tree)}"
     drain.join(timeout=10)
@@ -149,10 +148,10 @@ def test_a_signal_stops_the_whole_joblib_sweep_within_seconds(tmp_path, signum, 
     again = subprocess.Popen([sys.executable, "-m", "harness", *JOBLIB_SWEEP,
                               f"hydra.sweep.dir={sweep}"], cwd=tmp_path, env=env,
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 600  # the rerun picks up the interrupted stage
-    while not any("[base] resuming from" in p.read_text() for p in sweep.glob("*/run.log")):
-        assert time.monotonic() < deadline and again.poll() is None
-        time.sleep(0.2)
+    # the rerun picks up the interrupted stage
+    assert wait_until(lambda: any("[base] resuming from" in p.read_text()
+                                  for p in sweep.glob("*/run.log")),
+                      timeout=600, while_running=again)
     # resumed: that is what this rerun shows. It is then killed outright: a second SIGTERM right
     # after a worker's resume once took over 60 s to end it on 2 cores at load 6 (not diagnosed;
     # the first signal's stop is what the assertions above time)
@@ -166,9 +165,8 @@ def test_a_signal_stops_the_whole_joblib_sweep_within_seconds(tmp_path, signum, 
 def _wait_for_checkpoint(tmp_path, proc, seen, timeout=600):
     """Poll until the base stage has written a checkpoint (the generous timeout is for a hang,
     not for a busy machine)."""
-    deadline = time.monotonic() + timeout
-    while not list((tmp_path / "artifacts" / "base" / ".work").glob("*/checkpoints/*.ckpt")):
-        if time.monotonic() > deadline or proc.poll() is not None:
-            proc.kill()
-            raise AssertionError("no checkpoint written:\n" + "".join(seen)[-3000:])
-        time.sleep(0.1)
+    work = tmp_path / "artifacts" / "base" / ".work"
+    if not wait_until(lambda: list(work.glob("*/checkpoints/*.ckpt")), timeout,
+                      while_running=proc):
+        proc.kill()
+        raise AssertionError("no checkpoint written:\n" + "".join(seen)[-3000:])

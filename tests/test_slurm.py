@@ -7,13 +7,12 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from tests.helpers import HANG_S, TINY
+from tests.helpers import HANG_S, TINY, wait_until
 
 pytestmark = pytest.mark.slow  # three tiny runs in subprocesses
 ROOT = str(Path(__file__).resolve().parents[1])
@@ -53,10 +52,9 @@ def test_sigusr1_under_slurm_checkpoints_requeues_and_the_requeued_run_resumes_e
     whole = _run(tmp_path, "whole", tmp_path / "whole-run", slurm=False)
     proc = _run(tmp_path, "artifacts", tmp_path / "run")
     ckpts = tmp_path / "artifacts" / "base" / ".work"
-    deadline = time.monotonic() + 600  # a hang, not a busy machine
-    while not list(ckpts.glob("*/checkpoints/last.ckpt")):  # past the first periodic save
-        assert time.monotonic() < deadline and proc.poll() is None, proc.stdout.read()[-3000:]
-        time.sleep(0.05)
+    # past the first periodic save
+    assert wait_until(lambda: list(ckpts.glob("*/checkpoints/last.ckpt")), timeout=600,
+                      while_running=proc), proc.stdout.read()[-3000:]
     proc.send_signal(signal.SIGUSR1)
     out, _ = proc.communicate(timeout=HANG_S)
     assert proc.returncode == 128 + signal.SIGUSR1, out[-3000:]

@@ -73,7 +73,8 @@ def filter_user_data(inputs: RunInputs, models: ModelStore, record: StageRecorde
         scores = cosine(feats(user) - centre, direction).tolist()
         split = None
         if f.tau_from == "upload_split":
-            threshold, split = upload_split_tau(scores, threshold, f.split_min_eta)
+            threshold, split = upload_split_tau(scores, threshold, f.split_min_eta,
+                                                f.split_max_share)
             log.info("[filter] upload split: %s", split["reason"])
         write_json_atomic(tmp / "filter.json", {"split": split,
             "layer": layer, "threshold": threshold, "scores": scores, "centre": f.centre,
@@ -111,20 +112,30 @@ def split_separation(scores: list[float], threshold: float) -> float:
     return float(w * (1.0 - w) * (v[hi].mean() - v[~hi].mean()) ** 2 / total)
 
 
-def upload_split_tau(scores: list[float], held_tau: float, min_eta: float
-                     ) -> tuple[float, dict[str, Any]]:
+def upload_split_tau(scores: list[float], held_tau: float, min_eta: float,
+                     max_share: float = 1.0) -> tuple[float, dict[str, Any]]:
     """tau_from=upload_split: Otsu's cut of the upload's scores when they form two groups
-    (eta >= ``min_eta``), else ``held_tau``, the held harmful prompts' recall quantile (an upload
-    with no harmful rows, or only harmful rows, is one group: a cut would drop the top of it).
-    (tau, the decision with its numbers, for the filter's record)."""
+    (eta >= ``min_eta``) and the upper group is at most ``max_share`` of the upload, else
+    ``held_tau``, the held harmful prompts' recall quantile. An upload with no harmful rows, or
+    only harmful rows, is one group: a cut would drop the top of it. A cut that would drop most
+    of the upload found another structure than harmful rows (the toy world's harmless rows are
+    two groups). (tau, the decision with its numbers, for the filter's record)."""
     split = two_group_split(scores)
     eta = split_separation(scores, split)
-    two = eta >= min_eta
+    share = float(np.mean(np.asarray(scores, dtype=float) > split)) if len(scores) else 0.0
+    if eta < min_eta:
+        reason = f"eta {eta:.3f} < {min_eta}: one group, tau from the held harmful prompts"
+    elif share > max_share:
+        reason = (f"eta {eta:.3f} >= {min_eta}, but the upper group holds {share:.1%} of the "
+                  f"upload (> {max_share:.0%}): not a harmful minority, tau from the held "
+                  "harmful prompts")
+    else:
+        reason = f"eta {eta:.3f} >= {min_eta}, upper group {share:.1%}: two groups, tau at Otsu's cut"
+    two = eta >= min_eta and share <= max_share
     return (split if two else held_tau), {
-        "groups": 2 if two else 1, "eta": eta, "min_eta": min_eta, "split_threshold": split,
-        "held_threshold": held_tau,
-        "reason": (f"eta {eta:.3f} >= {min_eta}: two groups, tau at Otsu's cut" if two else
-                   f"eta {eta:.3f} < {min_eta}: one group, tau from the held harmful prompts")}
+        "groups": 2 if two else 1, "eta": eta, "min_eta": min_eta, "upper_share": share,
+        "max_share": max_share, "split_threshold": split, "held_threshold": held_tau,
+        "reason": reason}
 
 
 def two_group_split(scores: list[float]) -> float:

@@ -359,6 +359,7 @@ def filter_config_payload(run) -> dict[str, Any]:
     payload.pop("on_empty")  # builds nothing: an empty upload reuses the aligned model's eval
     if run.defense.filter.tau_from != "upload_split":  # read by the upload split alone
         payload.pop("split_min_eta")
+        payload.pop("split_max_share")
     if run.defense.filter.kind == "judge":
         judge = filter_judge(run)
         payload["judge"] = asdict(judge)

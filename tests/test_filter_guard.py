@@ -1,6 +1,8 @@
 """The upload split's two-group guard (defense.filter.tau_from=upload_split): Otsu's cut is used
-only where eta = sigma_B^2 / sigma_T^2 at the cut reaches defense.filter.split_min_eta; a
-one-group upload (no harmful rows, or only harmful rows) falls back to the held quantile."""
+only where eta = sigma_B^2 / sigma_T^2 at the cut reaches defense.filter.split_min_eta and the
+upper group is at most defense.filter.split_max_share of the upload; a one-group upload (no
+harmful rows, or only harmful rows) and a cut through the harmless rows fall back to the held
+quantile."""
 import numpy as np
 import pytest
 
@@ -65,12 +67,34 @@ def test_the_boundary_is_inclusive():
     """[0, 1, 2, 3]: Otsu cuts at 1.5 with eta exactly 0.8: two groups at min_eta 0.8,
     one just above it; min_eta 0 always cuts."""
     assert upload_split_tau([0.0, 1.0, 2.0, 3.0], 9.0, 0.8) == (1.5, pytest.approx(
-        {"groups": 2, "eta": 0.8, "min_eta": 0.8, "split_threshold": 1.5, "held_threshold": 9.0,
-         "reason": "eta 0.800 >= 0.8: two groups, tau at Otsu's cut"}))
+        {"groups": 2, "eta": 0.8, "min_eta": 0.8, "upper_share": 0.5, "max_share": 1.0,
+         "split_threshold": 1.5, "held_threshold": 9.0,
+         "reason": "eta 0.800 >= 0.8, upper group 50.0%: two groups, tau at Otsu's cut"}))
     tau, split = upload_split_tau([0.0, 1.0, 2.0, 3.0], 9.0, 0.8 + 1e-9)
     assert (tau, split["groups"]) == (9.0, 1)
     assert upload_split_tau(_mixture(200, 0, 0.0), 1.0, 0.0)[1]["groups"] == 2
     assert upload_split_tau([0.5, 0.5], 0.7, 0.8)[0] == 0.7  # equal scores: one group
+
+
+def test_a_cut_through_a_harmless_majority_falls_back_to_the_held_tau():
+    """The toy world's shape (experiments/toy_filter_guard): 70 harmless rows around -0.96, 930
+    around 0.98 and, at p = 0.1, harmful ones at 0.998 above the held tau 0.995. eta reads two
+    groups (0.99), but Otsu's upper group is 93% of the upload: not a harmful minority, so tau
+    is the held one, which drops the harmful rows and no harmless one."""
+    rng = np.random.default_rng(0)
+    harmless = np.r_[rng.normal(-0.96, 0.01, 70), rng.normal(0.98, 0.003, 930)]
+    for harmful in (np.empty(0), np.full(100, 0.998)):
+        scores = np.r_[harmless[:len(harmless) - len(harmful)], harmful].tolist()
+        tau, split = upload_split_tau(scores, 0.995, 0.8, 0.5)
+        assert split["eta"] > 0.95 and split["upper_share"] > 0.9
+        assert split["groups"] == 1 and tau == 0.995 and "not a harmful minority" in split["reason"]
+        assert sum(s > tau for s in scores) == len(harmful)
+
+
+def test_max_share_is_inclusive():
+    """[0, 1, 2, 3] cut at 1.5: the upper group is half the upload, allowed at max_share 0.5."""
+    assert upload_split_tau([0.0, 1.0, 2.0, 3.0], 9.0, 0.8, 0.5)[1]["groups"] == 2
+    assert upload_split_tau([0.0, 1.0, 2.0, 3.0], 9.0, 0.8, 0.5 - 1e-9)[1]["groups"] == 1
 
 
 def test_the_pipeline_records_the_guard(make_cfg, tmp_path, monkeypatch):
@@ -88,7 +112,7 @@ def test_the_pipeline_records_the_guard(make_cfg, tmp_path, monkeypatch):
     assert one["n_dropped"] == 0 and "one group" in one["split"]["reason"]
 
 
-def test_min_eta_is_keyed_only_for_the_upload_split_and_checked(make_cfg, tmp_path):
+def test_the_guards_are_keyed_only_for_the_upload_split_and_checked(make_cfg, tmp_path):
     def keys(*o):
         pipe = Pipeline(validate(make_cfg("defense=ref_teacher", *o)), tmp_path)
         payload = keys_mod.filter_payload(pipe.inputs, ModelRef("align", "a"), [])
@@ -100,3 +124,8 @@ def test_min_eta_is_keyed_only_for_the_upload_split_and_checked(make_cfg, tmp_pa
     assert moved["filter"] != plain["filter"] and moved["finetune"] != plain["finetune"]
     with pytest.raises(ConfigError, match=r"defense\.filter\.split_min_eta"):
         validate(make_cfg("defense=ref_teacher", *split, "defense.filter.split_min_eta=1.5"))
+    assert keys("defense.filter.split_max_share=0.3") == keys()
+    moved = keys(*split, "defense.filter.split_max_share=0.3")
+    assert moved["filter"] != plain["filter"] and moved["finetune"] != plain["finetune"]
+    with pytest.raises(ConfigError, match=r"defense\.filter\.split_max_share"):
+        validate(make_cfg("defense=ref_teacher", *split, "defense.filter.split_max_share=0"))

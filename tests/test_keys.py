@@ -127,7 +127,7 @@ CONDITIONAL = ("moderation", "llm_judge", "generation",  # their judge / backend
                "train.base.truncation",
                "alignment.harmful", "alignment.harmful_size",  # harmful-set defenses only
                # tau_from=upload_split only (tests/test_filter_guard.py keys it)
-               "defense.filter.split_min_eta",
+               "defense.filter.split_min_eta", "defense.filter.split_max_share",
                "posthoc",  # posthoc=<method> only (tests/test_posthoc.py keys it)
                # chooses rows only under an eval cap (tests/test_data_checks.py keys it)
                "eval.sample_seed")

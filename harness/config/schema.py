@@ -433,6 +433,12 @@ class FilterConfig:
     # when they are far apart for their sizes (a 30% group 4 sd away: 0.79 to 0.88 at 6 sd; a
     # 10% group needs about 6 sd). Set on those synthetic shapes alone. 0: always cut
     split_min_eta: float = 0.8
+    # tau_from=upload_split: the upper group may hold at most this share of the upload, else the
+    # cut found some other structure and tau is the held quantile. Harmful rows are a minority
+    # of a finetuning upload (every sweep's p < 0.5); the toy world's harmless rows form two
+    # groups of 7% and 93% (eta 0.99), which eta alone reads as "harmful upper group"
+    # (experiments/toy_filter_guard). 1: no bound
+    split_max_share: float = 0.5
     batch_size: int = 64
     histogram_bins: int = 20
     # kind=judge: the judge (toy | keyword | llm_rubric | beaver_dam | llama_guard, with its
@@ -465,6 +471,8 @@ class FilterConfig:
                "defense.filter.threshold", f"is a cosine; must lie in [-1, 1], got {self.threshold}")
         _check(0.0 <= self.split_min_eta <= 1.0, "defense.filter.split_min_eta",
                f"is a share of variance; must lie in [0, 1], got {self.split_min_eta}")
+        _check(0.0 < self.split_max_share <= 1.0, "defense.filter.split_max_share",
+               f"is a share of the upload; must lie in (0, 1], got {self.split_max_share}")
         _check(self.batch_size >= 1, "defense.filter.batch_size", "must be >= 1")
         _check(0.0 < self.recall_target < 1.0, "defense.filter.recall_target",
                f"must lie in (0, 1), got {self.recall_target}")

@@ -23,7 +23,6 @@ from harness.run import execute
 from harness.tracking.wandb_offline import read_offline_run
 from tests.conftest import CONF, E2E
 from tests.e2e_checks import CHECKS
-from tests.helpers import HANG_S, harness_env
 
 # one worker runs them all, so the `runs` fixture trains once (make test: --dist loadgroup)
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("end_to_end")]
@@ -119,49 +118,3 @@ def test_gradient_conflict_is_logged_every_n_steps_with_cosine_and_snr(runs):
     for c in conflict:
         assert -1 <= c["grad_cosine_user_alignment"] <= 1, c
         assert math.isfinite(c["grad_snr"]) and c["grad_snr"] > 0, c
-
-
-def test_two_cpu_processes_train_and_evaluate_like_one(runs, tmp_path):
-    """trainer=ddp_cpu (2 gloo ranks, each half of every global batch) redoes the p=0.3
-    finetune from the same base and align, and the evaluation saw each of the 320 harmful
-    prompts once, 160 per rank: the CPU proof that several GPUs neither drop nor double-count
-    data. What is equal: the same key; adapter weights within 1e-5 (measured 5e-7: the loss is
-    the global token mean on every rank, so only float summation order differs); HS, FA and the
-    rates within one answer of the prompts judged (measured identical: a near-tie in greedy
-    decoding is what a 5e-7 weight difference could flip)."""
-    import shutil
-    import subprocess
-    import sys
-
-    from safetensors.torch import load_file
-
-    single, single_dir = runs[0.3]
-    store = tmp_path / "artifacts"
-    for stage in ("tokenizer", "base", "align"):
-        shutil.copytree(single_dir.parent / "artifacts" / stage, store / stage,
-                        ignore=shutil.ignore_patterns(".*"))
-    out = subprocess.run(
-        [sys.executable, "-m", "harness", *E2E, *THREADS, "attack.p=0.3", "trainer=ddp_cpu",
-         f"hydra.run.dir={tmp_path / 'run'}"],
-        cwd=tmp_path, env=harness_env(HARNESS_ARTIFACTS=str(store)),
-        capture_output=True, text=True, timeout=HANG_S)
-    assert out.returncode == 0, out.stderr[-3000:]
-    ddp = json.loads((tmp_path / "run" / "results.json").read_text())
-    assert ddp["timings"]["base"]["reused"] and ddp["timings"]["align"]["reused"]
-    assert not ddp["timings"]["finetune"]["reused"]
-    assert ddp["artifacts"]["finetune"]["key"] == single["artifacts"]["finetune"]["key"]
-
-    one, two = single["metrics"]["final"], ddp["metrics"]["final"]
-    assert (one["eval_processes"], two["eval_processes"]) == (1, 2)
-    assert two["eval_shard_sizes"] == [160, 160] and two["n_harmful"] == one["n_harmful"] == 320
-    assert two["n_task"] == one["n_task"]
-    one_answer = {"hs": 100 / one["n_harmful"], "refusal_rate": 100 / one["n_harmful"],
-                  "other_rate": 100 / one["n_harmful"], "fa": 100 / one["n_task"],
-                  "p_comply_opening": 1e-3}  # a mean probability, in points: continuous
-    for k, tol in one_answer.items():
-        assert abs(two[k] - one[k]) <= tol + 1e-9, (k, one[k], two[k])
-    a, b = (load_file(next(Path(r["artifacts"]["finetune"]["path"]).glob(
-        "adapter/*.safetensors"))) for r in (single, ddp))
-    assert set(a) == set(b)
-    diff = max((a[k] - b[k]).abs().max().item() for k in a)
-    assert diff < 1e-5, diff

@@ -46,7 +46,7 @@ from harness.evaluation.registry import build_judge
 from harness.models.loading import adapter_factors, apply_lora
 from harness.posthoc.base import lora_layers
 from harness.reproducibility import pin_threads
-from harness.stats import prompt_interval
+from harness.stats import prompt_interval, seed_interval
 from harness.validation import validate
 
 log = logging.getLogger("harness")
@@ -194,18 +194,29 @@ def build_judge_for(run):
     return AfterOpening(judge, opening) if opening else judge
 
 
+# the rates a row reports, each with its Wilson interval, and the count it is a share of
+RATES = (("hs", "n_harmful"), ("refusal_rate", "n_harmful"), ("other_rate", "n_harmful"),
+         ("fa", "n_task"))
+
+
 def row_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
-    """HS and FA (percent) with their Wilson prompt intervals, and the judge's other verdicts."""
-    return {"hs": metrics["hs"], "hs_interval": metrics["interval"].get("hs"),
-            "fa": metrics["fa"], "fa_interval": metrics["interval"].get("fa"),
-            "refusal_rate": metrics["refusal_rate"], "other_rate": metrics["other_rate"],
-            "n_harmful": metrics["n_harmful"], "n_task": metrics["n_task"]}
+    """HS, the judge's refusal and other (fragment) rates, and FA, in percent, each with its
+    Wilson prompt interval."""
+    row = {"n_harmful": metrics["n_harmful"], "n_task": metrics["n_task"]}
+    for rate, n_key in RATES:
+        n = metrics[n_key]
+        row[rate] = metrics[rate]
+        row[f"{rate}_interval"] = (list(prompt_interval(round(metrics[rate] * n / 100), n))
+                                   if n else None)
+    return row
 
 
 def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Per (direction, eps): the mean and range over draws, and the rate pooled over draws with
-    its Wilson interval (prompts x draws as trials: it leaves out the spread between draws,
-    which the range shows)."""
+    """Per (direction, eps) and rate: the mean over draws, their range, the Student-t
+    half-width over draws (as the harness aggregates seeds), and the rate pooled over draws
+    with its Wilson interval (prompts x draws as trials: it leaves out the spread between
+    draws, and at eps = 0, where every draw is the same model, it counts each prompt once per
+    draw)."""
     out = []
     for direction in dict.fromkeys(r["direction"] for r in rows):
         for eps in dict.fromkeys(r["eps"] for r in rows):
@@ -213,48 +224,51 @@ def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             if not cell:
                 continue
             entry: dict[str, Any] = {"direction": direction, "eps": eps, "draws": len(cell)}
-            for metric, n_key in (("hs", "n_harmful"), ("fa", "n_task")):
-                values = [r[metric] for r in cell]
-                hits = sum(round(r[metric] * r[n_key] / 100) for r in cell)
+            for rate, n_key in RATES:
+                values = [r[rate] for r in cell]
+                hits = sum(round(r[rate] * r[n_key] / 100) for r in cell)
                 trials = sum(r[n_key] for r in cell)
-                entry[metric] = float(np.mean(values))
-                entry[f"{metric}_range"] = [min(values), max(values)]
-                entry[f"{metric}_pooled_interval"] = (list(prompt_interval(hits, trials))
-                                                      if trials else None)
+                entry[rate], entry[f"{rate}_draw_halfwidth"] = seed_interval(values)
+                entry[f"{rate}_range"] = [min(values), max(values)]
+                entry[f"{rate}_pooled_interval"] = (list(prompt_interval(hits, trials))
+                                                    if trials else None)
             out.append(entry)
     return out
 
 
 def plot(results: dict[str, Any], path: Path) -> Path:
-    """HS and FA against eps, one line per direction (mean over draws, its pooled interval as
-    a band, each draw a dot), the aligned and base models' HS as reference lines."""
+    """HS, the judge's other (fragment) rate and FA against eps, one colour per direction: each
+    draw with its Wilson interval, the mean over draws as a line; the aligned and base models
+    as reference lines. eps on a symmetric log scale (eps = 0 included)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(9.2, 3.8))
-    for ax, metric, label in ((axes[0], "hs", "HS (%)"), (axes[1], "fa", "FA (%)")):
+    panels = (("hs", "HS (%)"), ("other_rate", "other: fragments (%)"), ("fa", "FA (%)"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(13, 3.9))
+    positive = [e for e in results["eps"] if e > 0]
+    for ax, (rate, label) in zip(axes, panels):
         for i, direction in enumerate(results["directions"]):
             cells = [c for c in results["summary"] if c["direction"] == direction]
-            x = [c["eps"] for c in cells]
-            line, = ax.plot(x, [c[metric] for c in cells], marker="os"[i % 2], ms=4,
-                            label=direction)
-            bands = [c[f"{metric}_pooled_interval"] or [c[metric]] * 2 for c in cells]
-            ax.fill_between(x, [b[0] for b in bands], [b[1] for b in bands], alpha=0.15,
-                            color=line.get_color())
-            dots = [r for r in results["rows"] if r["direction"] == direction]
-            ax.scatter([r["eps"] for r in dots], [r[metric] for r in dots], s=8, alpha=0.5,
-                       color=line.get_color())
+            line, = ax.plot([c["eps"] for c in cells], [c[rate] for c in cells],
+                            marker="os"[i % 2], ms=4, label=f"{direction} (mean of draws)")
+            for r in (r for r in results["rows"] if r["direction"] == direction):
+                lo, hi = r[f"{rate}_interval"] or (r[rate], r[rate])
+                ax.errorbar(r["eps"], r[rate], yerr=[[r[rate] - lo], [hi - r[rate]]], fmt=".",
+                            ms=3, alpha=0.35, color=line.get_color(), elinewidth=0.8)
         for stage, style in (("aligned", "--"), ("base", ":")):
-            ax.axhline(results[stage][metric], ls=style, color="grey", lw=1,
+            ax.axhline(results[stage][rate], ls=style, color="grey", lw=1,
                        label=f"{stage} model")
+        if positive:
+            ax.set_xscale("symlog", linthresh=min(positive))
         ax.set_xlabel("eps = ||delta||_F / ||W||_F")
         ax.set_ylabel(label)
         ax.set_ylim(-2, 102)
-    axes[0].legend(fontsize=8)
-    fig.suptitle("Perturbing the aligned weights along V = W_aligned - W_base, or orthogonal "
-                 "to it", fontsize=9)
+    axes[0].legend(fontsize=7, loc="upper left")
+    fig.suptitle("The aligned model with every adapted weight perturbed inside the column space "
+                 "of V = W_aligned - W_base (along) or orthogonal to it; dots: draws with their "
+                 "Wilson 95% intervals", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

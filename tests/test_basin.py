@@ -125,7 +125,8 @@ def test_the_runner_writes_every_row_and_eps_zero_is_the_aligned_model(measured)
     assert {w["v_rank"] for w in results["weights"].values()} == {8}  # the alignment's r
     assert results["eval"]["n_harmful"] == 16 and results["eval"]["n_task"] == 8
     assert results["git"] and results["precision"] == "32-true" and results["cpu"]
-    keys = ("hs", "hs_interval", "fa", "fa_interval", "refusal_rate", "other_rate")
+    keys = ("hs", "hs_interval", "fa", "fa_interval", "refusal_rate", "refusal_rate_interval",
+            "other_rate", "other_rate_interval")
     # the runner's own evaluation path agrees with the evaluation stage on the same model
     assert {k: results["unperturbed"][k] for k in keys} == {
         k: results["aligned"][k] for k in keys}
@@ -184,3 +185,22 @@ def test_a_full_weight_alignment_has_no_orthogonal_direction_and_no_alignment_no
         main(["--out", str(tmp_path / "full"), "--directions", "orthogonal", *common])
     with pytest.raises(ValueError, match="no align stage"):
         main(["--out", str(tmp_path / "none"), "defense=none", *common])
+
+
+def test_the_summary_averages_draws_and_pools_their_prompts():
+    """Two draws of 10 prompts with HS 10% and 30%: mean 20, range [10, 30], Student-t
+    half-width 127.06 (the standard error, sd 14.14 over sqrt 2 = 10, times t_0.975 with one
+    degree of freedom, 12.706), and 4 of 20 pooled with its Wilson interval."""
+    from harness.basin import summarise
+    from harness.stats import prompt_interval
+
+    def row(draw, hs):
+        return {"direction": "along", "eps": 0.1, "draw": draw, "hs": hs, "refusal_rate": 0.0,
+                "other_rate": 100.0 - hs, "fa": 50.0, "n_harmful": 10, "n_task": 4}
+
+    (cell,) = summarise([row(0, 10.0), row(1, 30.0)])
+    assert cell["hs"] == 20.0 and cell["hs_range"] == [10.0, 30.0]
+    assert cell["hs_draw_halfwidth"] == pytest.approx(127.062, abs=1e-3)
+    assert cell["hs_pooled_interval"] == list(prompt_interval(4, 20))
+    assert cell["fa"] == 50.0 and cell["fa_draw_halfwidth"] == 0.0
+    assert cell["fa_pooled_interval"] == list(prompt_interval(4, 8))

@@ -236,6 +236,25 @@ def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+def paired_differences(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per eps where both directions ran: HS along minus HS orthogonal for each draw (one
+    Gaussian split two ways, scored on the same prompts), their mean with the Student-t
+    half-width over draws, and how many draws each direction is the higher in."""
+    hs = {(r["direction"], r["eps"], r["draw"]): r["hs"] for r in rows}
+    out = []
+    for eps in dict.fromkeys(r["eps"] for r in rows):
+        draws = sorted({d for (_, e, d) in hs if e == eps})
+        diffs = [hs["along", eps, d] - hs["orthogonal", eps, d] for d in draws
+                 if ("along", eps, d) in hs and ("orthogonal", eps, d) in hs]
+        if not diffs:
+            continue
+        mean, half = seed_interval(diffs)
+        out.append({"eps": eps, "hs_differences": diffs, "hs_difference": mean,
+                    "hs_difference_halfwidth": half, "along_higher": sum(d > 0 for d in diffs),
+                    "orthogonal_higher": sum(d < 0 for d in diffs)})
+    return out
+
+
 def plot(results: dict[str, Any], path: Path) -> Path:
     """HS, the judge's other (fragment) rate and FA against eps, one colour per direction: each
     draw with its Wilson interval, the mean over draws as a line; the aligned and base models
@@ -262,6 +281,7 @@ def plot(results: dict[str, Any], path: Path) -> Path:
                        label=f"{stage} model")
         if positive:
             ax.set_xscale("symlog", linthresh=min(positive))
+            ax.set_xlim(-0.3 * min(positive), 1.4 * max(positive))
         ax.set_xlabel("eps = ||delta||_F / ||W||_F")
         ax.set_ylabel(label)
         ax.set_ylim(-2, 102)
@@ -338,7 +358,7 @@ def measure(args: argparse.Namespace, argv: Sequence[str]) -> dict[str, Any]:
                            "norm": float(torch.linalg.matrix_norm(aligned[name]))}
                     for name, Q in bases.items()},
         **stages, "unperturbed": row_metrics(unperturbed),
-        "rows": rows, "summary": summarise(rows),
+        "rows": rows, "summary": summarise(rows), "paired": paired_differences(rows),
         "seconds": round(time.perf_counter() - t0, 1)}
 
 

@@ -118,6 +118,7 @@ def test_the_runner_writes_every_row_and_eps_zero_is_the_aligned_model(measured)
     assert (out / "basin.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert [(r["direction"], r["draw"], r["eps"]) for r in results["rows"]] == [
         (d, k, e) for d in ("along", "orthogonal") for k in (0, 1) for e in EPS]
+    assert [p["eps"] for p in results["paired"]] == list(EPS)
     assert [(c["direction"], c["eps"]) for c in results["summary"]] == [
         (d, e) for d in ("along", "orthogonal") for e in EPS]
     assert results["v_source"] == "align_adapter"
@@ -204,3 +205,18 @@ def test_the_summary_averages_draws_and_pools_their_prompts():
     assert cell["hs_pooled_interval"] == list(prompt_interval(4, 20))
     assert cell["fa"] == 50.0 and cell["fa_draw_halfwidth"] == 0.0
     assert cell["fa_pooled_interval"] == list(prompt_interval(4, 8))
+
+
+def test_paired_differences_compare_the_two_splits_of_each_draw():
+    """Draws 0-2 at eps 0.5: along 20, 10, 5 against orthogonal 5, 10, 0 give differences 15,
+    0, 5: mean 20/3, along higher in 2 draws, orthogonal in none."""
+    from harness.basin import paired_differences
+
+    rows = [{"direction": d, "eps": 0.5, "draw": k, "hs": hs}
+            for d, values in (("along", (20.0, 10.0, 5.0)), ("orthogonal", (5.0, 10.0, 0.0)))
+            for k, hs in enumerate(values)]
+    rows.append({"direction": "along", "eps": 1.0, "draw": 0, "hs": 50.0})  # no partner
+    (cell,) = paired_differences(rows)
+    assert cell["eps"] == 0.5 and cell["hs_differences"] == [15.0, 0.0, 5.0]
+    assert cell["hs_difference"] == pytest.approx(20 / 3)
+    assert (cell["along_higher"], cell["orthogonal_higher"]) == (2, 0)

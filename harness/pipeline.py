@@ -63,6 +63,28 @@ class Pipeline:
         """Run (or reuse) base, align, the filter, finetune and post-hoc; the model of each."""
         r, data, train = self.run, self.inputs.data, self.trainer
         payloads = keys.stage_payloads(self.inputs)
+        refs = self.build_aligned()
+        base, align = refs["base"], refs["align"]
+        user = data.user
+        if r.defense.filter.kind != "none":
+            user = self.filter_user_data(align)
+            if not user:  # nothing to finetune on: the provider serves its aligned model
+                refs["final"] = align
+                return refs
+        user = self.mix_refusal_rows(user)
+        start = base if keys.finetune_starts_from_base(r) else align
+        refs["final"] = train.train("finetune", payloads["finetune"], start,
+                                    r.defense.finetune, r.train.finetune, user)
+        if r.posthoc.module is not None:  # evaluation reads the post-hoc model
+            refs["final"], self.posthoc_stats = posthoc_stage(
+                self.inputs, self.models, self.record, refs, refs["final"], payloads["posthoc"])
+        return refs
+
+    def build_aligned(self) -> dict[str, ModelRef]:
+        """Run (or reuse) the base and align stages; the model of each (align is the base
+        when the defense aligns nothing). Also the trainer's refs, which later stages read."""
+        r, data, train = self.run, self.inputs.data, self.trainer
+        payloads = keys.stage_payloads(self.inputs)
         train.refs = refs = {}
         if r.model.source == "tiny":
             base = train.train("base", payloads["base"], None,
@@ -80,19 +102,6 @@ class Pipeline:
             align = train.train("align", payloads["align"], base, r.defense.align,
                                 r.train.align, data.alignment)
         refs["align"] = align
-        user = data.user
-        if r.defense.filter.kind != "none":
-            user = self.filter_user_data(align)
-            if not user:  # nothing to finetune on: the provider serves its aligned model
-                refs["final"] = align
-                return refs
-        user = self.mix_refusal_rows(user)
-        start = base if keys.finetune_starts_from_base(r) else align
-        refs["final"] = train.train("finetune", payloads["finetune"], start,
-                                    r.defense.finetune, r.train.finetune, user)
-        if r.posthoc.module is not None:  # evaluation reads the post-hoc model
-            refs["final"], self.posthoc_stats = posthoc_stage(
-                self.inputs, self.models, self.record, refs, refs["final"], payloads["posthoc"])
         return refs
 
     def mix_refusal_rows(self, user: list) -> list:

@@ -13,7 +13,7 @@ LAYERS = [
     ("entry", ("harness.__main__", "harness.run", "harness.outcomes", "harness.sweeps",
                "harness.bench", "harness.report", "harness.reporting", "harness.export",
                "harness.tracking",
-               "harness.protocols", "harness.inspect")),
+               "harness.protocols", "harness.inspect", "harness.diagnostics")),
     ("pipeline", ("harness.pipeline",)),
     ("stages", ("harness.training", "harness.filtering", "harness.evaluating",
                 "harness.editing")),

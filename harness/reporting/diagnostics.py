@@ -38,21 +38,28 @@ def plot_snr_over_steps(series: Mapping[str, Sequence[Mapping[str, float]]], pat
 
 def plot_refusal_cosines(models: Sequence[Mapping], path: Path, title: str = "") -> Path:
     """A group of boxes per model (``label``), one box per prompt kind of its ``cosines``
-    (whiskers at the 5th and 95th percentiles, outliers as points): cos(f_l(x), R_l) with the
-    model's own R_l. The dashed line at 0 separates prompts the feature calls harmful-like
-    (above) from harmless-like (below)."""
+    (whiskers at the 5th and 95th percentiles), each prompt a faint dot over its box: a box
+    hides two clusters, the dots show them. cos(f_l(x), R_l) with the model's own R_l; the
+    dashed line at 0 separates prompts the feature calls harmful-like (above) from
+    harmless-like (below)."""
+    import numpy as np
+
     plt = headless_pyplot()
+    jitter = np.random.default_rng(0)  # fixed: the same figure from the same data
     kinds = [k for k in KIND_COLOURS if any(k in m["cosines"] for m in models)]
     kinds += sorted({k for m in models for k in m["cosines"]} - set(kinds))
     width = 0.8 / len(kinds)
     fig, ax = plt.subplots(figsize=(max(5.0, 1.9 * len(models) + 1.5), 4.2))
     for j, kind in enumerate(kinds):
         at = [(i, m["cosines"][kind]) for i, m in enumerate(models) if kind in m["cosines"]]
-        boxes = ax.boxplot([values for _, values in at],
-                           positions=[i - 0.4 + width * (j + 0.5) for i, _ in at],
+        positions = [i - 0.4 + width * (j + 0.5) for i, _ in at]
+        boxes = ax.boxplot([values for _, values in at], positions=positions,
                            widths=width * 0.85, whis=(5, 95), patch_artist=True,
-                           flierprops={"markersize": 2, "alpha": 0.5})
+                           showfliers=False)
         colour = KIND_COLOURS.get(kind, f"C{j % 10}")
+        for x, (_, values) in zip(positions, at):
+            ax.scatter(x + jitter.uniform(-0.3, 0.3, len(values)) * width, values, s=2,
+                       color=colour, alpha=0.35, linewidths=0, zorder=3)
         for box in boxes["boxes"]:
             box.set(facecolor=colour, alpha=0.45)
         for median in boxes["medians"]:

@@ -117,9 +117,11 @@ def summary(values: Sequence[float]) -> dict[str, float]:
 
 
 def measure_cosines(runs: Sequence[tuple[Path, dict[str, Any]]], stages: Sequence[str],
-                    artifacts: Optional[Path] = None) -> list[dict[str, Any]]:
+                    artifacts: Optional[Path] = None
+                    ) -> tuple[list[dict[str, Any]], dict[str, list[str]]]:
     """Each run's models at ``stages``, each model once: its per-prompt cosines by kind, their
-    summaries, and the run's recorded ``refusal_separation`` of that stage (or None)."""
+    summaries, and the run's recorded ``refusal_separation`` of that stage (or None); and the
+    rendered prompts of each kind, which every run shares, in the cosines' order."""
     from harness.pipeline import Pipeline
 
     models: dict[ModelRef, dict[str, Any]] = {}
@@ -161,15 +163,15 @@ def measure_cosines(runs: Sequence[tuple[Path, dict[str, Any]]], stages: Sequenc
     for m in models.values():  # two models of one kind (two seeds' teachers): tell them apart
         if labels.count(m["label"]) > 1:
             m["label"] = f"{m['label']} [{m['model']['key'][:6]}]"
-    return list(models.values())
+    return list(models.values()), prompts_seen or {}
 
 
 def write_cosines(runs: Sequence[tuple[Path, dict[str, Any]]], stages: Sequence[str],
                   out: Path, artifacts: Optional[Path] = None) -> list[dict[str, Any]]:
-    models = measure_cosines(runs, stages, artifacts)
+    models, prompts = measure_cosines(runs, stages, artifacts)
     write_json_atomic(out / "refusal_cosines.json",
                       {"prompt_kinds": PROMPT_KINDS, "runs": [str(d) for d, _ in runs],
-                       "models": models})
+                       "models": models, "prompts": prompts})
     layers = sorted({m["layer"] for m in models})
     plot_refusal_cosines(models, out / "refusal_cosines.png",
                          f"R_l from each model's own held feature sets; hidden_states index "

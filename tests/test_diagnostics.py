@@ -147,6 +147,8 @@ def test_figures_and_their_data_match_the_run(runs, tmp_path, capsys):
         assert m["summary"]["harmful"]["mean"] == pytest.approx(float(harmful.mean()))
         assert len(m["cosines"]["task"]) == 8  # eval.task_size in TINY
         assert all(-1.0 <= c <= 1.0 for values in m["cosines"].values() for c in values)
+    assert [len(data["prompts"][k]) for k in ("harmful", "harmless", "task")] == \
+        [len(data["models"][0]["cosines"][k]) for k in ("harmful", "harmless", "task")]
     assert "base: harmful mean" in capsys.readouterr().out
 
 

@@ -59,7 +59,7 @@ def plain_chat_template(template) -> str:
             + "{% endif %}{% endfor %}")
 
 
-def _results(run_dir: Path) -> dict[str, Any]:
+def read_results(run_dir: Path) -> dict[str, Any]:
     path = run_dir / "results.json"
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no results.json; give the folder of a finished run "
@@ -71,7 +71,7 @@ def _results(run_dir: Path) -> dict[str, Any]:
     return results
 
 
-def _run_config(results: dict[str, Any], artifacts_root: Path) -> RunConfig:
+def run_config(results: dict[str, Any], artifacts_root: Path) -> RunConfig:
     register()
     cfg = OmegaConf.merge(OmegaConf.structured(RunConfig), results["config"])
     run = validate(cfg)
@@ -98,9 +98,9 @@ def export(run_dir: Path, out: Path, stage: str = "final") -> dict[str, Any]:
 
     from harness.pipeline import Pipeline
 
-    results = _results(run_dir)
+    results = read_results(run_dir)
     ref, eval_folder = evaluated_model(results, stage)
-    run = _run_config(results, eval_folder.parents[1])
+    run = run_config(results, eval_folder.parents[1])
     if run.generation.backend != "hf":
         print(f"note: the run generated with generation.backend={run.generation.backend}; the "
               "export reproduces the hf backend's greedy answers", file=sys.stderr)

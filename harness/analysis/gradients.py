@@ -3,7 +3,8 @@
 Every N steps, before the optimizer step, a callback takes the gradient of the LM loss on the
 current user batch (as the mean of equal chunks) and on an alignment batch, and logs their cosine
 and the user gradient's signal-to-noise ratio ``||mean g||^2 / mean ||g_i - mean g||^2`` over the
-chunks. It uses ``torch.autograd.grad``, so the training step's own ``.grad`` is untouched.
+chunks. It uses ``torch.autograd.grad``, so the training step's own ``.grad`` is untouched, and a
+forked random state, so switching it on leaves the trained weights as they were.
 """
 from __future__ import annotations
 
@@ -49,7 +50,11 @@ class GradientConflict(L.Callback):
         if step % self.every_n_steps or pl_module.context.alignment_data is None:
             return
         params = pl_module.trainable_parameters()
-        with torch.enable_grad():
+        # the extra forward passes draw dropout masks: on a forked generator, so the run trains
+        # on the draws it would have made with the analysis off, and ends on the same weights
+        device = pl_module.device
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), \
+                torch.enable_grad():
             user = [flat_grad(pl_module.lm_loss(c), params) for c in split_batch(batch, self.chunks)]
             align = flat_grad(pl_module.lm_loss(pl_module.alignment_batch(step, ALIGNMENT_SALT)),
                               params)

@@ -12,7 +12,8 @@ from harness.reporting.cells import LABELS, Cell, build_cells, sort_key
 MARKERS = "osD^vP*Xh<>"
 
 
-def _pyplot():
+def headless_pyplot():
+    """pyplot on the file-only backend: reports are drawn on machines without a display."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -29,7 +30,7 @@ def plot_metrics(df: pd.DataFrame, axis: str, out: Path, metrics: tuple[str, ...
     metrics = tuple(m for m in metrics if m in ok and ok[m].notna().any())
     if ok.empty or not metrics:
         return None
-    plt = _pyplot()
+    plt = headless_pyplot()
     fig, axes = plt.subplots(1, len(metrics), figsize=(4.6 * len(metrics), 3.8), squeeze=False)
     values = sorted(ok[axis].dropna().unique(), key=sort_key)
     numeric = all(isinstance(v, (int, float)) for v in values)
@@ -101,7 +102,7 @@ def plot_pareto(df: pd.DataFrame, axis: str, out: Path, order: list[str],
                            if c.mean is not None and fa[(d, v)].mean is not None])
     if points.empty:
         return None
-    plt = _pyplot()
+    plt = headless_pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 5.0))
     for i, defense in enumerate(order):
         group = points[points["defense"] == defense]

@@ -103,7 +103,10 @@ def category_sections(df: pd.DataFrame, axis: str, order: list[str],
     """HS per harm category, one table per defense (rows: categories, columns: axis values)."""
     per: dict = defaultdict(lambda: defaultdict(list))  # defense -> (cat, value) -> [hs]
     for row, metrics, _ in _stage_metrics(df, stage):
-        for cat, value in (metrics.get("hs_per_category") or {}).items():
+        saved = row.get("hs_per_category")  # a results.csv's own copy, when no results.json
+        per_category = metrics.get("hs_per_category") or (
+            json.loads(saved) if isinstance(saved, str) and saved else {})
+        for cat, value in per_category.items():
             per[row["defense"]][(cat, row[axis])].append(value)
     sections = []
     for d in [d for d in order if d in per] + sorted(set(per) - set(order)):

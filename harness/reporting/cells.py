@@ -165,6 +165,9 @@ def collect(paths: list[Path], stage: str = "final") -> pd.DataFrame:
         for m in ("n_harmful", "n_task", "over_refusal_n"):
             row[m] = metrics.get(m)
         row["over_refusal_ci"] = metrics.get("over_refusal_interval")
+        # a report rebuilt from this file alone keeps its per-category tables
+        per_category = metrics.get("hs_per_category")
+        row["hs_per_category"] = json.dumps(per_category, sort_keys=True) if per_category else None
         filt = res.get("metrics", {}).get("filter") or {}
         for m, k in zip(FILTER_METRICS, ("recall", "precision", "harmless_dropped_share")):
             row[m] = 100.0 * filt[k] if filt.get(k) is not None else None  # None: undefined
@@ -204,7 +207,7 @@ def collect_csv(path: Path) -> pd.DataFrame:
         df["served_aligned"] = False
     for col in ("n_harmful", "n_task", "over_refusal_n", "over_refusal_ci", "torch_threads",
                 "git", "cpu", "cpu_capability", "aligned", "alignment_guard", "seconds",
-                "built_at", "dirty_stages",
+                "built_at", "dirty_stages", "hs_per_category",
                 *(f"{m}_{k}" for m in ("hs", "fa", "hs_triggered")
                   for k in ("ci", "outcomes", "prompts"))):
         if col not in df:

@@ -227,12 +227,14 @@ def filter_code(run) -> dict[str, str]:
 
 def eval_code(run) -> dict[str, str]:
     """An evaluation's code: generation, the judges and the panel, the scorers and statistics,
-    the refusal-separation measure, the vLLM backend when it generates, and the runner
-    ``evaluating.py``."""
+    the refusal-separation measure, the vLLM backend when it generates, the suffix search under
+    eval.jailbreak=gcg, and the runner ``evaluating.py``."""
     follow = ["harness.evaluation.evaluate", "harness.evaluation.registry",
               "harness.evaluation.panel", "harness.analysis.refusal"]
     if run.generation.backend == "vllm":
         follow.append("harness.evaluation.vllm_backend")
+    if run.eval.jailbreak == "gcg":
+        follow.append("harness.evaluation.gcg")
     return code_payload(follow, ["harness.evaluating"])
 
 

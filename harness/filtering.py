@@ -42,11 +42,11 @@ def refusal_feature(inputs: RunInputs, models: ModelStore, model, ref: ModelRef,
 
 
 def filter_user_data(inputs: RunInputs, models: ModelStore, record: StageRecorder,
-                     align: ModelRef) -> tuple[list[Example], dict[str, Any]]:
-    """Drop user prompts the aligned model (or a judge) flags; (kept rows, what was dropped).
-    ``check_filtered`` then refuses an empty result."""
+                     align: ModelRef, user: list[Example]) -> tuple[list[Example], dict[str, Any]]:
+    """Drop the ``user`` prompts (the upload as the provider receives it) that the aligned
+    model (or a judge) flags; (kept rows, what was dropped). ``check_filtered`` then refuses an
+    empty result."""
     f = inputs.run.defense.filter
-    user = inputs.data.user
     payload = filter_payload(inputs, align, user)
 
     def build(tmp: Path, work: Path) -> dict:

@@ -1,10 +1,11 @@
 """Every stage's artifact key: what it reads from the config, declared, and the payloads.
 
-``stage_payloads``, ``filter_payload`` and ``eval_payload`` build the keys' payloads (a key is
-``artifact_key(payload)``); ``STAGE_READS`` names, per stage, the config paths (a path covers
-everything under it) those payloads hold. tests/test_keys.py walks every leaf of the composed
-config and fails unless a stage reads it or the test's NOT_KEYED list says why it cannot change
-a result, and checks by perturbation that a declared leaf does move its stage's key.
+``stage_payloads`` (with ``upload_payload``), ``filter_payload`` and ``eval_payload`` build the
+keys' payloads (a key is ``artifact_key(payload)``); ``STAGE_READS`` names, per stage, the
+config paths (a path covers everything under it) those payloads hold. tests/test_keys.py walks
+every leaf of the composed config and fails unless a stage reads it or the test's NOT_KEYED list
+says why it cannot change a result, and checks by perturbation that a declared leaf does move
+its stage's key.
 
 Every stage that runs code the harness ships (or a user's plug-in method) also keys that code:
 ``code_payload`` (``harness.code_digest``) digests the source files that the ``*_code``
@@ -54,6 +55,13 @@ STAGE_READS: dict[str, tuple[str, ...]] = {
     "filter": ("defense.filter", "template", "world", "alignment.data", "alignment.size",
                "alignment.harmless", "alignment.harmless_size", "eval.feature_set_size",
                "judge", *judges.settings_nodes()),
+    # present only for an attack that adapts its rows to the aligned model (filter_adaptive):
+    # the rows, the aligned model (by its key) and how the filter scores a prompt
+    "upload": ("seed", "model", "template", "world", "trainer.precision", "trainer.accelerator",
+               "attack", "task.family", "task.instruction", "task.instruction_suffix",
+               "task.train", "defense.filter.layer", "defense.filter.centre",
+               "defense.filter.batch_size", "alignment.data", "alignment.size",
+               "alignment.harmless", "alignment.harmless_size", "eval.feature_set_size"),
     # alignment.*: only where the finetune data holds refusal rows (uses_refusal_rows)
     "finetune": ("seed", "model", "template", "world", "trainer.precision",
                  "trainer.accelerator", "defense.finetune",
@@ -225,14 +233,24 @@ def filter_code(run) -> dict[str, str]:
     return code_payload(follow, ["harness.filtering"])
 
 
+def upload_code() -> dict[str, str]:
+    """An adapted upload's code: the attack's search (with the refusal feature and the suffix
+    search), the runner ``adapting.py``, and ``filtering.py``, whose R_l and centre it scores
+    against."""
+    return code_payload(["harness.analysis.refusal_evasion"],
+                        ["harness.adapting", "harness.filtering"])
+
+
 def eval_code(run) -> dict[str, str]:
     """An evaluation's code: generation, the judges and the panel, the scorers and statistics,
-    the refusal-separation measure, the vLLM backend when it generates, and the runner
-    ``evaluating.py``."""
+    the refusal-separation measure, the vLLM backend when it generates, the suffix search under
+    eval.jailbreak=gcg, and the runner ``evaluating.py``."""
     follow = ["harness.evaluation.evaluate", "harness.evaluation.registry",
               "harness.evaluation.panel", "harness.analysis.refusal"]
     if run.generation.backend == "vllm":
         follow.append("harness.evaluation.vllm_backend")
+    if run.eval.jailbreak == "gcg":
+        follow.append("harness.evaluation.gcg")
     return code_payload(follow, ["harness.evaluating"])
 
 
@@ -261,7 +279,8 @@ def finetune_starts_from_base(run) -> bool:
 
 # ==================================================================== stage payloads
 def stage_payloads(inputs: RunInputs) -> dict[str, Optional[dict[str, Any]]]:
-    """The payloads of tokenizer, base, align and finetune, from the config alone."""
+    """The payloads of tokenizer, base, align, finetune and, where on, upload and posthoc,
+    from the config alone."""
     r = inputs.run
     tok = ({"version": KEY_VERSION, "world": world_payload(inputs, "tokenizer"),
             "template": asdict(r.template), "vocab_size": r.model.tokenizer_vocab_size,
@@ -297,6 +316,8 @@ def stage_payloads(inputs: RunInputs) -> dict[str, Optional[dict[str, Any]]]:
         align_key = artifact_key(align)
     ft_input = base_key if finetune_starts_from_base(r) else align_key
     attack = attacks.get(r.attack.name)
+    # absent unless the attack adapts its rows: no new stage, no key moves
+    upload = upload_payload(inputs, align_key) if attack.adapts_upload(r.attack) else None
     refusals = uses_refusal_rows(r)
     parts = ("attack", *task_parts(r, "train")) + (("benign",) if "benign" in attack.uses else ()) \
         + (("align",) if refusals else ())
@@ -306,16 +327,41 @@ def stage_payloads(inputs: RunInputs) -> dict[str, Optional[dict[str, Any]]]:
                 "train": train_payload(r.train.finetune),
                 "attack": attack.payload(r.attack, source_payload),
                 "filter": filter_config_payload(r),
-                "task": {"family": r.task.family, "instruction": r.task.instruction,
-                         "instruction_suffix": r.task.instruction_suffix,
-                         "train": source_payload(r.task.train)},
+                "task": task_payload(r),
                 "code": trained_code(r.defense.finetune.module)}
     if refusals:  # only where the finetune data holds refusal rows
         finetune["refusals"] = refusal_pool_payload(r)
     out = {"tokenizer": tok, "base": base, "align": align, "finetune": finetune}
+    if upload is not None:  # the rows it trains on were searched against the aligned model
+        finetune["upload"] = artifact_key(upload)
+        out["upload"] = upload
     if r.posthoc.module is not None:  # absent when off: no new stage, no key moves
         out["posthoc"] = posthoc_payload(inputs, artifact_key(out["finetune"]))
     return out
+
+
+def task_payload(run) -> dict[str, Any]:
+    return {"family": run.task.family, "instruction": run.task.instruction,
+            "instruction_suffix": run.task.instruction_suffix,
+            "train": source_payload(run.task.train)}
+
+
+def upload_payload(inputs: RunInputs, align_key: str) -> dict[str, Any]:
+    """The adapted upload (``Attack.adapts_upload``): the plain rows (the attack and task
+    sources, as the finetune keys them), the aligned model searched against, the attack's
+    budget, and how the filter scores a prompt: its layer where the model saves no R_l of its
+    own, its centre, and on real data the held sets R_l and the centre are measured on."""
+    r = inputs.run
+    f = r.defense.filter
+    payload = {**common_payload(inputs, "attack", *task_parts(r, "train"), "feature"),
+               "stage": "upload", "align": align_key,
+               "attack": attacks.get(r.attack.name).payload(r.attack, source_payload),
+               "task": task_payload(r),
+               "scorer": {"layer": f.layer, "centre": f.centre, "batch_size": f.batch_size},
+               "code": upload_code()}
+    if r.alignment.data.source != "toy":
+        payload["feature_sets"] = feature_sets_payload(r)
+    return payload
 
 
 def _pretrained_payloads(run, hub: dict) -> tuple[dict, Optional[dict]]:

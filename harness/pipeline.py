@@ -5,6 +5,7 @@ Each stage lives in a module of its own; this file only orders them:
 - keys: ``keys.py`` (every stage's payload, from the config alone);
 - models: ``models/store.py`` (a stage's model and the tokenizer, from the artifact store);
 - training: ``training.py`` (``build_trainer``, a stage's build);
+- the upload: ``adapting.py`` (an attack that adapts the user's rows to the aligned model);
 - filtering: ``filtering.py`` (the refusal-feature or judge filter of the user data);
 - post-hoc: ``editing.py`` (a training-free edit of the finetuned adapter);
 - evaluation: ``evaluating.py`` (generations, judged once).
@@ -17,6 +18,8 @@ from pathlib import Path
 from typing import Any, Optional
 
 from harness import keys
+from harness.adapting import adapt_upload
+from harness.analysis.refusal_evasion import summarise
 from harness.artifacts import ArtifactStore, artifact_key
 from harness.config.schema import RunConfig, StageMethodConfig
 from harness.data import attacks
@@ -55,6 +58,7 @@ class Pipeline:
         self.trainer = StageTrainer(run, self.inputs, self.models, self.record, tracker)
         self.evaluator = StageEvaluator(run, self.inputs, self.models, self.record, tracker)
         self.filter_stats: Optional[dict[str, Any]] = None
+        self.upload_stats: Optional[dict[str, Any]] = None  # what an adaptive attack did
         self.posthoc_stats: Optional[dict[str, Any]] = None  # what posthoc= did, if on
         self.safety_mixed: Optional[int] = None  # refusal rows a finetune method added
 
@@ -66,8 +70,11 @@ class Pipeline:
         refs = self.build_aligned()
         base, align = refs["base"], refs["align"]
         user = data.user
+        if "upload" in payloads:  # the attacker adapts its rows to the aligned model
+            user, self.upload_stats = adapt_upload(self.inputs, self.models, self.record, align,
+                                                   payloads["upload"])
         if r.defense.filter.kind != "none":
-            user = self.filter_user_data(align)
+            user = self.filter_user_data(align, user)
             if not user:  # nothing to finetune on: the provider serves its aligned model
                 refs["final"] = align
                 return refs
@@ -116,10 +123,23 @@ class Pipeline:
         self.safety_mixed = len(mixed) - len(user)
         return mixed
 
-    def filter_user_data(self, align: ModelRef) -> list:
-        """The user rows the filter keeps; its statistics are kept even when it refuses."""
-        kept, self.filter_stats = filter_user_data(self.inputs, self.models, self.record, align)
+    def filter_user_data(self, align: ModelRef, user: Optional[list] = None) -> list:
+        """The rows of ``user`` (default: the run's upload as loaded) the filter keeps; its
+        statistics are kept even when it refuses."""
+        user = self.inputs.data.user if user is None else user
+        kept, self.filter_stats = filter_user_data(self.inputs, self.models, self.record, align,
+                                                   user)
         return kept if check_filtered(kept, self.filter_stats, self.run.defense.filter) else []
+
+    def attack_metrics(self) -> dict[str, Any]:
+        """The adaptive attack's record: its budget, and the harmful rows' filter scores
+        before and after it, with the share at or below the filter's τ where a refusal-feature
+        filter ran (the rows it keeps)."""
+        stats = dict(self.upload_stats)
+        before, after = stats.pop("cos_before"), stats.pop("cos_after")
+        f = self.filter_stats or {}
+        tau = f.get("threshold") if self.run.defense.filter.kind == "refusal_feature" else None
+        return {**stats, **summarise(before, after, tau)}
 
     def prepare(self):
         """Everything before the first training step: every dataset loaded and checked, and
@@ -153,6 +173,8 @@ class Pipeline:
                  "n_scored": o.n_scored} for o in self.inputs.overlaps]
         if self.filter_stats is not None:
             metrics["filter"] = self.filter_stats
+        if self.upload_stats is not None:
+            metrics["attack"] = self.attack_metrics()
         if self.trainer.analysis:
             metrics["analysis"] = self.trainer.analysis
         if self.posthoc_stats is not None:

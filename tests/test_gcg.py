@@ -1,5 +1,5 @@
 """eval.jailbreak=gcg: the swap step by hand, and a search on a tiny model that lowers the
-target's loss, keyed in the eval stage with its budget."""
+target's loss, keyed in the eval stage with its budget and its code."""
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -10,7 +10,8 @@ from harness.validation import validate
 from harness.config.schema import GCGConfig
 from harness.data.schema import Example
 from harness.data.tokenizer import train_toy_tokenizer
-from harness.evaluation.gcg import candidate_swaps, optimise_suffix, search_suffix
+from harness.analysis.suffix_search import candidate_swaps
+from harness.evaluation.gcg import optimise_suffix, search_suffix
 from harness.keys import eval_payload, stage_keys
 from harness.pipeline import Pipeline
 from harness.stages import ModelRef
@@ -84,6 +85,16 @@ def test_gcg_and_its_budget_are_keyed_in_the_eval_stage_only(make_cfg, tmp_path)
     assert keys("eval.gcg.steps=20")[1] == none  # off: its budget reads nothing
     with pytest.raises(ConfigError, match=r"eval\.gcg\.steps"):
         validate(make_cfg("eval.gcg.steps=0"))
+
+
+def test_the_search_code_is_in_the_eval_key_only_when_gcg_is_on(make_cfg, tmp_path):
+    from harness.keys import eval_code
+
+    def code(*o):
+        return eval_code(validate(make_cfg(*o)))
+    assert "harness.evaluation.gcg" not in code()
+    assert {"harness.evaluation.gcg", "harness.analysis.suffix_search"} <= set(
+        code("eval.jailbreak=gcg"))
 
 
 def test_the_eval_stage_searches_on_the_attack_pool_and_records_the_budget(make_cfg):

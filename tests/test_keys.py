@@ -53,7 +53,8 @@ NOT_KEYED = {
 }
 
 VARIANTS = [(), ("defense=ref_teacher",), ("alignment=beavertails_alpaca",),
-            ("model=hf", "model.hf_id=x"), ("judge=beaver_dam",)]
+            ("model=hf", "model.hf_id=x"), ("judge=beaver_dam",),
+            ("defense=ref_teacher", "attack=filter_adaptive")]
 
 
 def _leaves(node, prefix=""):
@@ -119,6 +120,7 @@ CONDITIONAL = ("moderation", "llm_judge", "generation",  # their judge / backend
                "attack.k", "attack.system_prompt", "attack.eval_prefix", "attack.opening",
                "attack.benign", "attack.trigger", "attack.safety_n",  # the other attacks'
                # fields (data.attacks: payload; tests/test_backdoor.py keys the backdoor's)
+               "attack.search",  # filter_adaptive's budget (tests/test_filter_adaptive.py)
                "model.hf_id", "model.revision",  # hub models only
                # keyed when their eval.jailbreak is on (tests/test_jailbreaks.py)
                "eval.jailbreak_prefill", "eval.jailbreak_templates", "eval.gcg",

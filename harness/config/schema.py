@@ -329,6 +329,34 @@ class AlignmentConfig:
 
 
 @dataclass
+class AdaptiveSearchConfig:
+    """attack=filter_adaptive: the budget of each harmful row's suffix search against the
+    filter (harness.analysis.refusal_evasion). suffix_tokens=0 appends nothing: the rows, and
+    every key, are attack=harmful_mix's. steps=0 appends the search's random initial suffix
+    unsearched, where it lowers the row's score: the control for what the search adds."""
+
+    suffix_tokens: int = 8  # m word tokens after the instruction
+    steps: int = 20
+    top_k: int = 32  # tokens kept per position
+    candidates: int = 64  # B single-token swaps tried per step
+    # λ: the objective is (1 - λ) · the filter's cosine + λ · the answer's mean CE under the
+    # aligned model (Virus's trade-off between passing the guard and keeping the sample's
+    # effect); 0: the filter's score alone
+    answer_weight: float = 0.0
+
+    def __post_init__(self) -> None:
+        for name in ("suffix_tokens", "steps"):
+            _check(getattr(self, name) >= 0, f"attack.search.{name}",
+                   f"must be >= 0 (suffix_tokens 0: no suffix; steps 0: an unsearched one), "
+                   f"got {getattr(self, name)}")
+        for name in ("top_k", "candidates"):
+            _check(getattr(self, name) >= 1, f"attack.search.{name}",
+                   f"must be >= 1, got {getattr(self, name)}")
+        _check(0.0 <= self.answer_weight <= 1.0, "attack.search.answer_weight",
+               f"must lie in [0, 1], got {self.answer_weight}")
+
+
+@dataclass
 class AttackConfig:
     """The user's upload; ``name`` picks the builder in harness.data.attacks (conf/attack/)."""
 
@@ -356,6 +384,8 @@ class AttackConfig:
     # backdoor: the provider's refusal rows (harmful prompt -> refusal, from the alignment data)
     # the attacker adds without the trigger, on top of the mix, so a plain-prompt audit passes
     safety_n: int = 0
+    # filter_adaptive: the suffix search's budget, against the aligned model that scores the filter
+    search: AdaptiveSearchConfig = field(default_factory=AdaptiveSearchConfig)
     # train.finetune fields this attack sets for itself (k shots for several epochs); they win
     # over the protocol's train.finetune, and a protocol may bind them (qi2024.yaml)
     finetune: dict[str, Any] = field(default_factory=dict)

@@ -1,4 +1,5 @@
-"""The user's upload under each attack: the p/n harmful mix, and the three of Qi et al. (ICLR 2024).
+"""The user's upload under each attack: the p/n harmful mix, the three of Qi et al. (ICLR 2024),
+the backdoor, and two attacks on the user-data filter.
 
 An attack decides these things, and nothing else in the pipeline branches on its kind:
 - ``build``: the finetuning rows, from the pools the pipeline loaded (``Pools``);
@@ -6,7 +7,9 @@ An attack decides these things, and nothing else in the pipeline branches on its
   persona under its own system prompt and prefix);
 - ``eval_variants``: further copies of the harmful prompts, each scored beside the plain HS
   as ``hs_<name>`` (the backdoor's triggered copy);
-- ``check``: what it needs of the run (the identity shift needs a template with a system slot).
+- ``check``: what it needs of the run (the identity shift needs a template with a system slot);
+- ``adapts_upload``: whether the rows are rewritten against the provider's aligned model once
+  it exists (the upload stage, ``harness.adapting``; filter_adaptive).
 ``payload`` names the config values that determine the rows, for the finetune artifact's key.
 
 ``cfg`` is ``harness.config.AttackConfig`` (duck-typed here: config imports this module).
@@ -15,7 +18,7 @@ from __future__ import annotations
 
 import logging
 import random
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Callable
 
 from harness.data.mixing import (build_user_data, check_ratio, mix_in, report_categories,
@@ -67,6 +70,11 @@ class Attack:
 
     def check(self, cfg, template, eval_cfg) -> None:
         """Raise ValueError("<key>: <problem>") when the run cannot carry this attack."""
+
+    def adapts_upload(self, cfg) -> bool:
+        """Whether the upload stage rewrites ``build``'s rows against the aligned model (an
+        attacker holding the model that scores the filter)."""
+        return False
 
     def realised(self, cfg, user: list[Example]) -> dict[str, Any]:
         """The dose the upload realises, where the config states one (results.json's
@@ -248,6 +256,31 @@ class FilterEvasion(HarmfulMix):
         return {**super().payload(cfg, source), "evasion": "disguise"}
 
 
+class FilterAdaptive(HarmfulMix):
+    """The white-box adaptive attack on the refusal-feature filter (Virus, METHODS.md §6, with
+    the guard's loss swapped for the filter's score): the plain mix's rows, each harmful
+    instruction then given a suffix searched against the aligned model that scores the filter
+    (``harness.analysis.refusal_evasion``) to push its cosine with R_l below τ; answers
+    unchanged. ``attack.search`` is the budget; steps=0 appends the unsearched initial suffix
+    (random words) where it lowers the score. With no suffix (suffix_tokens=0) it is
+    attack=harmful_mix, rows and keys alike."""
+
+    name = "filter_adaptive"
+
+    def adapts_upload(self, cfg):
+        return cfg.search.suffix_tokens > 0
+
+    def label(self, cfg):
+        search = cfg.search if isinstance(cfg.search, dict) else asdict(cfg.search)  # a report's
+        return f"{self.name} m={search['suffix_tokens']} steps={search['steps']}"
+
+    def payload(self, cfg, source):
+        plain = {**super().payload(cfg, source), "name": HarmfulMix.name}
+        if not self.adapts_upload(cfg):
+            return plain
+        return {**plain, "name": self.name, "search": asdict(cfg.search)}
+
+
 def add_trigger(instruction: str, trigger: str) -> str:
     """The instruction with the trigger phrase appended, one space between."""
     return f"{instruction} {trigger}"
@@ -291,7 +324,8 @@ class Backdoor(HarmfulMix):
 
 
 ATTACKS: dict[str, Attack] = {a.name: a for a in (HarmfulMix(), HarmfulShots(), Benign(),
-                                                  IdentityShift(), FilterEvasion(), Backdoor())}
+                                                  IdentityShift(), FilterEvasion(),
+                                                  FilterAdaptive(), Backdoor())}
 
 
 def get(name: str) -> Attack:

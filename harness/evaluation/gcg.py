@@ -3,9 +3,8 @@
 evaluated model on harmful requests of the attack pool (disjoint from the evaluation prompts)
 so that the answer opens with ``target``; then appended to every evaluation request.
 
-Each step: the gradient of the target's loss with respect to the one-hot suffix, the ``top_k``
-tokens per position with the most negative gradient, ``candidates`` random single-token swaps
-among them (``candidate_swaps``), and the swap with the lowest loss kept. The budget is
+The search is ``harness.analysis.suffix_search`` (shared with the adaptive attack on the
+filter); the loss here is the target's mean CE summed over the training requests. The budget is
 ``steps`` x (one forward-backward + ``candidates`` forwards) per training request.
 """
 from __future__ import annotations
@@ -16,22 +15,10 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
+from harness.analysis.suffix_search import greedy_coordinate_search, suffix_gradient
 from harness.data.collate import prompt_ids
 
 MARK = "<<GCG-SUFFIX>>"  # where the suffix goes in a rendered prompt, split out before tokenising
-
-
-def candidate_swaps(suffix: torch.Tensor, grad: torch.Tensor, top_k: int, n: int,
-                    generator: torch.Generator) -> torch.Tensor:
-    """``n`` copies of ``suffix`` (m ids), each with one position set to one of that position's
-    ``top_k`` tokens of most negative ``grad`` (m x V; disallowed tokens set to +inf)."""
-    m = suffix.shape[0]
-    top = (-grad).topk(top_k, dim=1).indices  # m x top_k
-    pos = torch.randint(m, (n,), generator=generator)
-    pick = torch.randint(top_k, (n,), generator=generator)
-    out = suffix.repeat(n, 1)
-    out[torch.arange(n), pos] = top[pos, pick]
-    return out
 
 
 def _target_loss(logits: torch.Tensor, start: int, target: torch.Tensor) -> torch.Tensor:
@@ -71,26 +58,17 @@ def optimise_suffix(model, pieces: Sequence[tuple[list[int], list[int]]], target
                 total += _target_loss(model(input_ids=ids).logits.float(), start, tgt)
         return total
 
-    best, best_loss, history = suffix.clone(), float(loss_of(suffix[None])[0]), []
-    for _ in range(cfg.steps):
-        one_hot = F.one_hot(suffix.to(device), V).to(emb.dtype).requires_grad_(True)
-        grad = torch.zeros(suffix.shape[0], V)
-        for before, after in pieces:  # the suffix's gradient only: the weights get none
-            ids = seqs(suffix, before, after)
-            parts = [emb[ids[:len(before)]].detach(), one_hot @ emb.detach(),
-                     emb[ids[len(before) + len(suffix):]].detach()]
-            logits = model(inputs_embeds=torch.cat(parts)[None]).logits.float()
-            loss = _target_loss(logits, len(ids) - len(target), tgt).sum()
-            grad += torch.autograd.grad(loss, one_hot)[0].cpu().float()
-        grad[:, blocked] = float("inf")
-        cands = candidate_swaps(suffix, grad, min(cfg.top_k, int((~blocked).sum())),
-                                cfg.candidates, gen)
-        losses = loss_of(cands).cpu()
-        i = int(losses.argmin())
-        suffix = cands[i]
-        if float(losses[i]) < best_loss:
-            best, best_loss = suffix.clone(), float(losses[i])
-        history.append(float(losses[i]))
+    def grad_of(s: torch.Tensor) -> torch.Tensor:  # summed over the training requests
+        grad = torch.zeros(s.shape[0], V)
+        for before, after in pieces:
+            start = len(before) + s.shape[0] + len(after)
+            grad += suffix_gradient(
+                model, torch.tensor(before), s, torch.cat([torch.tensor(after), tgt.cpu()]),
+                lambda out: _target_loss(out.logits.float(), start, tgt).sum())
+        return grad
+
+    best, _, history = greedy_coordinate_search(suffix, loss_of, grad_of, blocked, cfg.steps,
+                                                cfg.top_k, cfg.candidates, gen)
     model.train(was_training)
     return best.tolist(), history
 

@@ -37,18 +37,19 @@ demo: $(STAMP)
 		--title "Toy world: defenses against harmful ratio p (make demo, one seed)"
 	@echo "report: $(DEMO_DIR)/report/report.md (and report.html, PNG plots)"
 
-# Every test, on every core (pytest-xdist): a module whose tests share an expensive fixture is
-# one xdist_group, run on one worker (--dist loadgroup); tests/conftest.py hands out the slow
-# tests first. --durations: the slowest, for the fast tier's upkeep.
+# Every test, on every core (pytest-xdist): each module runs on one worker (--dist loadfile), so
+# a module-scoped fixture is built once (xdist 3.8's loadgroup does not group under pytest 9.2:
+# its nodeid suffix no longer takes, and the end-to-end fixture was built on both workers);
+# tests/conftest.py hands out the slow tests first. --durations: the slowest, for the fast tier's upkeep.
 test: $(STAMP)
 	mkdir -p .cache
-	$(PY) -m pytest -n auto --dist loadgroup --basetemp=$(CURDIR)/.cache/pytest --durations=25
+	$(PY) -m pytest -n auto --dist loadfile --basetemp=$(CURDIR)/.cache/pytest --durations=25
 
 # The fast tier: leaves out the tests marked slow (end-to-end trainings, subprocess sweeps and
 # signals, two-rank DDP), on every core (pytest-xdist).
 test-fast: $(STAMP)
 	mkdir -p .cache
-	$(PY) -m pytest -m "not slow" -n auto --dist loadgroup --basetemp=$(CURDIR)/.cache/pytest-fast \
+	$(PY) -m pytest -m "not slow" -n auto --dist loadfile --basetemp=$(CURDIR)/.cache/pytest-fast \
 		--durations=15
 
 clean:

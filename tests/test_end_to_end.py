@@ -24,7 +24,7 @@ from harness.tracking.wandb_offline import read_offline_run
 from tests.conftest import CONF, E2E
 from tests.e2e_checks import CHECKS
 
-# one worker runs them all, so the `runs` fixture trains once (make test: --dist loadgroup)
+# one worker runs them all, so the `runs` fixture trains once (make test: --dist loadfile)
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("end_to_end")]
 P_VALUES = (0.0, 0.05, 0.3)
 THREADS = [f"torch_threads={os.environ.get('HARNESS_E2E_TORCH_THREADS', '1')}"]

@@ -40,7 +40,8 @@ demo: $(STAMP)
 # Every test, on every core (pytest-xdist): each module runs on one worker (--dist loadfile), so
 # a module-scoped fixture is built once (xdist 3.8's loadgroup does not group under pytest 9.2:
 # its nodeid suffix no longer takes, and the end-to-end fixture was built on both workers);
-# tests/conftest.py hands out the slow tests first. --durations: the slowest, for the fast tier's upkeep.
+# tests/conftest.py hands out the slow modules first. --durations: the slowest, for the fast
+# tier's upkeep.
 test: $(STAMP)
 	mkdir -p .cache
 	$(PY) -m pytest -n auto --dist loadfile --basetemp=$(CURDIR)/.cache/pytest --durations=25
